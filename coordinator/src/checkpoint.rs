@@ -1,0 +1,475 @@
+//! The checkpoint coordinator: triggers checkpoints at the sources, collects acknowledgements,
+//! writes `_metadata` last, notifies tasks, applies retention, and cleans up after aborted
+//! checkpoints once no task can still write to them.
+//!
+//! One checkpoint is in flight at a time. A checkpoint that is declined or times out is aborted:
+//! its directory is deleted once every task that could still upload into it has acknowledged,
+//! declined or terminated (a task reports termination only after its uploads have finished).
+
+use crate::retention::CompletedCheckpoints;
+use sluice_runtime::config::CheckpointConfig;
+use sluice_runtime::executor::{CommandSender, Deployment};
+use sluice_runtime::graph::JobGraph;
+use sluice_runtime::protocol::{AckedState, TaskCommand, TaskEvent, TaskId, TaskOutcome};
+use sluice_runtime::snapshot::{CheckpointMetadata, OperatorSnapshotMeta, FORMAT_VERSION};
+use sluice_runtime::storage::{CheckpointPaths, Storage};
+use sluice_runtime::{CheckpointBarrier, CheckpointId, CheckpointKind};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tracing::{debug, info, warn};
+
+/// Figures of one completed checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointStats {
+    /// Its id.
+    pub id: CheckpointId,
+    /// Trigger to `_metadata` written.
+    pub duration: Duration,
+    /// Bytes of state files.
+    pub bytes: u64,
+    /// Longest synchronous part at any task, microseconds.
+    pub max_sync_micros: u64,
+    /// Longest asynchronous upload at any task, microseconds.
+    pub max_async_micros: u64,
+}
+
+/// How an attempt ended.
+pub(crate) enum AttemptEnd {
+    Finished,
+    Failed {
+        cause: String,
+        unusable_snapshot: bool,
+        /// Caused by another failure (e.g. a vanished channel peer): a later root cause wins.
+        secondary: bool,
+    },
+}
+
+struct Pending {
+    barrier: CheckpointBarrier,
+    started: Instant,
+    awaiting: BTreeSet<TaskId>,
+    acks: Vec<(TaskId, Vec<AckedState>)>,
+    bytes: u64,
+    max_sync: u64,
+    max_async: u64,
+}
+
+/// An aborted checkpoint whose directory is deleted when no task can write to it any more.
+struct Draining {
+    id: CheckpointId,
+    awaiting: BTreeSet<TaskId>,
+}
+
+pub(crate) struct CheckpointCoordinator {
+    graph: Arc<JobGraph>,
+    storage: Storage,
+    paths: CheckpointPaths,
+    config: CheckpointConfig,
+    job_name: String,
+    params: BTreeMap<String, String>,
+    next_id: u64,
+    stats: Vec<CheckpointStats>,
+    failed_total: u64,
+    consecutive_failures: u32,
+    source_records: u64,
+}
+
+/// State of one attempt's event loop.
+struct Attempt {
+    all: BTreeSet<TaskId>,
+    controls: HashMap<TaskId, CommandSender>,
+    sources: Vec<TaskId>,
+    running: BTreeSet<TaskId>,
+    terminated: BTreeSet<TaskId>,
+    any_finished: bool,
+    pending: Option<Pending>,
+    draining: Vec<Draining>,
+    next_trigger: Option<Instant>,
+}
+
+impl Attempt {
+    fn send(&self, task: TaskId, cmd: TaskCommand) {
+        if !self.terminated.contains(&task) {
+            // A task that has just exited no longer listens; its termination event follows.
+            let _ = self.controls[&task].send(cmd);
+        }
+    }
+
+    fn broadcast(&self, cmd: TaskCommand) {
+        for t in &self.all {
+            self.send(*t, cmd.clone());
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl CheckpointCoordinator {
+    pub(crate) fn new(
+        graph: Arc<JobGraph>,
+        storage: Storage,
+        paths: CheckpointPaths,
+        config: CheckpointConfig,
+        job_name: &str,
+        params: BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            graph,
+            storage,
+            paths,
+            config,
+            job_name: job_name.to_string(),
+            params,
+            next_id: 1,
+            stats: Vec::new(),
+            failed_total: 0,
+            consecutive_failures: 0,
+            source_records: 0,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> &[CheckpointStats] {
+        &self.stats
+    }
+
+    pub(crate) fn failed_total(&self) -> u64 {
+        self.failed_total
+    }
+
+    pub(crate) fn source_records(&self) -> u64 {
+        self.source_records
+    }
+
+    /// Drives one attempt until it finishes or fails; on failure every task is cancelled and
+    /// has terminated before this returns, and no partial checkpoint is left behind.
+    pub(crate) async fn run_attempt(
+        &mut self,
+        mut deployment: Deployment,
+        mut events: UnboundedReceiver<TaskEvent>,
+        completed: &mut CompletedCheckpoints,
+    ) -> AttemptEnd {
+        let mut a = Attempt {
+            all: deployment.tasks.iter().map(|t| t.id).collect(),
+            controls: deployment.tasks.iter().map(|t| (t.id, t.control.clone())).collect(),
+            sources: deployment.tasks.iter().filter(|t| t.is_source).map(|t| t.id).collect(),
+            running: BTreeSet::new(),
+            terminated: BTreeSet::new(),
+            any_finished: false,
+            pending: None,
+            draining: Vec::new(),
+            next_trigger: None,
+        };
+        let mut end = loop {
+            let deadline = match &a.pending {
+                Some(p) => Some(p.started + self.config.timeout),
+                None if !a.any_finished => a.next_trigger,
+                None => None,
+            };
+            let event = match deadline {
+                Some(d) => tokio::select! {
+                    e = events.recv() => e,
+                    _ = tokio::time::sleep_until(d.into()) => {
+                        if let Some(end) = self.on_timer(&mut a, completed).await {
+                            break end;
+                        }
+                        continue;
+                    }
+                },
+                None => events.recv().await,
+            };
+            let Some(event) = event else {
+                break AttemptEnd::Failed {
+                    cause: "every task went away without reporting".into(),
+                    unusable_snapshot: false,
+                    secondary: false,
+                };
+            };
+            if let Some(end) = self.on_event(&mut a, event, completed).await {
+                break end;
+            }
+        };
+        if let AttemptEnd::Failed { secondary, .. } = &end {
+            let mut root_found = !secondary;
+            deployment.cancel();
+            while a.terminated.len() < a.all.len() {
+                match events.recv().await {
+                    Some(TaskEvent::Terminated { task, outcome }) => {
+                        a.terminated.insert(task);
+                        if let TaskOutcome::Failed {
+                            cause,
+                            unusable_snapshot,
+                            secondary: false,
+                        } = outcome
+                        {
+                            if !root_found {
+                                root_found = true;
+                                end = AttemptEnd::Failed {
+                                    cause: format!("task {task} failed: {cause}"),
+                                    unusable_snapshot,
+                                    secondary: false,
+                                };
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+        self.source_records += deployment.source_records();
+        let _ = tokio::task::spawn_blocking(move || deployment.join()).await;
+        // No task can write any more: remove every checkpoint that did not complete.
+        let leftovers = a.pending.take().map(|p| p.barrier.id).into_iter().chain(a.draining.iter().map(|d| d.id));
+        for id in leftovers.collect::<Vec<_>>() {
+            self.delete_checkpoint(id).await;
+        }
+        end
+    }
+
+    async fn on_timer(&mut self, a: &mut Attempt, completed: &mut CompletedCheckpoints) -> Option<AttemptEnd> {
+        let _ = completed;
+        if let Some(p) = &a.pending {
+            if p.started.elapsed() >= self.config.timeout {
+                let reason = format!("timed out after {:?}", self.config.timeout);
+                return self.abort(a, reason, true).await;
+            }
+            return None;
+        }
+        if a.next_trigger.is_some_and(|t| Instant::now() >= t) {
+            self.trigger(a);
+        }
+        None
+    }
+
+    fn trigger(&mut self, a: &mut Attempt) {
+        let barrier = CheckpointBarrier {
+            id: CheckpointId(self.next_id),
+            timestamp_ms: now_ms(),
+            kind: CheckpointKind::Checkpoint,
+        };
+        self.next_id += 1;
+        debug!(checkpoint = barrier.id.0, "triggering checkpoint");
+        for s in &a.sources {
+            a.send(*s, TaskCommand::TriggerCheckpoint(barrier));
+        }
+        a.pending = Some(Pending {
+            barrier,
+            started: Instant::now(),
+            awaiting: a.all.difference(&a.terminated).copied().collect(),
+            acks: Vec::new(),
+            bytes: 0,
+            max_sync: 0,
+            max_async: 0,
+        });
+        a.next_trigger = None;
+    }
+
+    fn schedule_next(&self, a: &mut Attempt, started: Instant) {
+        a.next_trigger = self
+            .config
+            .interval
+            .map(|i| (started + i).max(Instant::now() + self.config.min_pause));
+    }
+
+    async fn on_event(
+        &mut self,
+        a: &mut Attempt,
+        event: TaskEvent,
+        completed: &mut CompletedCheckpoints,
+    ) -> Option<AttemptEnd> {
+        match event {
+            TaskEvent::Running { task } => {
+                a.running.insert(task);
+                if a.running.len() == a.all.len() {
+                    self.schedule_next(a, Instant::now());
+                }
+                None
+            }
+            TaskEvent::Ack {
+                task,
+                checkpoint,
+                states,
+                bytes,
+                sync_micros,
+                async_micros,
+            } => {
+                if let Some(p) = a.pending.as_mut().filter(|p| p.barrier.id == checkpoint) {
+                    if p.awaiting.remove(&task) {
+                        p.acks.push((task, states));
+                        p.bytes += bytes;
+                        p.max_sync = p.max_sync.max(sync_micros);
+                        p.max_async = p.max_async.max(async_micros);
+                    }
+                    if p.awaiting.is_empty() {
+                        let p = a.pending.take().expect("checked above");
+                        return self.complete(a, p, completed).await;
+                    }
+                } else {
+                    self.drained(a, task, Some(checkpoint)).await;
+                }
+                None
+            }
+            TaskEvent::Decline { task, checkpoint, reason } => {
+                if a.pending.as_ref().is_some_and(|p| p.barrier.id == checkpoint) {
+                    if let Some(p) = a.pending.as_mut() {
+                        p.awaiting.remove(&task);
+                    }
+                    return self.abort(a, format!("declined by task {task}: {reason}"), true).await;
+                }
+                self.drained(a, task, Some(checkpoint)).await;
+                None
+            }
+            TaskEvent::Terminated { task, outcome } => {
+                a.terminated.insert(task);
+                self.drained(a, task, None).await;
+                match outcome {
+                    TaskOutcome::Finished => {
+                        a.any_finished = true;
+                        if a.pending.as_ref().is_some_and(|p| p.awaiting.contains(&task)) {
+                            if let Some(p) = a.pending.as_mut() {
+                                p.awaiting.remove(&task);
+                            }
+                            // Not a failure: the job is ending.
+                            let end = self.abort(a, "a task finished before acknowledging".into(), false).await;
+                            if end.is_some() {
+                                return end;
+                            }
+                        }
+                        (a.terminated.len() == a.all.len()).then_some(AttemptEnd::Finished)
+                    }
+                    TaskOutcome::Failed {
+                        cause,
+                        unusable_snapshot,
+                        secondary,
+                    } => Some(AttemptEnd::Failed {
+                        cause: format!("task {task} failed: {cause}"),
+                        unusable_snapshot,
+                        secondary,
+                    }),
+                    TaskOutcome::Cancelled => Some(AttemptEnd::Failed {
+                        cause: format!("task {task} was cancelled"),
+                        unusable_snapshot: false,
+                        secondary: true,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// A task can no longer write into an aborted checkpoint (it reported on `checkpoint`, or
+    /// terminated when `None`): delete the checkpoint's directory once no task can.
+    async fn drained(&mut self, a: &mut Attempt, task: TaskId, checkpoint: Option<CheckpointId>) {
+        let mut done = Vec::new();
+        for d in &mut a.draining {
+            if checkpoint.is_none_or(|c| c == d.id) {
+                d.awaiting.remove(&task);
+            }
+            if d.awaiting.is_empty() {
+                done.push(d.id);
+            }
+        }
+        a.draining.retain(|d| !d.awaiting.is_empty());
+        for id in done {
+            self.delete_checkpoint(id).await;
+        }
+    }
+
+    async fn abort(&mut self, a: &mut Attempt, reason: String, counts: bool) -> Option<AttemptEnd> {
+        let p = a.pending.take()?;
+        let id = p.barrier.id;
+        warn!(checkpoint = id.0, %reason, "checkpoint aborted");
+        a.broadcast(TaskCommand::AbortCheckpoint(id));
+        let awaiting: BTreeSet<TaskId> = p.awaiting.difference(&a.terminated).copied().collect();
+        if awaiting.is_empty() {
+            self.delete_checkpoint(id).await;
+        } else {
+            a.draining.push(Draining { id, awaiting });
+        }
+        self.schedule_next(a, p.started);
+        if !counts {
+            return None;
+        }
+        self.failed_total += 1;
+        self.consecutive_failures += 1;
+        (self.consecutive_failures > self.config.tolerable_failures).then(|| AttemptEnd::Failed {
+            cause: format!(
+                "{} consecutive checkpoints failed (tolerable: {}); last: {reason}",
+                self.consecutive_failures, self.config.tolerable_failures
+            ),
+            unusable_snapshot: false,
+            secondary: false,
+        })
+    }
+
+    async fn complete(&mut self, a: &mut Attempt, p: Pending, completed: &mut CompletedCheckpoints) -> Option<AttemptEnd> {
+        let id = p.barrier.id;
+        let mut operators: Vec<OperatorSnapshotMeta> = self
+            .graph
+            .vertices()
+            .iter()
+            .map(|v| OperatorSnapshotMeta {
+                uid: v.uid.clone(),
+                name: v.name.clone(),
+                parallelism: v.parallelism,
+                subtasks: vec![None; v.parallelism],
+            })
+            .collect();
+        for (task, states) in p.acks {
+            for s in states {
+                if let Some(op) = operators.iter_mut().find(|o| o.uid == s.uid) {
+                    op.subtasks[task.subtask] = Some(s.handle);
+                }
+            }
+        }
+        let metadata = CheckpointMetadata {
+            format: FORMAT_VERSION,
+            job_id: self.paths.job_dir().trim_end_matches('/').to_string(),
+            job_name: self.job_name.clone(),
+            params: self.params.clone(),
+            checkpoint_id: id,
+            kind: p.barrier.kind,
+            timestamp_ms: p.barrier.timestamp_ms,
+            max_parallelism: self.graph.max_parallelism(),
+            operators,
+        };
+        // The commit point: only with this file does the checkpoint exist.
+        if let Err(e) = self.storage.write(&self.paths.metadata(id), metadata.encode()).await {
+            a.pending = Some(Pending { acks: Vec::new(), ..p });
+            return self.abort(a, format!("writing _metadata failed: {e}"), true).await;
+        }
+        let duration = p.started.elapsed();
+        info!(
+            checkpoint = id.0,
+            duration_ms = duration.as_secs_f64() * 1e3,
+            bytes = p.bytes,
+            "checkpoint completed"
+        );
+        self.stats.push(CheckpointStats {
+            id,
+            duration,
+            bytes: p.bytes,
+            max_sync_micros: p.max_sync,
+            max_async_micros: p.max_async,
+        });
+        self.consecutive_failures = 0;
+        a.broadcast(TaskCommand::CheckpointComplete(id));
+        for old in completed.add(id) {
+            self.delete_checkpoint(old).await;
+        }
+        self.schedule_next(a, p.started);
+        None
+    }
+
+    async fn delete_checkpoint(&self, id: CheckpointId) {
+        if let Err(e) = self.storage.delete_dir(&self.paths.checkpoint_dir(id)).await {
+            warn!(checkpoint = id.0, error = %e, "cannot delete checkpoint directory");
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The `sluice` command line. A binary passes its job registry to [`main`]; the shipped binary
+//! registers the jobs in `examples/`.
+
+use crate::master::{run_job, JobOutcome, JobReport, JobSubmission, RestoredFrom};
+use clap::{Args, Parser, Subcommand};
+use sluice_runtime::config::{JobConfig, StateBackendKind};
+use sluice_runtime::JobRegistry;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Exactly-once stream processing", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job in this process (the embedded default)
+    Run {
+        /// The job's name (see `sluice jobs`)
+        job: String,
+        #[command(flatten)]
+        flags: JobFlags,
+    },
+    /// List the built-in jobs and their parameters
+    Jobs,
+    /// Start a coordinator (cluster mode: not built yet)
+    Coordinator(NotBuilt),
+    /// Start a worker (cluster mode: not built yet)
+    Worker(NotBuilt),
+    /// Submit a job to a coordinator (cluster mode: not built yet)
+    Submit(NotBuilt),
+    /// List a cluster's jobs (cluster mode: not built yet)
+    List(NotBuilt),
+    /// Show a job's status (cluster mode: not built yet)
+    Status(NotBuilt),
+    /// List a job's checkpoints (cluster mode: not built yet)
+    Checkpoints(NotBuilt),
+    /// Take a savepoint of a running job (cluster mode: not built yet)
+    Savepoint(NotBuilt),
+    /// Stop a job with a final savepoint (cluster mode: not built yet)
+    Stop(NotBuilt),
+    /// Cancel a job (cluster mode: not built yet)
+    Cancel(NotBuilt),
+    /// Restore a snapshot at a new parallelism (cluster mode: not built yet)
+    Restore(NotBuilt),
+}
+
+#[derive(Args)]
+struct NotBuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+/// Flags every job takes.
+#[derive(Args)]
+struct JobFlags {
+    /// Default parallelism of every operator
+    #[arg(long, default_value_t = 1)]
+    parallelism: usize,
+    /// Number of key groups (the upper bound of any future parallelism)
+    #[arg(long, default_value_t = sluice_runtime::keygroup::DEFAULT_MAX_PARALLELISM)]
+    max_parallelism: u16,
+    /// Keyed state backend: memory or rocksdb
+    #[arg(long, default_value = "memory")]
+    state_backend: String,
+    /// Where checkpoints go: a path, file:///abs/path or memory://name
+    #[arg(long, default_value = "./checkpoints")]
+    checkpoint_dir: String,
+    /// Checkpoint period (e.g. 1s, 200ms), or "off"
+    #[arg(long, default_value = "1s")]
+    checkpoint_interval: String,
+    /// Start from this savepoint or retained checkpoint (a chk-<n> directory)
+    #[arg(long)]
+    from_savepoint: Option<String>,
+    /// Drop snapshot state of operators the job no longer has
+    #[arg(long)]
+    allow_non_restored_state: bool,
+    /// Job parameter key=value (repeatable; see `sluice jobs`)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Completed checkpoints to keep
+    #[arg(long, default_value_t = 3)]
+    retained_checkpoints: usize,
+    /// Restarts after task failures before the job fails
+    #[arg(long, default_value_t = 3)]
+    restart_attempts: u32,
+    /// Pause before each restart
+    #[arg(long, default_value = "100ms")]
+    restart_delay: String,
+    /// Abort a checkpoint that takes longer than this
+    #[arg(long, default_value = "60s")]
+    checkpoint_timeout: String,
+    /// Least pause between the end of one checkpoint and the start of the next
+    #[arg(long, default_value = "0ms")]
+    min_pause: String,
+    /// Consecutive failed checkpoints tolerated before the job fails over
+    #[arg(long, default_value_t = 3)]
+    tolerable_failed_checkpoints: u32,
+    /// Records per batch between tasks
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    /// Run every operator in its own thread
+    #[arg(long)]
+    no_chaining: bool,
+}
+
+fn duration(flag: &str, value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("invalid duration '{value}' for --{flag}: {e}"))
+}
+
+impl JobFlags {
+    fn to_config(&self) -> Result<JobConfig, String> {
+        let interval = match self.checkpoint_interval.as_str() {
+            "off" | "0" | "none" => None,
+            v => Some(duration("checkpoint-interval", v)?).filter(|d| !d.is_zero()),
+        };
+        let mut c = JobConfig {
+            parallelism: self.parallelism,
+            max_parallelism: self.max_parallelism,
+            state_backend: self.state_backend.parse::<StateBackendKind>().map_err(|e| e.to_string())?,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            from_savepoint: self.from_savepoint.clone(),
+            allow_non_restored_state: self.allow_non_restored_state,
+            batch_size: self.batch_size,
+            chaining: !self.no_chaining,
+            ..JobConfig::default()
+        };
+        c.checkpoint.interval = interval;
+        c.checkpoint.retained = self.retained_checkpoints;
+        c.checkpoint.timeout = duration("checkpoint-timeout", &self.checkpoint_timeout)?;
+        c.checkpoint.min_pause = duration("min-pause", &self.min_pause)?;
+        c.checkpoint.tolerable_failures = self.tolerable_failed_checkpoints;
+        c.restart.attempts = self.restart_attempts;
+        c.restart.delay = duration("restart-delay", &self.restart_delay)?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+}
+
+/// Parses the command line and runs it; the process exit code is the result.
+pub fn main(registry: JobRegistry) -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match dispatch(cli, &registry) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+fn dispatch(cli: Cli, registry: &JobRegistry) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Run { job, flags } => {
+            let definition = registry.get(&job).map_err(|e| e.to_string())?.clone();
+            let params = definition.params_from_settings(&flags.set).map_err(|e| e.to_string())?;
+            let config = flags.to_config()?;
+            let report = run_job(JobSubmission {
+                job: definition,
+                params,
+                config,
+            })
+            .map_err(|e| e.to_string())?;
+            print_report(&report);
+            Ok(match report.outcome {
+                JobOutcome::Finished => ExitCode::SUCCESS,
+                JobOutcome::Failed(_) => ExitCode::FAILURE,
+            })
+        }
+        Command::Jobs => {
+            for job in registry.iter() {
+                println!("{}\n    {}", job.name, job.description);
+                for p in &job.params {
+                    let default = if p.default.is_empty() { "none" } else { p.default };
+                    println!("    --set {}=...  {} (default: {default})", p.name, p.help);
+                }
+                println!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Coordinator(_)
+        | Command::Worker(_)
+        | Command::Submit(_)
+        | Command::List(_)
+        | Command::Status(_)
+        | Command::Checkpoints(_)
+        | Command::Savepoint(_)
+        | Command::Stop(_)
+        | Command::Cancel(_)
+        | Command::Restore(_) => Err(
+            "cluster mode (coordinator, worker, submit, list, status, checkpoints, savepoint, stop, cancel, \
+             restore) is not built yet; run jobs in one process with `sluice run`"
+                .into(),
+        ),
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+/// Peak resident set size of this process, from /proc (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn print_report(r: &JobReport) {
+    let state = match &r.outcome {
+        JobOutcome::Finished => "FINISHED".to_string(),
+        JobOutcome::Failed(cause) => format!("FAILED: {cause}"),
+    };
+    let secs = r.elapsed.as_secs_f64();
+    println!("job {} ({}) {state} in {secs:.3} s", r.job_id, r.job_name);
+    println!(
+        "  source records: {} ({:.0} records/s)",
+        r.source_records,
+        r.source_records as f64 / secs.max(1e-9)
+    );
+    let mut durations: Vec<f64> = r.checkpoints.iter().map(|c| c.duration.as_secs_f64() * 1e3).collect();
+    durations.sort_by(f64::total_cmp);
+    let mut sizes: Vec<f64> = r.checkpoints.iter().map(|c| c.bytes as f64).collect();
+    sizes.sort_by(f64::total_cmp);
+    let max_sync = r.checkpoints.iter().map(|c| c.max_sync_micros).max().unwrap_or(0);
+    println!(
+        "  checkpoints: {} completed, {} failed; duration p50 {:.1} ms, max {:.1} ms; size p50 {:.0} bytes; \
+         longest synchronous part {:.2} ms",
+        r.checkpoints.len(),
+        r.failed_checkpoints,
+        percentile(&durations, 0.5),
+        durations.last().copied().unwrap_or(0.0),
+        percentile(&sizes, 0.5),
+        max_sync as f64 / 1e3
+    );
+    let retained: Vec<String> = r.retained.iter().map(|id| format!("chk-{id}")).collect();
+    println!("  retained: {}", if retained.is_empty() { "none".into() } else { retained.join(", ") });
+    if let RestoredFrom::Savepoint(url) = &r.initial_restore {
+        println!("  started from {url}");
+    }
+    for restart in &r.restarts {
+        let from = match &restart.restored_from {
+            RestoredFrom::Nothing => "the beginning".to_string(),
+            RestoredFrom::Checkpoint(id) => format!("chk-{id}"),
+            RestoredFrom::Savepoint(url) => url.clone(),
+        };
+        println!("  restart {} from {from} after: {}", restart.attempt, restart.cause);
+    }
+    if let Some(mib) = peak_rss_mib() {
+        println!("  peak RSS: {mib:.1} MiB");
+    }
+}

@@ -1,0 +1,334 @@
+//! Runs one job in this process: builds its graph, deploys attempts, coordinates checkpoints and
+//! fails over. The checkpoint coordinator lives in [`crate::checkpoint`]; this module owns the
+//! attempt lifecycle and the restart strategy.
+
+use crate::checkpoint::{AttemptEnd, CheckpointCoordinator, CheckpointStats};
+use crate::retention::CompletedCheckpoints;
+use sluice_runtime::config::JobConfig;
+use sluice_runtime::executor::{deploy, DeployConfig};
+use sluice_runtime::graph::JobGraph;
+use sluice_runtime::restore::RestoreSource;
+use sluice_runtime::storage::{CheckpointPaths, Storage, METADATA_FILE};
+use sluice_runtime::{CheckpointId, Error, JobDefinition, JobParams, Result, StreamEnv};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// What to run.
+pub struct JobSubmission {
+    /// The job definition (from a registry).
+    pub job: JobDefinition,
+    /// Its validated parameters.
+    pub params: JobParams,
+    /// Runtime settings.
+    pub config: JobConfig,
+}
+
+/// Where an attempt's state came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoredFrom {
+    /// Nothing: the job started empty.
+    Nothing,
+    /// One of this job's checkpoints.
+    Checkpoint(CheckpointId),
+    /// A savepoint or retained checkpoint given by the user.
+    Savepoint(String),
+}
+
+/// One restart.
+#[derive(Debug, Clone)]
+pub struct RestartRecord {
+    /// The attempt that starts (1 for the first restart).
+    pub attempt: u32,
+    /// Why the previous attempt failed.
+    pub cause: String,
+    /// What the new attempt restored.
+    pub restored_from: RestoredFrom,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Every source exhausted, every sink flushed.
+    Finished,
+    /// Restarts ran out.
+    Failed(String),
+}
+
+/// What happened during a run.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// The job's id (its directory under the checkpoint dir).
+    pub job_id: String,
+    /// The job's name.
+    pub job_name: String,
+    /// How it ended.
+    pub outcome: JobOutcome,
+    /// Every restart, in order.
+    pub restarts: Vec<RestartRecord>,
+    /// What the first attempt restored.
+    pub initial_restore: RestoredFrom,
+    /// Completed checkpoints' statistics, in order.
+    pub checkpoints: Vec<CheckpointStats>,
+    /// Checkpoints that were declined, timed out or failed.
+    pub failed_checkpoints: u64,
+    /// Checkpoints retained at the end.
+    pub retained: Vec<CheckpointId>,
+    /// Records the sources emitted (replays included).
+    pub source_records: u64,
+    /// From the first deployment to the end.
+    pub elapsed: Duration,
+}
+
+/// A fresh job id: 32 hex digits from the clock, the process and a counter.
+pub fn new_job_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = format!("{nanos}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(seed.as_bytes()))
+}
+
+/// Builds and validates the job's graph.
+pub fn build_graph(job: &JobDefinition, params: &JobParams, config: &JobConfig) -> Result<JobGraph> {
+    config.validate()?;
+    let mut env = StreamEnv::new();
+    (job.build)(params, &mut env)?;
+    env.build(config.parallelism, config.max_parallelism)
+}
+
+/// Opens a user-given snapshot URL and checks that it fits the job.
+pub async fn open_savepoint(url: &str, job: &str, graph: &JobGraph, config: &JobConfig) -> Result<RestoreSource> {
+    let source = RestoreSource::open(Storage::open(url)?).await?;
+    source.verify_files().await?;
+    source.check_fits(job, graph, config.allow_non_restored_state)?;
+    Ok(source)
+}
+
+/// Runs a job to its end in this process. Errors are problems found before any record was
+/// processed (bad configuration, storage, snapshot); a job that runs and fails returns a report
+/// with [`JobOutcome::Failed`].
+pub fn run_job(sub: JobSubmission) -> Result<JobReport> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sluice-io")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
+    let handle = runtime.handle().clone();
+    runtime.block_on(JobMaster::start(sub, handle)?.run())
+}
+
+struct JobMaster {
+    sub: JobSubmission,
+    graph: Arc<JobGraph>,
+    job_id: String,
+    storage: Storage,
+    paths: CheckpointPaths,
+    handle: tokio::runtime::Handle,
+}
+
+impl JobMaster {
+    fn start(sub: JobSubmission, handle: tokio::runtime::Handle) -> Result<Self> {
+        let graph = Arc::new(build_graph(&sub.job, &sub.params, &sub.config)?);
+        let job_id = new_job_id();
+        let storage = Storage::open(&sub.config.checkpoint_dir)?;
+        Ok(Self {
+            paths: CheckpointPaths::new(job_id.clone()),
+            sub,
+            graph,
+            job_id,
+            storage,
+            handle,
+        })
+    }
+
+    async fn run(self) -> Result<JobReport> {
+        self.storage.check_writable(&self.paths.job_dir()).await?;
+        let cfg = &self.sub.config;
+        let initial = match &cfg.from_savepoint {
+            Some(url) => {
+                let source = open_savepoint(url, self.sub.job.name, &self.graph, cfg).await?;
+                cleanup_incomplete_siblings(url).await;
+                Some(Arc::new(source))
+            }
+            None => None,
+        };
+        let initial_restore = match &initial {
+            Some(s) => RestoredFrom::Savepoint(s.url().to_string()),
+            None => RestoredFrom::Nothing,
+        };
+        info!(job = %self.job_id, name = self.sub.job.name, parallelism = cfg.parallelism, "job started");
+        let started = Instant::now();
+        let mut completed = CompletedCheckpoints::new(cfg.checkpoint.retained);
+        let mut coordinator = CheckpointCoordinator::new(
+            self.graph.clone(),
+            self.storage.clone(),
+            self.paths.clone(),
+            cfg.checkpoint.clone(),
+            self.sub.job.name,
+            self.sub.params.to_map(),
+        );
+        let mut restarts: Vec<RestartRecord> = Vec::new();
+        let mut attempt = 0u32;
+        let mut next_restore = RestoreChoice::Initial;
+        loop {
+            let (restore, restored_from) = match self.choose_restore(&mut completed, &initial, &next_restore).await? {
+                Some(x) => x,
+                None => (None, RestoredFrom::Nothing),
+            };
+            if attempt > 0 {
+                if let Some(r) = restarts.last_mut() {
+                    r.restored_from = restored_from.clone();
+                }
+                info!(job = %self.job_id, attempt, from = ?restored_from, "restarting");
+            }
+            let dcfg = DeployConfig {
+                job_id: self.job_id.clone(),
+                attempt,
+                storage: self.storage.clone(),
+                restore: restore.clone(),
+                channel_capacity: cfg.channel_capacity,
+                batch_size: cfg.batch_size,
+                chaining: cfg.chaining,
+            };
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let deployment = deploy(&self.graph, &dcfg, tx, self.handle.clone())?;
+            let end = coordinator.run_attempt(deployment, rx, &mut completed).await;
+            match end {
+                AttemptEnd::Finished => {
+                    return Ok(self.report(JobOutcome::Finished, restarts, initial_restore, &coordinator, &completed, started))
+                }
+                AttemptEnd::Failed {
+                    cause, unusable_snapshot, ..
+                } => {
+                    if unusable_snapshot {
+                        match &restored_from {
+                            RestoredFrom::Checkpoint(id) => {
+                                warn!(job = %self.job_id, checkpoint = id.0, %cause,
+                                    "checkpoint is unusable; falling back to the previous completed checkpoint");
+                                self.discard_checkpoint(&mut completed, *id).await;
+                                next_restore = RestoreChoice::Latest;
+                                continue;
+                            }
+                            RestoredFrom::Savepoint(url) => {
+                                return Err(Error::Corrupt {
+                                    location: url.clone(),
+                                    reason: cause,
+                                })
+                            }
+                            RestoredFrom::Nothing => {}
+                        }
+                    }
+                    if restarts.len() as u32 >= cfg.restart.attempts {
+                        warn!(job = %self.job_id, %cause, "no restart attempts left; the job failed");
+                        let outcome = JobOutcome::Failed(cause);
+                        return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
+                    }
+                    warn!(job = %self.job_id, %cause, "task failure; the job fails over");
+                    attempt += 1;
+                    restarts.push(RestartRecord {
+                        attempt,
+                        cause,
+                        restored_from: RestoredFrom::Nothing,
+                    });
+                    next_restore = RestoreChoice::Latest;
+                    tokio::time::sleep(cfg.restart.delay).await;
+                }
+            }
+        }
+    }
+
+    /// Picks what the next attempt restores: the newest usable completed checkpoint, else the
+    /// initial savepoint. A checkpoint whose files are missing or the wrong size is dropped with
+    /// a warning and the previous one is tried.
+    async fn choose_restore(
+        &self,
+        completed: &mut CompletedCheckpoints,
+        initial: &Option<Arc<RestoreSource>>,
+        choice: &RestoreChoice,
+    ) -> Result<Option<(Option<Arc<RestoreSource>>, RestoredFrom)>> {
+        if let RestoreChoice::Latest = choice {
+            while let Some(id) = completed.latest() {
+                let dir = self.storage.at(&self.paths.checkpoint_dir(id));
+                let opened = match RestoreSource::open(dir).await {
+                    Ok(s) => s.verify_files().await.map(|_| s),
+                    Err(e) => Err(e),
+                };
+                match opened {
+                    Ok(s) => return Ok(Some((Some(Arc::new(s)), RestoredFrom::Checkpoint(id)))),
+                    Err(e) => {
+                        warn!(job = %self.job_id, checkpoint = id.0, error = %e,
+                            "checkpoint is unusable; falling back to the previous completed checkpoint");
+                        self.discard_checkpoint(completed, id).await;
+                    }
+                }
+            }
+        }
+        Ok(initial
+            .as_ref()
+            .map(|s| (Some(s.clone()), RestoredFrom::Savepoint(s.url().to_string()))))
+    }
+
+    async fn discard_checkpoint(&self, completed: &mut CompletedCheckpoints, id: CheckpointId) {
+        completed.discard(id);
+        if let Err(e) = self.storage.delete_dir(&self.paths.checkpoint_dir(id)).await {
+            warn!(job = %self.job_id, checkpoint = id.0, error = %e, "cannot delete an unusable checkpoint");
+        }
+    }
+
+    fn report(
+        &self,
+        outcome: JobOutcome,
+        restarts: Vec<RestartRecord>,
+        initial_restore: RestoredFrom,
+        coordinator: &CheckpointCoordinator,
+        completed: &CompletedCheckpoints,
+        started: Instant,
+    ) -> JobReport {
+        JobReport {
+            job_id: self.job_id.clone(),
+            job_name: self.sub.job.name.to_string(),
+            outcome,
+            restarts,
+            initial_restore,
+            checkpoints: coordinator.stats().to_vec(),
+            failed_checkpoints: coordinator.failed_total(),
+            retained: completed.ids().collect(),
+            source_records: coordinator.source_records(),
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+enum RestoreChoice {
+    Initial,
+    Latest,
+}
+
+/// Restoring from `<dir>/<job>/chk-<n>` means that job is over: its checkpoints that never got a
+/// `_metadata` can never be restored or completed, so they are deleted.
+async fn cleanup_incomplete_siblings(url: &str) {
+    let trimmed = url.trim_end_matches('/');
+    let Some((parent, last)) = trimmed.rsplit_once('/') else { return };
+    if CheckpointPaths::parse_checkpoint_dir(last).is_none() {
+        return;
+    }
+    let Ok(parent) = Storage::open(parent) else { return };
+    let Ok(children) = parent.list_dir("").await else { return };
+    for child in children {
+        if CheckpointPaths::parse_checkpoint_dir(&child).is_none() {
+            continue;
+        }
+        let has_metadata = matches!(parent.size(&format!("{child}{METADATA_FILE}")).await, Ok(Some(_)));
+        if !has_metadata {
+            info!(dir = %parent.location(&child), "deleting an incomplete checkpoint of the restored job");
+            if let Err(e) = parent.delete_dir(&child).await {
+                warn!(error = %e, "cannot delete an incomplete checkpoint");
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Job configuration: parallelism, checkpointing, restarts, and execution tuning.
+
+use crate::error::{Error, Result};
+use crate::keygroup::{DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM};
+use std::time::Duration;
+
+/// Checkpointing settings.
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    /// Trigger period; `None` disables periodic checkpoints.
+    pub interval: Option<Duration>,
+    /// Least time between the end of one checkpoint and the start of the next.
+    pub min_pause: Duration,
+    /// A checkpoint not complete after this is aborted.
+    pub timeout: Duration,
+    /// Consecutive failed checkpoints tolerated before the job fails over.
+    pub tolerable_failures: u32,
+    /// Completed checkpoints kept; older ones are deleted.
+    pub retained: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            interval: Some(Duration::from_secs(1)),
+            min_pause: Duration::ZERO,
+            timeout: Duration::from_secs(60),
+            tolerable_failures: 3,
+            retained: 3,
+        }
+    }
+}
+
+/// Fixed-delay restart strategy.
+#[derive(Debug, Clone)]
+pub struct RestartStrategy {
+    /// Restarts allowed before the job fails.
+    pub attempts: u32,
+    /// Pause before each restart.
+    pub delay: Duration,
+}
+
+impl Default for RestartStrategy {
+    fn default() -> Self {
+        Self {
+            attempts: 3,
+            delay: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Which keyed state backend a job uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateBackendKind {
+    /// Hash maps on the heap.
+    Memory,
+    /// RocksDB (not built yet).
+    RocksDb,
+}
+
+impl std::str::FromStr for StateBackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "memory" => Ok(Self::Memory),
+            "rocksdb" => Ok(Self::RocksDb),
+            other => Err(Error::Config(format!(
+                "unknown state backend '{other}' (expected memory or rocksdb)"
+            ))),
+        }
+    }
+}
+
+/// Everything a job run needs besides the job itself.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Default parallelism of every operator.
+    pub parallelism: usize,
+    /// Number of key groups; fixed for the life of the job's state.
+    pub max_parallelism: u16,
+    /// Keyed state backend.
+    pub state_backend: StateBackendKind,
+    /// Base URL of checkpoints.
+    pub checkpoint_dir: String,
+    /// Checkpointing.
+    pub checkpoint: CheckpointConfig,
+    /// Restarts.
+    pub restart: RestartStrategy,
+    /// Snapshot to start from.
+    pub from_savepoint: Option<String>,
+    /// Skip state of operators the job no longer has.
+    pub allow_non_restored_state: bool,
+    /// Batches each channel holds before its sender waits.
+    pub channel_capacity: usize,
+    /// Records per batch.
+    pub batch_size: usize,
+    /// Fuse forward-connected operators of equal parallelism into one thread.
+    pub chaining: bool,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        Self {
+            parallelism: 1,
+            max_parallelism: DEFAULT_MAX_PARALLELISM,
+            state_backend: StateBackendKind::Memory,
+            checkpoint_dir: "./checkpoints".into(),
+            checkpoint: CheckpointConfig::default(),
+            restart: RestartStrategy::default(),
+            from_savepoint: None,
+            allow_non_restored_state: false,
+            channel_capacity: 8,
+            batch_size: 1024,
+            chaining: true,
+        }
+    }
+}
+
+impl JobConfig {
+    /// Refuses settings that cannot run.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_parallelism == 0 || self.max_parallelism > UPPER_BOUND_MAX_PARALLELISM {
+            return Err(Error::Config(format!(
+                "max parallelism {} is out of range (1 to {UPPER_BOUND_MAX_PARALLELISM})",
+                self.max_parallelism
+            )));
+        }
+        if self.parallelism == 0 {
+            return Err(Error::Config("parallelism must be at least 1".into()));
+        }
+        if self.parallelism > self.max_parallelism as usize {
+            return Err(Error::Config(format!(
+                "parallelism {} is above the max parallelism {}",
+                self.parallelism, self.max_parallelism
+            )));
+        }
+        if self.state_backend == StateBackendKind::RocksDb {
+            return Err(Error::Config(
+                "the rocksdb state backend is not built yet; use --state-backend memory".into(),
+            ));
+        }
+        if self.checkpoint.retained == 0 {
+            return Err(Error::Config("at least one completed checkpoint must be retained".into()));
+        }
+        if self.batch_size == 0 || self.channel_capacity == 0 {
+            return Err(Error::Config("batch size and channel capacity must be at least 1".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,310 @@
+//! The job graph: operators (vertices) and the streams between them (edges), with types erased
+//! behind factories. A vertex's factory builds its chain link for one subtask; an edge's factory
+//! creates the typed channels, the writer that partitions into them and the reader that drains
+//! them. Wiring only ever connects factories built for the same record type, so the `Any`
+//! downcasts in here cannot fail.
+
+use crate::element::StreamElement;
+use crate::error::{Error, Result};
+use crate::keygroup::KeyGroup;
+use crate::operator::{Data, Operator, RestoredState, SourceFunction, TaskInfo};
+use crate::task::chain::{Chain, Discard, FanOut, OperatorLink};
+use crate::task::input::InputGate;
+use crate::task::output::{ChannelWriter, Partitioner};
+use crate::task::{InputDriver, SourceDriver, TaskDriver};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use std::any::Any;
+use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+pub(crate) type AnyBox = Box<dyn Any + Send>;
+
+fn unbox<T: 'static>(b: AnyBox) -> T {
+    *b.downcast::<T>().expect("graph wiring connects factories of the same record type")
+}
+
+/// How an edge spreads records over the downstream subtasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionKind {
+    /// Subtask i to subtask i (equal parallelism); chainable.
+    Forward,
+    /// Round-robin.
+    Rebalance,
+    /// To every subtask.
+    Broadcast,
+    /// By key group.
+    Hash,
+}
+
+/// What building one operator of one subtask needs.
+pub(crate) struct NodeContext {
+    pub info: TaskInfo,
+    pub restored: Option<RestoredState>,
+}
+
+pub(crate) trait SourceFactory: Send + Sync {
+    fn create(&self, ctx: NodeContext, next: AnyBox) -> Result<Box<dyn TaskDriver>>;
+    fn discard(&self) -> AnyBox;
+}
+
+pub(crate) trait OperatorFactory: Send + Sync {
+    fn create(&self, ctx: NodeContext, next: AnyBox) -> Result<AnyBox>;
+    fn discard(&self) -> AnyBox;
+}
+
+pub(crate) struct WriterContext {
+    pub max_parallelism: u16,
+    pub batch_size: usize,
+    pub cancel: Arc<AtomicBool>,
+}
+
+pub(crate) trait EdgeFactory: Send + Sync {
+    /// Per upstream subtask its senders, per downstream subtask its receivers.
+    fn channels(&self, forward: bool, up: usize, down: usize, capacity: usize) -> (Vec<AnyBox>, Vec<AnyBox>);
+    fn writer(&self, partition: PartitionKind, senders: AnyBox, ctx: &WriterContext) -> AnyBox;
+    fn reader(&self, receivers: AnyBox, head: AnyBox) -> Box<dyn TaskDriver>;
+    fn fan_out(&self, outputs: Vec<AnyBox>) -> AnyBox;
+}
+
+pub(crate) struct SourceNode<S>(pub S);
+
+impl<S: SourceFunction> SourceFactory for SourceNode<S> {
+    fn create(&self, ctx: NodeContext, next: AnyBox) -> Result<Box<dyn TaskDriver>> {
+        let mut source = self.0.clone();
+        source.open(&ctx.info, ctx.restored.map(|r| r.operator))?;
+        Ok(Box::new(SourceDriver {
+            source,
+            uid: ctx.info.uid,
+            chain: unbox::<Chain<S::Out>>(next),
+        }))
+    }
+    fn discard(&self) -> AnyBox {
+        Box::new(Box::new(Discard) as Chain<S::Out>)
+    }
+}
+
+pub(crate) struct OperatorNode<O> {
+    pub make: Arc<dyn Fn() -> O + Send + Sync>,
+}
+
+impl<O: Operator> OperatorFactory for OperatorNode<O> {
+    fn create(&self, ctx: NodeContext, next: AnyBox) -> Result<AnyBox> {
+        let mut op = (self.make)();
+        op.open(&ctx.info, ctx.restored)?;
+        let link = OperatorLink {
+            op,
+            uid: ctx.info.uid,
+            out: Vec::new(),
+            next: unbox::<Chain<O::Out>>(next),
+        };
+        Ok(Box::new(Box::new(link) as Chain<O::In>))
+    }
+    fn discard(&self) -> AnyBox {
+        Box::new(Box::new(Discard) as Chain<O::Out>)
+    }
+}
+
+/// Maps a record to its key group for a given max parallelism.
+pub(crate) type KeyFn<T> = Arc<dyn Fn(&T, u16) -> KeyGroup + Send + Sync>;
+
+pub(crate) struct TypedEdge<T> {
+    pub key_group: Option<KeyFn<T>>,
+}
+
+impl<T: Data> EdgeFactory for TypedEdge<T> {
+    fn channels(&self, forward: bool, up: usize, down: usize, capacity: usize) -> (Vec<AnyBox>, Vec<AnyBox>) {
+        let mut senders: Vec<Vec<Sender<StreamElement<T>>>> = (0..up).map(|_| Vec::new()).collect();
+        let mut receivers: Vec<Vec<Receiver<StreamElement<T>>>> = (0..down).map(|_| Vec::new()).collect();
+        for (i, s) in senders.iter_mut().enumerate() {
+            for (j, r) in receivers.iter_mut().enumerate() {
+                if forward && i != j {
+                    continue;
+                }
+                let (tx, rx) = bounded(capacity);
+                s.push(tx);
+                r.push(rx);
+            }
+        }
+        (
+            senders.into_iter().map(|s| Box::new(s) as AnyBox).collect(),
+            receivers.into_iter().map(|r| Box::new(r) as AnyBox).collect(),
+        )
+    }
+
+    fn writer(&self, partition: PartitionKind, senders: AnyBox, ctx: &WriterContext) -> AnyBox {
+        let partitioner = match partition {
+            PartitionKind::Forward => Partitioner::Forward,
+            PartitionKind::Rebalance => Partitioner::Rebalance,
+            PartitionKind::Broadcast => Partitioner::Broadcast,
+            PartitionKind::Hash => {
+                let f = self.key_group.clone().expect("a hash edge carries its key selector");
+                let m = ctx.max_parallelism;
+                Partitioner::Hash {
+                    key_group: Arc::new(move |t| f(t, m)),
+                    max_parallelism: m,
+                }
+            }
+        };
+        let writer = ChannelWriter::new(unbox(senders), partitioner, ctx.batch_size, ctx.cancel.clone());
+        Box::new(Box::new(writer) as Chain<T>)
+    }
+
+    fn reader(&self, receivers: AnyBox, head: AnyBox) -> Box<dyn TaskDriver> {
+        Box::new(InputDriver {
+            gate: InputGate::<T>::new(unbox(receivers)),
+            chain: unbox::<Chain<T>>(head),
+        })
+    }
+
+    fn fan_out(&self, outputs: Vec<AnyBox>) -> AnyBox {
+        let outputs = outputs.into_iter().map(unbox::<Chain<T>>).collect();
+        Box::new(Box::new(FanOut { outputs }) as Chain<T>)
+    }
+}
+
+pub(crate) enum NodeKind {
+    Source(Arc<dyn SourceFactory>),
+    Operator(Arc<dyn OperatorFactory>),
+}
+
+/// A vertex as the API records it, before defaults are resolved.
+pub(crate) struct NodeSpec {
+    pub name: String,
+    pub uid: Option<String>,
+    pub parallelism: Option<usize>,
+    pub kind: NodeKind,
+}
+
+/// An edge as the API records it; `partition: None` means forward when parallelisms match,
+/// rebalance otherwise (as in Flink).
+pub(crate) struct EdgeSpec {
+    pub from: usize,
+    pub to: usize,
+    pub partition: Option<PartitionKind>,
+    pub factory: Arc<dyn EdgeFactory>,
+}
+
+/// A resolved operator of the job.
+pub struct Vertex {
+    /// Display name.
+    pub name: String,
+    /// Stable id that maps state onto the job.
+    pub uid: String,
+    /// Number of subtasks.
+    pub parallelism: usize,
+    pub(crate) kind: NodeKind,
+    pub(crate) inputs: Vec<usize>,
+    pub(crate) outputs: Vec<usize>,
+}
+
+impl Vertex {
+    /// Whether this vertex is a source.
+    pub fn is_source(&self) -> bool {
+        matches!(self.kind, NodeKind::Source(_))
+    }
+}
+
+pub(crate) struct Edge {
+    pub from: usize,
+    pub to: usize,
+    pub partition: PartitionKind,
+    pub factory: Arc<dyn EdgeFactory>,
+}
+
+/// A validated dataflow graph, ready to deploy any number of times.
+pub struct JobGraph {
+    pub(crate) vertices: Vec<Vertex>,
+    pub(crate) edges: Vec<Edge>,
+    max_parallelism: u16,
+}
+
+impl JobGraph {
+    pub(crate) fn resolve(
+        nodes: Vec<NodeSpec>,
+        edges: Vec<EdgeSpec>,
+        parallelism: usize,
+        max_parallelism: u16,
+    ) -> Result<Self> {
+        let mut vertices: Vec<Vertex> = nodes
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| Vertex {
+                uid: n.uid.unwrap_or_else(|| format!("{}-{i}", slug(&n.name))),
+                name: n.name,
+                parallelism: n.parallelism.unwrap_or(parallelism),
+                kind: n.kind,
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for v in &vertices {
+            if v.parallelism == 0 {
+                return Err(Error::Config(format!("parallelism of operator '{}' must be at least 1", v.name)));
+            }
+            if v.parallelism > max_parallelism as usize {
+                return Err(Error::Config(format!(
+                    "parallelism {} of operator '{}' is above the max parallelism {max_parallelism}",
+                    v.parallelism, v.name
+                )));
+            }
+            if !seen.insert(v.uid.clone()) {
+                return Err(Error::Config(format!("operator uid '{}' is used twice", v.uid)));
+            }
+        }
+        let mut resolved = Vec::with_capacity(edges.len());
+        for (i, e) in edges.into_iter().enumerate() {
+            let (pf, pt) = (vertices[e.from].parallelism, vertices[e.to].parallelism);
+            let partition = match e.partition {
+                None if pf == pt => PartitionKind::Forward,
+                None => PartitionKind::Rebalance,
+                Some(PartitionKind::Forward) if pf != pt => {
+                    return Err(Error::Config(format!(
+                        "forward partitioning from '{}' (parallelism {pf}) to '{}' (parallelism {pt}) needs equal parallelism",
+                        vertices[e.from].name, vertices[e.to].name
+                    )))
+                }
+                Some(p) => p,
+            };
+            if !vertices[e.to].inputs.is_empty() {
+                return Err(Error::Config(format!(
+                    "operator '{}' has more than one input; unions and joins are not built yet",
+                    vertices[e.to].name
+                )));
+            }
+            vertices[e.from].outputs.push(i);
+            vertices[e.to].inputs.push(i);
+            resolved.push(Edge {
+                from: e.from,
+                to: e.to,
+                partition,
+                factory: e.factory,
+            });
+        }
+        if !vertices.iter().any(|v| v.is_source()) {
+            return Err(Error::Config("the job has no source".into()));
+        }
+        Ok(Self {
+            vertices,
+            edges: resolved,
+            max_parallelism,
+        })
+    }
+
+    /// The operators, in topological order.
+    pub fn vertices(&self) -> &[Vertex] {
+        &self.vertices
+    }
+
+    /// The number of key groups.
+    pub fn max_parallelism(&self) -> u16 {
+        self.max_parallelism
+    }
+}
+
+fn slug(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect()
+}

@@ -1,0 +1,205 @@
+//! What user code implements: sources, one-input operators, keyed process functions and sinks.
+//! Stateless map/filter/flat_map are closures on the DataStream API; they are adapted to
+//! [`Operator`] in `stream.rs`.
+
+use crate::checkpoint::CheckpointId;
+use crate::element::Timestamp;
+use crate::error::Result;
+use crate::keygroup::KeyGroupRange;
+use crate::snapshot::{OperatorState, RestoredKeyGroups};
+use crate::state::{Key, KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateValue, ValueState};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a record type must be to travel between subtasks.
+pub trait Data: Clone + Send + 'static {}
+impl<T: Clone + Send + 'static> Data for T {}
+
+/// Identity of the subtask an operator runs in.
+#[derive(Debug, Clone)]
+pub struct TaskInfo {
+    /// The job's id.
+    pub job_id: String,
+    /// Operator name.
+    pub name: String,
+    /// Operator uid.
+    pub uid: String,
+    /// This subtask's index.
+    pub subtask: usize,
+    /// Operator parallelism.
+    pub parallelism: usize,
+    /// Number of key groups.
+    pub max_parallelism: u16,
+    /// 0 on the first run, then one more per restart.
+    pub attempt: u32,
+}
+
+impl TaskInfo {
+    /// Key groups this subtask owns.
+    pub fn key_group_range(&self) -> KeyGroupRange {
+        crate::keygroup::range_for_subtask(self.max_parallelism, self.parallelism, self.subtask)
+    }
+}
+
+/// State handed to an operator subtask on restore.
+#[derive(Debug, Default, Clone)]
+pub struct RestoredState {
+    /// Keyed-state blocks of the key groups this subtask owns.
+    pub keyed: RestoredKeyGroups,
+    /// This subtask's share of the operator state.
+    pub operator: OperatorState,
+}
+
+/// What an operator's snapshot holds.
+#[derive(Default)]
+pub struct OperatorSnapshot {
+    /// A copy-on-write view of keyed state, serialized off the task thread.
+    pub keyed: Option<KeyedSnapshot>,
+    /// Operator (non-keyed) list state.
+    pub operator: OperatorState,
+}
+
+impl OperatorSnapshot {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.keyed.is_none() && self.operator.is_empty()
+    }
+}
+
+/// What a source's poll produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourcePoll {
+    /// Records were emitted (maybe none); poll again.
+    Ready,
+    /// Nothing to emit now: wait up to this long (or until a command arrives) and poll again.
+    Idle(Duration),
+    /// The source is exhausted.
+    Finished,
+}
+
+/// A parallel source. Each subtask owns a clone; its position lives in operator state so that
+/// a restore rewinds it.
+pub trait SourceFunction: Send + Sync + Clone + 'static {
+    /// Records it emits.
+    type Out: Data;
+    /// Prepares the subtask; `restored` holds its share of the source's operator state.
+    fn open(&mut self, info: &TaskInfo, restored: Option<OperatorState>) -> Result<()>;
+    /// Emits the next records into `out`.
+    fn poll(&mut self, out: &mut Vec<Self::Out>) -> Result<SourcePoll>;
+    /// The current position, taken between two polls when a checkpoint is triggered.
+    fn snapshot(&mut self) -> Result<OperatorState>;
+}
+
+/// A one-input operator with full control of state and output; the building block every
+/// transformation is adapted to.
+pub trait Operator: Send + 'static {
+    /// Input records.
+    type In: Data;
+    /// Output records.
+    type Out: Data;
+    /// Called on the task thread before any record, with restored state if any.
+    fn open(&mut self, info: &TaskInfo, restored: Option<RestoredState>) -> Result<()>;
+    /// Processes a batch.
+    fn process(&mut self, batch: Vec<Self::In>, out: &mut Vec<Self::Out>) -> Result<()>;
+    /// The event-time clock advanced.
+    fn watermark(&mut self, _watermark: Timestamp, _out: &mut Vec<Self::Out>) -> Result<()> {
+        Ok(())
+    }
+    /// Snapshots state when the barrier of `checkpoint` has aligned.
+    fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<OperatorSnapshot> {
+        Ok(OperatorSnapshot::default())
+    }
+    /// The checkpoint is complete (its `_metadata` is written).
+    fn checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
+        Ok(())
+    }
+    /// Every input has ended: emit what remains.
+    fn end_of_input(&mut self, _out: &mut Vec<Self::Out>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Registers keyed state while a keyed function opens.
+pub struct StateRegistry<'a, K> {
+    backend: &'a mut KeyedBackend,
+    _k: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<'a, K: Key> StateRegistry<'a, K> {
+    pub(crate) fn new(backend: &'a mut KeyedBackend) -> Self {
+        Self {
+            backend,
+            _k: std::marker::PhantomData,
+        }
+    }
+
+    /// A value per key.
+    pub fn value_state<V: StateValue>(&mut self, name: &str) -> Result<ValueState<K, V>> {
+        Ok(ValueState::new(self.backend.register::<K, crate::state::Single<V>>(name)?))
+    }
+
+    /// A list per key.
+    pub fn list_state<V: StateValue>(&mut self, name: &str) -> Result<ListState<K, V>> {
+        Ok(ListState::new(self.backend.register::<K, crate::state::Single<Vec<V>>>(name)?))
+    }
+
+    /// A map per key.
+    pub fn map_state<UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<MapState<K, UK, UV>> {
+        Ok(MapState::new(self.backend.register::<K, crate::state::MapEntries<UK, UV>>(name)?))
+    }
+
+    /// A reduced value per key.
+    pub fn reducing_state<V: StateValue>(
+        &mut self,
+        name: &str,
+        reduce: impl Fn(&V, &V) -> V + Send + Sync + 'static,
+    ) -> Result<ReducingState<K, V>> {
+        let id = self.backend.register::<K, crate::state::Single<V>>(name)?;
+        Ok(ReducingState::new(id, Arc::new(reduce)))
+    }
+}
+
+/// A function over a keyed stream with keyed state, like Flink's `KeyedProcessFunction`.
+pub trait KeyedProcessFunction: Send + Sync + Clone + 'static {
+    /// The key type.
+    type Key: Key;
+    /// Input records.
+    type In: Data;
+    /// Output records.
+    type Out: Data;
+    /// Registers state; `info` tells which subtask and attempt this is.
+    fn open(&mut self, state: &mut StateRegistry<'_, Self::Key>, info: &TaskInfo) -> Result<()>;
+    /// Processes one record of the key `ctx.key()`.
+    fn process(
+        &mut self,
+        record: Self::In,
+        ctx: &mut KeyedContext<'_, Self::Key>,
+        out: &mut Vec<Self::Out>,
+    ) -> Result<()>;
+    /// Every input has ended; `state` gives access to every key's state.
+    fn end_of_input(&mut self, _state: &KeyedBackend, _out: &mut Vec<Self::Out>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A sink. Its operator state is its pre-committed output; `checkpoint_complete` commits.
+pub trait SinkFunction: Send + Sync + Clone + 'static {
+    /// Records it consumes.
+    type In: Data;
+    /// Prepares the subtask with its restored operator state.
+    fn open(&mut self, info: &TaskInfo, restored: Option<OperatorState>) -> Result<()>;
+    /// Writes a batch.
+    fn write(&mut self, batch: Vec<Self::In>) -> Result<()>;
+    /// Snapshot (pre-commit) at a barrier.
+    fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<OperatorState> {
+        Ok(OperatorState::new())
+    }
+    /// Commit what was pre-committed for `checkpoint`.
+    fn checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
+        Ok(())
+    }
+    /// Every input has ended: flush and close.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! The memory state backend: per state, one hash map per key group, each behind an `Arc`.
+//!
+//! A snapshot clones the `Arc`s (a copy-on-write view costing O(key groups)); the first write to
+//! a key group after a snapshot copies that key group's map. Serialization into the canonical
+//! entry format then runs off the task thread.
+
+use super::{Key, MapEntries, Single, StateValue};
+use crate::error::{Error, Result};
+use crate::keygroup::KeyGroupRange;
+use crate::snapshot::{for_each_entry, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
+use rustc_hash::FxHashMap;
+use std::any::Any;
+use std::sync::Arc;
+
+/// How a stored value turns into canonical entries and back.
+pub(crate) trait Stored: Clone + Send + Sync + 'static {
+    fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()>;
+    /// Folds one entry in: into `existing`, or returns a new value.
+    fn decode(existing: Option<&mut Self>, namespace: &[u8], value: &[u8]) -> Result<Option<Self>>;
+}
+
+impl<V: StateValue> Stored for Single<V> {
+    fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
+        w.entry(key, b"", &postcard::to_allocvec(&self.0)?);
+        Ok(())
+    }
+
+    fn decode(_: Option<&mut Self>, _: &[u8], value: &[u8]) -> Result<Option<Self>> {
+        Ok(Some(Single(postcard::from_bytes(value)?)))
+    }
+}
+
+impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
+    fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
+        for (uk, uv) in &self.0 {
+            w.entry(key, &postcard::to_allocvec(uk)?, &postcard::to_allocvec(uv)?);
+        }
+        Ok(())
+    }
+
+    fn decode(existing: Option<&mut Self>, namespace: &[u8], value: &[u8]) -> Result<Option<Self>> {
+        let (uk, uv) = (postcard::from_bytes(namespace)?, postcard::from_bytes(value)?);
+        match existing {
+            Some(m) => {
+                m.0.insert(uk, uv);
+                Ok(None)
+            }
+            None => Ok(Some(MapEntries(FxHashMap::from_iter([(uk, uv)])))),
+        }
+    }
+}
+
+type KgMap<K, S> = Arc<FxHashMap<K, S>>;
+
+struct Table<K, S> {
+    name: String,
+    maps: Vec<KgMap<K, S>>,
+}
+
+trait ErasedTable: Send {
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    fn snapshot(&self) -> Box<dyn TableSnapshot>;
+}
+
+/// A frozen view of one state, serialized later off the task thread.
+trait TableSnapshot: Send + Sync {
+    fn write_key_group(&self, index: usize, out: &mut Vec<u8>) -> Result<u64>;
+}
+
+impl<K: Key, S: Stored> ErasedTable for Table<K, S> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn snapshot(&self) -> Box<dyn TableSnapshot> {
+        Box::new(Table {
+            name: self.name.clone(),
+            maps: self.maps.clone(),
+        })
+    }
+}
+
+impl<K: Key, S: Stored> TableSnapshot for Table<K, S> {
+    fn write_key_group(&self, index: usize, out: &mut Vec<u8>) -> Result<u64> {
+        let map = &self.maps[index];
+        if map.is_empty() {
+            return Ok(0);
+        }
+        let mut w = EntryWriter::begin(out, &self.name);
+        let mut key_buf = Vec::new();
+        for (k, v) in map.iter() {
+            key_buf.clear();
+            key_buf = postcard::to_extend(k, key_buf)?;
+            v.encode(&key_buf, &mut w)?;
+        }
+        Ok(w.finish())
+    }
+}
+
+/// Keyed state of one operator subtask, for the key groups it owns.
+pub struct KeyedBackend {
+    range: KeyGroupRange,
+    tables: Vec<Box<dyn ErasedTable>>,
+    names: Vec<String>,
+    restored: RestoredKeyGroups,
+}
+
+impl KeyedBackend {
+    /// An empty backend for the key groups in `range`.
+    pub fn new(range: KeyGroupRange) -> Self {
+        Self {
+            range,
+            tables: Vec::new(),
+            names: Vec::new(),
+            restored: RestoredKeyGroups::default(),
+        }
+    }
+
+    /// Hands over restored key-group blocks; states pick their entries up when registered.
+    pub fn set_restored(&mut self, restored: RestoredKeyGroups) {
+        self.restored = restored;
+    }
+
+    /// The key groups this backend owns.
+    pub fn range(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    /// Registers (or finds) the state `name` with stored type `S`, loading restored entries.
+    pub(crate) fn register<K: Key, S: Stored>(&mut self, name: &str) -> Result<usize> {
+        if let Some(id) = self.names.iter().position(|n| n == name) {
+            if self.tables[id].as_any().is::<Table<K, S>>() {
+                return Ok(id);
+            }
+            return Err(Error::Config(format!(
+                "state '{name}' is registered twice with different types"
+            )));
+        }
+        let mut table = Table::<K, S> {
+            name: name.to_string(),
+            maps: (0..self.range.len()).map(|_| Arc::new(FxHashMap::default())).collect(),
+        };
+        for (kg, payload) in &self.restored.blocks {
+            if !self.range.contains(*kg) {
+                continue;
+            }
+            let map = Arc::make_mut(&mut table.maps[self.range.index_of(*kg)]);
+            for_each_entry(payload, name, |e| {
+                let key: K = postcard::from_bytes(e.key)?;
+                if let Some(new) = S::decode(map.get_mut(&key), e.namespace, e.value)? {
+                    map.insert(key, new);
+                }
+                Ok(())
+            })
+            .map_err(|e| Error::Serde(format!("restoring state '{name}': {e}")))?;
+        }
+        self.tables.push(Box::new(table));
+        self.names.push(name.to_string());
+        Ok(self.tables.len() - 1)
+    }
+
+    fn table<K: Key, S: Stored>(&self, id: usize) -> &Table<K, S> {
+        self.tables[id]
+            .as_any()
+            .downcast_ref()
+            .expect("a state handle is only created by `register` with its own types")
+    }
+
+    fn table_mut<K: Key, S: Stored>(&mut self, id: usize) -> &mut Table<K, S> {
+        self.tables[id]
+            .as_any_mut()
+            .downcast_mut()
+            .expect("a state handle is only created by `register` with its own types")
+    }
+
+    pub(crate) fn get<K: Key, S: Stored>(&self, id: usize, kg_index: usize, key: &K) -> Option<&S> {
+        self.table::<K, S>(id).maps[kg_index].get(key)
+    }
+
+    pub(crate) fn get_mut<K: Key, S: Stored>(&mut self, id: usize, kg_index: usize, key: &K) -> Option<&mut S> {
+        let map = &mut self.table_mut::<K, S>(id).maps[kg_index];
+        if !map.contains_key(key) {
+            // Do not copy a shared map just to find nothing.
+            return None;
+        }
+        Arc::make_mut(map).get_mut(key)
+    }
+
+    pub(crate) fn insert<K: Key, S: Stored>(&mut self, id: usize, kg_index: usize, key: K, value: S) {
+        Arc::make_mut(&mut self.table_mut::<K, S>(id).maps[kg_index]).insert(key, value);
+    }
+
+    pub(crate) fn remove<K: Key, S: Stored>(&mut self, id: usize, kg_index: usize, key: &K) {
+        let map = &mut self.table_mut::<K, S>(id).maps[kg_index];
+        if map.contains_key(key) {
+            Arc::make_mut(map).remove(key);
+        }
+    }
+
+    pub(crate) fn iter<K: Key, S: Stored>(&self, id: usize) -> impl Iterator<Item = (&K, &S)> {
+        self.table::<K, S>(id).maps.iter().flat_map(|m| m.iter())
+    }
+
+    /// Whether no state has been registered.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    /// A copy-on-write view of all state, cheap to take on the task thread.
+    pub fn snapshot(&self) -> KeyedSnapshot {
+        KeyedSnapshot {
+            range: self.range,
+            tables: self.tables.iter().map(|t| t.snapshot()).collect(),
+        }
+    }
+}
+
+/// A frozen view of a [`KeyedBackend`], written by [`KeyedSnapshot::write`].
+pub struct KeyedSnapshot {
+    range: KeyGroupRange,
+    tables: Vec<Box<dyn TableSnapshot>>,
+}
+
+impl KeyedSnapshot {
+    /// Appends one block per key group; returns the index of their offsets.
+    pub fn write(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
+        let mut offsets = Vec::with_capacity(self.range.len());
+        for i in 0..self.range.len() {
+            offsets.push(w.begin_block());
+            for t in &self.tables {
+                t.write_key_group(i, w.payload())?;
+            }
+            w.end_block();
+        }
+        Ok(KeyGroupIndex {
+            range: self.range,
+            offsets,
+        })
+    }
+}

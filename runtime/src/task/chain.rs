@@ -1,0 +1,142 @@
+//! A task runs a chain of operators in one thread: each link calls the next directly, and the
+//! last link writes to the output channels. Barriers pass down the chain after each link has
+//! snapshotted, so the order snapshot -> forward -> upload holds by construction.
+
+use crate::checkpoint::{CheckpointBarrier, CheckpointId};
+use crate::element::Timestamp;
+use crate::error::Result;
+use crate::operator::{Data, Operator, OperatorSnapshot};
+
+/// One link's snapshot, tagged with its operator uid.
+pub(crate) struct PendingSnapshot {
+    pub uid: String,
+    pub snapshot: OperatorSnapshot,
+}
+
+/// The input side of a chain link (or of the output writer at the chain's end).
+pub(crate) trait ChainInput<T>: Send {
+    fn process(&mut self, batch: Vec<T>) -> Result<()>;
+    fn watermark(&mut self, watermark: Timestamp) -> Result<()>;
+    /// Snapshot this link, then pass the barrier on.
+    fn barrier(&mut self, barrier: CheckpointBarrier, snapshots: &mut Vec<PendingSnapshot>) -> Result<()>;
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()>;
+    fn end_of_input(&mut self) -> Result<()>;
+    /// Push partially filled output batches downstream (the input went idle).
+    fn flush(&mut self) -> Result<()>;
+}
+
+/// Boxed chain input, the shape every link holds its successor in.
+pub(crate) type Chain<T> = Box<dyn ChainInput<T>>;
+
+/// An operator and the rest of the chain.
+pub(crate) struct OperatorLink<O: Operator> {
+    pub op: O,
+    pub uid: String,
+    pub out: Vec<O::Out>,
+    pub next: Chain<O::Out>,
+}
+
+impl<O: Operator> OperatorLink<O> {
+    fn push_out(&mut self) -> Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let capacity = self.out.capacity();
+        let batch = std::mem::replace(&mut self.out, Vec::with_capacity(capacity));
+        self.next.process(batch)
+    }
+}
+
+impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
+    fn process(&mut self, batch: Vec<O::In>) -> Result<()> {
+        self.op.process(batch, &mut self.out)?;
+        self.push_out()
+    }
+
+    fn watermark(&mut self, watermark: Timestamp) -> Result<()> {
+        self.op.watermark(watermark, &mut self.out)?;
+        self.push_out()?;
+        self.next.watermark(watermark)
+    }
+
+    fn barrier(&mut self, barrier: CheckpointBarrier, snapshots: &mut Vec<PendingSnapshot>) -> Result<()> {
+        let snapshot = self.op.snapshot(barrier.id)?;
+        if !snapshot.is_empty() {
+            snapshots.push(PendingSnapshot {
+                uid: self.uid.clone(),
+                snapshot,
+            });
+        }
+        self.next.barrier(barrier, snapshots)
+    }
+
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()> {
+        self.op.checkpoint_complete(id)?;
+        self.next.checkpoint_complete(id)
+    }
+
+    fn end_of_input(&mut self) -> Result<()> {
+        self.op.end_of_input(&mut self.out)?;
+        self.push_out()?;
+        self.next.end_of_input()
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.next.flush()
+    }
+}
+
+/// The end of a chain whose operator emits nothing downstream (a sink), or whose output nobody
+/// consumes.
+pub(crate) struct Discard;
+
+impl<T: Data> ChainInput<T> for Discard {
+    fn process(&mut self, _: Vec<T>) -> Result<()> {
+        Ok(())
+    }
+    fn watermark(&mut self, _: Timestamp) -> Result<()> {
+        Ok(())
+    }
+    fn barrier(&mut self, _: CheckpointBarrier, _: &mut Vec<PendingSnapshot>) -> Result<()> {
+        Ok(())
+    }
+    fn checkpoint_complete(&mut self, _: CheckpointId) -> Result<()> {
+        Ok(())
+    }
+    fn end_of_input(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A stream consumed by several downstream operators: every output gets every element.
+pub(crate) struct FanOut<T> {
+    pub outputs: Vec<Chain<T>>,
+}
+
+impl<T: Data> ChainInput<T> for FanOut<T> {
+    fn process(&mut self, batch: Vec<T>) -> Result<()> {
+        let (last, rest) = self.outputs.split_last_mut().expect("fan-out has outputs");
+        for o in rest {
+            o.process(batch.clone())?;
+        }
+        last.process(batch)
+    }
+    fn watermark(&mut self, w: Timestamp) -> Result<()> {
+        self.outputs.iter_mut().try_for_each(|o| o.watermark(w))
+    }
+    fn barrier(&mut self, b: CheckpointBarrier, s: &mut Vec<PendingSnapshot>) -> Result<()> {
+        self.outputs.iter_mut().try_for_each(|o| o.barrier(b, s))
+    }
+    fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()> {
+        self.outputs.iter_mut().try_for_each(|o| o.checkpoint_complete(id))
+    }
+    fn end_of_input(&mut self) -> Result<()> {
+        self.outputs.iter_mut().try_for_each(|o| o.end_of_input())
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.outputs.iter_mut().try_for_each(|o| o.flush())
+    }
+}

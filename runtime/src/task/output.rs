@@ -1,0 +1,143 @@
+//! The end of a chain that writes to other subtasks: partitions records into per-channel
+//! batches and sends them over bounded channels (a full channel blocks: backpressure).
+
+use super::chain::{ChainInput, PendingSnapshot};
+use crate::checkpoint::{CheckpointBarrier, CheckpointId};
+use crate::element::{StreamElement, Timestamp};
+use crate::error::{Error, Result};
+use crate::keygroup::{subtask_for_key_group, KeyGroup};
+use crate::operator::Data;
+use crossbeam_channel::Sender;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Computes a record's key group (the key extractor, hashing and max parallelism folded in).
+pub(crate) type KeyGroupFn<T> = Arc<dyn Fn(&T) -> KeyGroup + Send + Sync>;
+
+/// How records are spread over the downstream subtasks.
+pub(crate) enum Partitioner<T> {
+    /// One channel, to the subtask with the same index.
+    Forward,
+    /// Whole batches round-robin.
+    Rebalance,
+    /// Every record to every subtask.
+    Broadcast,
+    /// By key group: subtask `kg * p / M`.
+    Hash { key_group: KeyGroupFn<T>, max_parallelism: u16 },
+}
+
+pub(crate) struct ChannelWriter<T> {
+    senders: Vec<Sender<StreamElement<T>>>,
+    buffers: Vec<Vec<T>>,
+    partitioner: Partitioner<T>,
+    batch_size: usize,
+    next: usize,
+    cancel: Arc<AtomicBool>,
+}
+
+impl<T: Data> ChannelWriter<T> {
+    pub fn new(
+        senders: Vec<Sender<StreamElement<T>>>,
+        partitioner: Partitioner<T>,
+        batch_size: usize,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
+        let buffers = senders.iter().map(|_| Vec::new()).collect();
+        Self {
+            senders,
+            buffers,
+            partitioner,
+            batch_size,
+            next: 0,
+            cancel,
+        }
+    }
+
+    fn send(&self, ch: usize, element: StreamElement<T>) -> Result<()> {
+        self.senders[ch].send(element).map_err(|_| {
+            if self.cancel.load(Ordering::Relaxed) {
+                Error::Cancelled
+            } else {
+                Error::Disconnected(format!("downstream subtask {ch} stopped"))
+            }
+        })
+    }
+
+    fn send_buffer(&mut self, ch: usize) -> Result<()> {
+        if self.buffers[ch].is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.buffers[ch], Vec::with_capacity(self.batch_size));
+        self.send(ch, StreamElement::Data(batch))
+    }
+
+    fn flush_all(&mut self) -> Result<()> {
+        (0..self.senders.len()).try_for_each(|ch| self.send_buffer(ch))
+    }
+
+    fn to_all(&mut self, element: impl Fn() -> StreamElement<T>) -> Result<()> {
+        self.flush_all()?;
+        (0..self.senders.len()).try_for_each(|ch| self.send(ch, element()))
+    }
+}
+
+impl<T: Data> ChainInput<T> for ChannelWriter<T> {
+    fn process(&mut self, batch: Vec<T>) -> Result<()> {
+        match &self.partitioner {
+            Partitioner::Forward => {
+                self.buffers[0].extend(batch);
+                if self.buffers[0].len() >= self.batch_size {
+                    self.send_buffer(0)?;
+                }
+            }
+            Partitioner::Rebalance => {
+                let ch = self.next;
+                self.next = (self.next + 1) % self.senders.len();
+                self.buffers[ch].extend(batch);
+                if self.buffers[ch].len() >= self.batch_size {
+                    self.send_buffer(ch)?;
+                }
+            }
+            Partitioner::Broadcast => {
+                for ch in 0..self.senders.len() {
+                    self.buffers[ch].extend(batch.iter().cloned());
+                    if self.buffers[ch].len() >= self.batch_size {
+                        self.send_buffer(ch)?;
+                    }
+                }
+            }
+            Partitioner::Hash { key_group, max_parallelism } => {
+                let (key_group, m) = (key_group.clone(), *max_parallelism);
+                let p = self.senders.len();
+                for record in batch {
+                    let ch = subtask_for_key_group(m, p, key_group(&record));
+                    self.buffers[ch].push(record);
+                    if self.buffers[ch].len() >= self.batch_size {
+                        self.send_buffer(ch)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn watermark(&mut self, w: Timestamp) -> Result<()> {
+        self.to_all(|| StreamElement::Watermark(w))
+    }
+
+    fn barrier(&mut self, b: CheckpointBarrier, _: &mut Vec<PendingSnapshot>) -> Result<()> {
+        self.to_all(|| StreamElement::Barrier(b))
+    }
+
+    fn checkpoint_complete(&mut self, _: CheckpointId) -> Result<()> {
+        Ok(())
+    }
+
+    fn end_of_input(&mut self) -> Result<()> {
+        self.to_all(|| StreamElement::EndOfInput)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        self.flush_all()
+    }
+}
