@@ -157,8 +157,17 @@ impl CheckpointCoordinator {
     ) -> AttemptEnd {
         let mut a = Attempt {
             all: deployment.tasks.iter().map(|t| t.id).collect(),
-            controls: deployment.tasks.iter().map(|t| (t.id, t.control.clone())).collect(),
-            sources: deployment.tasks.iter().filter(|t| t.is_source).map(|t| t.id).collect(),
+            controls: deployment
+                .tasks
+                .iter()
+                .map(|t| (t.id, t.control.clone()))
+                .collect(),
+            sources: deployment
+                .tasks
+                .iter()
+                .filter(|t| t.is_source)
+                .map(|t| t.id)
+                .collect(),
             running: BTreeSet::new(),
             terminated: BTreeSet::new(),
             any_finished: false,
@@ -226,14 +235,23 @@ impl CheckpointCoordinator {
         self.source_records += deployment.source_records();
         let _ = tokio::task::spawn_blocking(move || deployment.join()).await;
         // No task can write any more: remove every checkpoint that did not complete.
-        let leftovers = a.pending.take().map(|p| p.barrier.id).into_iter().chain(a.draining.iter().map(|d| d.id));
+        let leftovers = a
+            .pending
+            .take()
+            .map(|p| p.barrier.id)
+            .into_iter()
+            .chain(a.draining.iter().map(|d| d.id));
         for id in leftovers.collect::<Vec<_>>() {
             self.delete_checkpoint(id).await;
         }
         end
     }
 
-    async fn on_timer(&mut self, a: &mut Attempt, completed: &mut CompletedCheckpoints) -> Option<AttemptEnd> {
+    async fn on_timer(
+        &mut self,
+        a: &mut Attempt,
+        completed: &mut CompletedCheckpoints,
+    ) -> Option<AttemptEnd> {
         let _ = completed;
         if let Some(p) = &a.pending {
             if p.started.elapsed() >= self.config.timeout {
@@ -316,12 +334,21 @@ impl CheckpointCoordinator {
                 }
                 None
             }
-            TaskEvent::Decline { task, checkpoint, reason } => {
-                if a.pending.as_ref().is_some_and(|p| p.barrier.id == checkpoint) {
+            TaskEvent::Decline {
+                task,
+                checkpoint,
+                reason,
+            } => {
+                if a.pending
+                    .as_ref()
+                    .is_some_and(|p| p.barrier.id == checkpoint)
+                {
                     if let Some(p) = a.pending.as_mut() {
                         p.awaiting.remove(&task);
                     }
-                    return self.abort(a, format!("declined by task {task}: {reason}"), true).await;
+                    return self
+                        .abort(a, format!("declined by task {task}: {reason}"), true)
+                        .await;
                 }
                 self.drained(a, task, Some(checkpoint)).await;
                 None
@@ -332,12 +359,17 @@ impl CheckpointCoordinator {
                 match outcome {
                     TaskOutcome::Finished => {
                         a.any_finished = true;
-                        if a.pending.as_ref().is_some_and(|p| p.awaiting.contains(&task)) {
+                        if a.pending
+                            .as_ref()
+                            .is_some_and(|p| p.awaiting.contains(&task))
+                        {
                             if let Some(p) = a.pending.as_mut() {
                                 p.awaiting.remove(&task);
                             }
                             // Not a failure: the job is ending.
-                            let end = self.abort(a, "a task finished before acknowledging".into(), false).await;
+                            let end = self
+                                .abort(a, "a task finished before acknowledging".into(), false)
+                                .await;
                             if end.is_some() {
                                 return end;
                             }
@@ -408,7 +440,12 @@ impl CheckpointCoordinator {
         })
     }
 
-    async fn complete(&mut self, a: &mut Attempt, p: Pending, completed: &mut CompletedCheckpoints) -> Option<AttemptEnd> {
+    async fn complete(
+        &mut self,
+        a: &mut Attempt,
+        p: Pending,
+        completed: &mut CompletedCheckpoints,
+    ) -> Option<AttemptEnd> {
         let id = p.barrier.id;
         let mut operators: Vec<OperatorSnapshotMeta> = self
             .graph
@@ -440,9 +477,18 @@ impl CheckpointCoordinator {
             operators,
         };
         // The commit point: only with this file does the checkpoint exist.
-        if let Err(e) = self.storage.write(&self.paths.metadata(id), metadata.encode()).await {
-            a.pending = Some(Pending { acks: Vec::new(), ..p });
-            return self.abort(a, format!("writing _metadata failed: {e}"), true).await;
+        if let Err(e) = self
+            .storage
+            .write(&self.paths.metadata(id), metadata.encode())
+            .await
+        {
+            a.pending = Some(Pending {
+                acks: Vec::new(),
+                ..p
+            });
+            return self
+                .abort(a, format!("writing _metadata failed: {e}"), true)
+                .await;
         }
         let duration = p.started.elapsed();
         info!(
@@ -468,7 +514,11 @@ impl CheckpointCoordinator {
     }
 
     async fn delete_checkpoint(&self, id: CheckpointId) {
-        if let Err(e) = self.storage.delete_dir(&self.paths.checkpoint_dir(id)).await {
+        if let Err(e) = self
+            .storage
+            .delete_dir(&self.paths.checkpoint_dir(id))
+            .await
+        {
             warn!(checkpoint = id.0, error = %e, "cannot delete checkpoint directory");
         }
     }

@@ -9,7 +9,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Exactly-once stream processing", propagate_version = true)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Exactly-once stream processing",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +27,7 @@ enum Command {
         /// The job's name (see `sluice jobs`)
         job: String,
         #[command(flatten)]
-        flags: JobFlags,
+        flags: Box<JobFlags>,
     },
     /// List the built-in jobs and their parameters
     Jobs,
@@ -108,7 +113,8 @@ struct JobFlags {
 }
 
 fn duration(flag: &str, value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("invalid duration '{value}' for --{flag}: {e}"))
+    humantime::parse_duration(value)
+        .map_err(|e| format!("invalid duration '{value}' for --{flag}: {e}"))
 }
 
 impl JobFlags {
@@ -120,7 +126,10 @@ impl JobFlags {
         let mut c = JobConfig {
             parallelism: self.parallelism,
             max_parallelism: self.max_parallelism,
-            state_backend: self.state_backend.parse::<StateBackendKind>().map_err(|e| e.to_string())?,
+            state_backend: self
+                .state_backend
+                .parse::<StateBackendKind>()
+                .map_err(|e| e.to_string())?,
             checkpoint_dir: self.checkpoint_dir.clone(),
             from_savepoint: self.from_savepoint.clone(),
             allow_non_restored_state: self.allow_non_restored_state,
@@ -238,11 +247,20 @@ fn print_report(r: &JobReport) {
         r.source_records,
         r.source_records as f64 / secs.max(1e-9)
     );
-    let mut durations: Vec<f64> = r.checkpoints.iter().map(|c| c.duration.as_secs_f64() * 1e3).collect();
+    let mut durations: Vec<f64> = r
+        .checkpoints
+        .iter()
+        .map(|c| c.duration.as_secs_f64() * 1e3)
+        .collect();
     durations.sort_by(f64::total_cmp);
     let mut sizes: Vec<f64> = r.checkpoints.iter().map(|c| c.bytes as f64).collect();
     sizes.sort_by(f64::total_cmp);
-    let max_sync = r.checkpoints.iter().map(|c| c.max_sync_micros).max().unwrap_or(0);
+    let max_sync = r
+        .checkpoints
+        .iter()
+        .map(|c| c.max_sync_micros)
+        .max()
+        .unwrap_or(0);
     println!(
         "  checkpoints: {} completed, {} failed; duration p50 {:.1} ms, max {:.1} ms; size p50 {:.0} bytes; \
          longest synchronous part {:.2} ms",
@@ -254,7 +272,14 @@ fn print_report(r: &JobReport) {
         max_sync as f64 / 1e3
     );
     let retained: Vec<String> = r.retained.iter().map(|id| format!("chk-{id}")).collect();
-    println!("  retained: {}", if retained.is_empty() { "none".into() } else { retained.join(", ") });
+    println!(
+        "  retained: {}",
+        if retained.is_empty() {
+            "none".into()
+        } else {
+            retained.join(", ")
+        }
+    );
     if let RestoredFrom::Savepoint(url) = &r.initial_restore {
         println!("  started from {url}");
     }
@@ -264,7 +289,10 @@ fn print_report(r: &JobReport) {
             RestoredFrom::Checkpoint(id) => format!("chk-{id}"),
             RestoredFrom::Savepoint(url) => url.clone(),
         };
-        println!("  restart {} from {from} after: {}", restart.attempt, restart.cause);
+        println!(
+            "  restart {} from {from} after: {}",
+            restart.attempt, restart.cause
+        );
     }
     if let Some(mib) = peak_rss_mib() {
         println!("  peak RSS: {mib:.1} MiB");

@@ -88,12 +88,20 @@ pub fn new_job_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let seed = format!("{nanos}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    let seed = format!(
+        "{nanos}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(seed.as_bytes()))
 }
 
 /// Builds and validates the job's graph.
-pub fn build_graph(job: &JobDefinition, params: &JobParams, config: &JobConfig) -> Result<JobGraph> {
+pub fn build_graph(
+    job: &JobDefinition,
+    params: &JobParams,
+    config: &JobConfig,
+) -> Result<JobGraph> {
     config.validate()?;
     let mut env = StreamEnv::new();
     (job.build)(params, &mut env)?;
@@ -101,7 +109,12 @@ pub fn build_graph(job: &JobDefinition, params: &JobParams, config: &JobConfig) 
 }
 
 /// Opens a user-given snapshot URL and checks that it fits the job.
-pub async fn open_savepoint(url: &str, job: &str, graph: &JobGraph, config: &JobConfig) -> Result<RestoreSource> {
+pub async fn open_savepoint(
+    url: &str,
+    job: &str,
+    graph: &JobGraph,
+    config: &JobConfig,
+) -> Result<RestoreSource> {
     let source = RestoreSource::open(Storage::open(url)?).await?;
     source.verify_files().await?;
     source.check_fits(job, graph, config.allow_non_restored_state)?;
@@ -152,7 +165,7 @@ impl JobMaster {
         let initial = match &cfg.from_savepoint {
             Some(url) => {
                 let source = open_savepoint(url, self.sub.job.name, &self.graph, cfg).await?;
-                cleanup_incomplete_siblings(url).await;
+                claim_restored_job_dir(url, cfg.checkpoint.retained).await;
                 Some(Arc::new(source))
             }
             None => None,
@@ -176,7 +189,10 @@ impl JobMaster {
         let mut attempt = 0u32;
         let mut next_restore = RestoreChoice::Initial;
         loop {
-            let (restore, restored_from) = match self.choose_restore(&mut completed, &initial, &next_restore).await? {
+            let (restore, restored_from) = match self
+                .choose_restore(&mut completed, &initial, &next_restore)
+                .await?
+            {
                 Some(x) => x,
                 None => (None, RestoredFrom::Nothing),
             };
@@ -197,13 +213,24 @@ impl JobMaster {
             };
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let deployment = deploy(&self.graph, &dcfg, tx, self.handle.clone())?;
-            let end = coordinator.run_attempt(deployment, rx, &mut completed).await;
+            let end = coordinator
+                .run_attempt(deployment, rx, &mut completed)
+                .await;
             match end {
                 AttemptEnd::Finished => {
-                    return Ok(self.report(JobOutcome::Finished, restarts, initial_restore, &coordinator, &completed, started))
+                    return Ok(self.report(
+                        JobOutcome::Finished,
+                        restarts,
+                        initial_restore,
+                        &coordinator,
+                        &completed,
+                        started,
+                    ))
                 }
                 AttemptEnd::Failed {
-                    cause, unusable_snapshot, ..
+                    cause,
+                    unusable_snapshot,
+                    ..
                 } => {
                     if unusable_snapshot {
                         match &restored_from {
@@ -215,10 +242,9 @@ impl JobMaster {
                                 continue;
                             }
                             RestoredFrom::Savepoint(url) => {
-                                return Err(Error::Corrupt {
-                                    location: url.clone(),
-                                    reason: cause,
-                                })
+                                return Err(Error::Incompatible(format!(
+                                    "cannot restore from {url}: {cause}"
+                                )))
                             }
                             RestoredFrom::Nothing => {}
                         }
@@ -226,7 +252,14 @@ impl JobMaster {
                     if restarts.len() as u32 >= cfg.restart.attempts {
                         warn!(job = %self.job_id, %cause, "no restart attempts left; the job failed");
                         let outcome = JobOutcome::Failed(cause);
-                        return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
+                        return Ok(self.report(
+                            outcome,
+                            restarts,
+                            initial_restore,
+                            &coordinator,
+                            &completed,
+                            started,
+                        ));
                     }
                     warn!(job = %self.job_id, %cause, "task failure; the job fails over");
                     attempt += 1;
@@ -268,14 +301,21 @@ impl JobMaster {
                 }
             }
         }
-        Ok(initial
-            .as_ref()
-            .map(|s| (Some(s.clone()), RestoredFrom::Savepoint(s.url().to_string()))))
+        Ok(initial.as_ref().map(|s| {
+            (
+                Some(s.clone()),
+                RestoredFrom::Savepoint(s.url().to_string()),
+            )
+        }))
     }
 
     async fn discard_checkpoint(&self, completed: &mut CompletedCheckpoints, id: CheckpointId) {
         completed.discard(id);
-        if let Err(e) = self.storage.delete_dir(&self.paths.checkpoint_dir(id)).await {
+        if let Err(e) = self
+            .storage
+            .delete_dir(&self.paths.checkpoint_dir(id))
+            .await
+        {
             warn!(job = %self.job_id, checkpoint = id.0, error = %e, "cannot delete an unusable checkpoint");
         }
     }
@@ -309,26 +349,39 @@ enum RestoreChoice {
     Latest,
 }
 
-/// Restoring from `<dir>/<job>/chk-<n>` means that job is over: its checkpoints that never got a
-/// `_metadata` can never be restored or completed, so they are deleted.
-async fn cleanup_incomplete_siblings(url: &str) {
+/// Restoring from `<dir>/<job>/chk-<n>` claims that job's directory, as Flink's CLAIM restore
+/// mode does: the job is over, so its checkpoints without `_metadata` can never complete, and
+/// completed ones beyond the newest `retained` were subsumed (a crash can land between a commit
+/// and retention's delete). Both are deleted; the retained ones and the one being restored stay.
+async fn claim_restored_job_dir(url: &str, retained: usize) {
     let trimmed = url.trim_end_matches('/');
     let Some((parent, last)) = trimmed.rsplit_once('/') else { return };
-    if CheckpointPaths::parse_checkpoint_dir(last).is_none() {
-        return;
-    }
+    let Some(restored) = CheckpointPaths::parse_checkpoint_dir(last) else { return };
     let Ok(parent) = Storage::open(parent) else { return };
     let Ok(children) = parent.list_dir("").await else { return };
+    let mut completed = Vec::new();
+    let mut doomed = Vec::new();
     for child in children {
-        if CheckpointPaths::parse_checkpoint_dir(&child).is_none() {
-            continue;
+        let Some(id) = CheckpointPaths::parse_checkpoint_dir(&child) else { continue };
+        if matches!(parent.size(&format!("{child}{METADATA_FILE}")).await, Ok(Some(_))) {
+            completed.push((id, child));
+        } else {
+            doomed.push(child);
         }
-        let has_metadata = matches!(parent.size(&format!("{child}{METADATA_FILE}")).await, Ok(Some(_)));
-        if !has_metadata {
-            info!(dir = %parent.location(&child), "deleting an incomplete checkpoint of the restored job");
-            if let Err(e) = parent.delete_dir(&child).await {
-                warn!(error = %e, "cannot delete an incomplete checkpoint");
-            }
+    }
+    completed.sort();
+    let keep_from = completed.len().saturating_sub(retained);
+    doomed.extend(
+        completed
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (id, _))| *i < keep_from && *id != restored)
+            .map(|(_, (_, child))| child),
+    );
+    for child in doomed {
+        info!(dir = %parent.location(&child), "deleting an incomplete or subsumed checkpoint of the restored job");
+        if let Err(e) = parent.delete_dir(&child).await {
+            warn!(error = %e, "cannot delete a checkpoint of the restored job");
         }
     }
 }

@@ -22,7 +22,10 @@ impl CompletedCheckpoints {
     /// Records a newly completed checkpoint; returns the ones it subsumes (to delete).
     #[must_use = "subsumed checkpoints must be deleted"]
     pub fn add(&mut self, id: CheckpointId) -> Vec<CheckpointId> {
-        debug_assert!(self.ids.back().is_none_or(|last| *last < id), "checkpoint ids only increase");
+        debug_assert!(
+            self.ids.back().is_none_or(|last| *last < id),
+            "checkpoint ids only increase"
+        );
         self.ids.push_back(id);
         let excess = self.ids.len().saturating_sub(self.retained);
         self.ids.drain(..excess).collect()
@@ -59,7 +62,10 @@ mod tests {
         assert_eq!(c.latest(), Some(CheckpointId(5)));
         c.discard(CheckpointId(5));
         assert_eq!(c.latest(), Some(CheckpointId(4)));
-        assert_eq!(c.ids().collect::<Vec<_>>(), vec![CheckpointId(2), CheckpointId(4)]);
+        assert_eq!(
+            c.ids().collect::<Vec<_>>(),
+            vec![CheckpointId(2), CheckpointId(4)]
+        );
     }
 
     proptest! {

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::{
-    JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result, StateRegistry,
-    StreamEnv, TaskInfo, ValueState,
+    JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result,
+    StateRegistry, StreamEnv, TaskInfo, ValueState,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -106,42 +106,66 @@ impl KeyedProcessFunction for RunningTotals {
         Ok(())
     }
 
-    fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, _: &mut Vec<UserTotal>) -> Result<()> {
+    fn process(
+        &mut self,
+        t: Transaction,
+        ctx: &mut KeyedContext<'_, u64>,
+        _: &mut Vec<UserTotal>,
+    ) -> Result<()> {
         self.seen += 1;
         if self.armed && self.seen == self.fail_at {
             panic!("injected failure at record {} (fail_at)", self.fail_at);
         }
         let totals = self.totals.as_ref().expect("opened");
-        totals.update_with(ctx, || (0, 0), |v| {
-            v.0 += t.amount;
-            v.1 += 1;
-        });
+        totals.update_with(
+            ctx,
+            || (0, 0),
+            |v| {
+                v.0 += t.amount;
+                v.1 += 1;
+            },
+        );
         Ok(())
     }
 
     fn end_of_input(&mut self, state: &KeyedBackend, out: &mut Vec<UserTotal>) -> Result<()> {
         let totals = self.totals.as_ref().expect("opened");
-        out.extend(totals.entries(state).map(|(user, (total, count))| UserTotal {
-            user: *user,
-            total: *total,
-            count: *count,
-        }));
+        out.extend(
+            totals
+                .entries(state)
+                .map(|(user, (total, count))| UserTotal {
+                    user: *user,
+                    total: *total,
+                    count: *count,
+                }),
+        );
         Ok(())
     }
 }
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
-    let (events, users, seed) = (p.get::<u64>("events")?, p.get::<u64>("users")?, p.get::<u64>("seed")?);
+    let (events, users, seed) = (
+        p.get::<u64>("events")?,
+        p.get::<u64>("users")?,
+        p.get::<u64>("seed")?,
+    );
     if users == 0 {
-        return Err(sluice_runtime::Error::Config("job parameter 'users' must be at least 1".into()));
+        return Err(sluice_runtime::Error::Config(
+            "job parameter 'users' must be at least 1".into(),
+        ));
     }
-    let generator = LaneGenerator::new(events, p.get("lanes")?, p.get("rate")?, move |i| transaction(seed, users, i));
+    let generator = LaneGenerator::new(events, p.get("lanes")?, p.get("rate")?, move |i| {
+        transaction(seed, users, i)
+    });
     env.source("transactions", generator)
         .uid("transactions-source")
         .key_by(|t: &Transaction| t.user)
         .process("running-totals", RunningTotals::new(p.get("fail_at")?))
         .uid("running-totals")
-        .sink("totals-output", SortedFileSink::new(p.optional("output").map(Into::into)))
+        .sink(
+            "totals-output",
+            SortedFileSink::new(p.optional("output").map(Into::into)),
+        )
         .uid("totals-output")
         .parallelism(1);
     Ok(())
@@ -153,13 +177,41 @@ pub fn definition() -> JobDefinition {
         name: "transactions",
         description: "running total and count per user over generated transactions",
         params: vec![
-            ParamSpec { name: "events", default: "1000000", help: "number of transactions" },
-            ParamSpec { name: "users", default: "100000", help: "number of distinct users" },
-            ParamSpec { name: "seed", default: "42", help: "generator seed" },
-            ParamSpec { name: "rate", default: "0", help: "events per second in total, 0 = unlimited" },
-            ParamSpec { name: "lanes", default: "128", help: "generator lanes (units of source redistribution)" },
-            ParamSpec { name: "fail_at", default: "0", help: "panic once at this record of subtask 0 (first attempt only), 0 = never" },
-            ParamSpec { name: "output", default: "", help: "file receiving `user,total,count` lines sorted by user (- for stdout)" },
+            ParamSpec {
+                name: "events",
+                default: "1000000",
+                help: "number of transactions",
+            },
+            ParamSpec {
+                name: "users",
+                default: "100000",
+                help: "number of distinct users",
+            },
+            ParamSpec {
+                name: "seed",
+                default: "42",
+                help: "generator seed",
+            },
+            ParamSpec {
+                name: "rate",
+                default: "0",
+                help: "events per second in total, 0 = unlimited",
+            },
+            ParamSpec {
+                name: "lanes",
+                default: "128",
+                help: "generator lanes (units of source redistribution)",
+            },
+            ParamSpec {
+                name: "fail_at",
+                default: "0",
+                help: "panic once at this record of subtask 0 (first attempt only), 0 = never",
+            },
+            ParamSpec {
+                name: "output",
+                default: "",
+                help: "file receiving `user,total,count` lines sorted by user (- for stdout)",
+            },
         ],
         build,
     }

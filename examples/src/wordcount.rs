@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use sluice_operators::file_source::TextFileSource;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::{
-    Error, JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result,
-    StateRegistry, StreamEnv, TaskInfo, ValueState,
+    Error, JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec,
+    Result, StateRegistry, StreamEnv, TaskInfo, ValueState,
 };
 use std::fmt;
 
@@ -48,8 +48,16 @@ impl KeyedProcessFunction for CountWords {
         Ok(())
     }
 
-    fn process(&mut self, _: String, ctx: &mut KeyedContext<'_, String>, _: &mut Vec<WordCount>) -> Result<()> {
-        self.counts.as_ref().expect("opened").update_with(ctx, || 0, |c| *c += 1);
+    fn process(
+        &mut self,
+        _: String,
+        ctx: &mut KeyedContext<'_, String>,
+        _: &mut Vec<WordCount>,
+    ) -> Result<()> {
+        self.counts
+            .as_ref()
+            .expect("opened")
+            .update_with(ctx, || 0, |c| *c += 1);
         Ok(())
     }
 
@@ -64,11 +72,13 @@ impl KeyedProcessFunction for CountWords {
 }
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
-    let input = p
-        .optional("input")
-        .ok_or_else(|| Error::Config("job 'wordcount' needs --set input=PATH (a text file or a directory)".into()))?;
+    let input = p.optional("input").ok_or_else(|| {
+        Error::Config("job 'wordcount' needs --set input=PATH (a text file or a directory)".into())
+    })?;
     if !std::path::Path::new(input).exists() {
-        return Err(Error::Config(format!("wordcount input '{input}' does not exist")));
+        return Err(Error::Config(format!(
+            "wordcount input '{input}' does not exist"
+        )));
     }
     env.source("text-files", TextFileSource::new(input))
         .uid("text-files")
@@ -77,7 +87,10 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
         .key_by(|w: &String| w.clone())
         .process("count-words", CountWords::default())
         .uid("count-words")
-        .sink("counts-output", SortedFileSink::new(p.optional("output").map(Into::into)))
+        .sink(
+            "counts-output",
+            SortedFileSink::new(p.optional("output").map(Into::into)),
+        )
         .uid("counts-output")
         .parallelism(1);
     Ok(())
@@ -89,8 +102,16 @@ pub fn definition() -> JobDefinition {
         name: "wordcount",
         description: "word counts over text files",
         params: vec![
-            ParamSpec { name: "input", default: "", help: "a text file or a directory of them" },
-            ParamSpec { name: "output", default: "", help: "file receiving `word,count` lines sorted by word (- for stdout)" },
+            ParamSpec {
+                name: "input",
+                default: "",
+                help: "a text file or a directory of them",
+            },
+            ParamSpec {
+                name: "output",
+                default: "",
+                help: "file receiving `word,count` lines sorted by word (- for stdout)",
+            },
         ],
         build,
     }

@@ -63,8 +63,9 @@ impl TextFileSource {
             Ok(())
         }
         let mut files = Vec::new();
-        walk(&self.input, &mut files)
-            .map_err(|e| Error::Config(format!("cannot read input '{}': {e}", self.input.display())))?;
+        walk(&self.input, &mut files).map_err(|e| {
+            Error::Config(format!("cannot read input '{}': {e}", self.input.display()))
+        })?;
         files.sort();
         Ok(files)
     }
@@ -84,7 +85,12 @@ impl SourceFunction for TextFileSource {
     type Out = String;
 
     fn open(&mut self, info: &TaskInfo, restored: Option<OperatorState>) -> Result<()> {
-        self.splits = match restored.as_ref().map(|s| crate::read_list::<Split>(s, STATE)).transpose()?.flatten() {
+        self.splits = match restored
+            .as_ref()
+            .map(|s| crate::read_list::<Split>(s, STATE))
+            .transpose()?
+            .flatten()
+        {
             Some(splits) => splits,
             None => self
                 .files()?

@@ -3,9 +3,9 @@
 //! split operator state. A subtask owns some lanes and emits from them in turn, so after a
 //! failure (or a rescale, which redistributes the entries) every event is emitted exactly once.
 
+use serde::{Deserialize, Serialize};
 use sluice_runtime::snapshot::OperatorState;
 use sluice_runtime::{Data, Error, Result, SourceFunction, SourcePoll, TaskInfo};
-use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,12 @@ impl<T> Clone for LaneGenerator<T> {
 
 impl<T> LaneGenerator<T> {
     /// `count` events over `lanes` lanes at `rate` events/s in total (0: unlimited).
-    pub fn new(count: u64, lanes: u64, rate: u64, make: impl Fn(u64) -> T + Send + Sync + 'static) -> Self {
+    pub fn new(
+        count: u64,
+        lanes: u64,
+        rate: u64,
+        make: impl Fn(u64) -> T + Send + Sync + 'static,
+    ) -> Self {
         Self {
             make: Arc::new(make),
             count,
@@ -81,7 +86,12 @@ impl<T: Data> SourceFunction for LaneGenerator<T> {
     type Out = T;
 
     fn open(&mut self, info: &TaskInfo, restored: Option<OperatorState>) -> Result<()> {
-        self.owned = match restored.as_ref().map(|s| crate::read_list::<Lane>(s, STATE)).transpose()?.flatten() {
+        self.owned = match restored
+            .as_ref()
+            .map(|s| crate::read_list::<Lane>(s, STATE))
+            .transpose()?
+            .flatten()
+        {
             Some(lanes) => lanes,
             None => (0..self.lanes)
                 .filter(|l| *l as usize % info.parallelism == info.subtask)
@@ -107,8 +117,11 @@ impl<T: Data> SourceFunction for LaneGenerator<T> {
             let started = *self.started.get_or_insert_with(Instant::now);
             let allowed = (started.elapsed().as_secs_f64() * self.subtask_rate) as u64;
             if allowed <= self.emitted {
-                let wait = (self.emitted + 1) as f64 / self.subtask_rate.max(1e-9) - started.elapsed().as_secs_f64();
-                return Ok(SourcePoll::Idle(Duration::from_secs_f64(wait.clamp(0.0, 0.1))));
+                let wait = (self.emitted + 1) as f64 / self.subtask_rate.max(1e-9)
+                    - started.elapsed().as_secs_f64();
+                return Ok(SourcePoll::Idle(Duration::from_secs_f64(
+                    wait.clamp(0.0, 0.1),
+                )));
             }
             budget = budget.min(allowed - self.emitted);
         }
@@ -118,7 +131,9 @@ impl<T: Data> SourceFunction for LaneGenerator<T> {
             let len = self.lane_len(lane.lane);
             if lane.done < len {
                 let n = budget.min(len - lane.done);
-                out.extend((lane.done..lane.done + n).map(|k| (self.make)(lane.lane + k * self.lanes)));
+                out.extend(
+                    (lane.done..lane.done + n).map(|k| (self.make)(lane.lane + k * self.lanes)),
+                );
                 self.owned[i].done += n;
                 self.emitted += n;
                 self.current = i + 1;

@@ -145,11 +145,7 @@ impl BarrierAligner {
     }
 
     fn check_aligned(&mut self) -> AlignOutcome {
-        let done = self
-            .blocked
-            .iter()
-            .zip(&self.ended)
-            .all(|(b, e)| *b || *e);
+        let done = self.blocked.iter().zip(&self.ended).all(|(b, e)| *b || *e);
         if done {
             let b = self.current.take().expect("aligning without a barrier");
             self.unblock_all();
@@ -227,12 +223,21 @@ mod tests {
         let mut a = BarrierAligner::new(2);
         a.on_barrier(0, b(5));
         assert_eq!(a.on_barrier(1, b(5)), AlignOutcome::Aligned(b(5)));
-        assert_eq!(a.on_barrier(0, b(4)), AlignOutcome::Obsolete(CheckpointId(4)));
-        assert_eq!(a.on_barrier(0, b(5)), AlignOutcome::Obsolete(CheckpointId(5)));
+        assert_eq!(
+            a.on_barrier(0, b(4)),
+            AlignOutcome::Obsolete(CheckpointId(4))
+        );
+        assert_eq!(
+            a.on_barrier(0, b(5)),
+            AlignOutcome::Obsolete(CheckpointId(5))
+        );
         assert!(!a.is_blocked(0));
         // An older barrier during a newer alignment is obsolete as well.
         assert_eq!(a.on_barrier(0, b(6)), AlignOutcome::Blocked);
-        assert_eq!(a.on_barrier(1, b(3)), AlignOutcome::Obsolete(CheckpointId(3)));
+        assert_eq!(
+            a.on_barrier(1, b(3)),
+            AlignOutcome::Obsolete(CheckpointId(3))
+        );
         assert!(!a.is_blocked(1));
     }
 
@@ -252,7 +257,10 @@ mod tests {
         // Only the channel that delivered the newer barrier stays blocked.
         assert!(!a.is_blocked(0) && !a.is_blocked(1) && a.is_blocked(2));
         // Late barriers of the abandoned checkpoint are obsolete.
-        assert_eq!(a.on_barrier(0, b(1)), AlignOutcome::Obsolete(CheckpointId(1)));
+        assert_eq!(
+            a.on_barrier(0, b(1)),
+            AlignOutcome::Obsolete(CheckpointId(1))
+        );
         assert_eq!(a.on_barrier(0, b(2)), AlignOutcome::Blocked);
         assert_eq!(a.on_barrier(1, b(2)), AlignOutcome::Aligned(b(2)));
     }
@@ -261,15 +269,33 @@ mod tests {
     fn cancellation_unblocks_and_makes_later_barriers_obsolete() {
         let mut a = BarrierAligner::new(2);
         assert_eq!(a.on_barrier(0, b(3)), AlignOutcome::Blocked);
-        assert_eq!(a.on_cancel(CheckpointId(3)), AlignOutcome::Cancelled(CheckpointId(3)));
+        assert_eq!(
+            a.on_cancel(CheckpointId(3)),
+            AlignOutcome::Cancelled(CheckpointId(3))
+        );
         assert!(!a.is_blocked(0));
-        assert_eq!(a.on_barrier(1, b(3)), AlignOutcome::Obsolete(CheckpointId(3)));
+        assert_eq!(
+            a.on_barrier(1, b(3)),
+            AlignOutcome::Obsolete(CheckpointId(3))
+        );
         // Cancelling a checkpoint before any of its barriers arrived.
-        assert_eq!(a.on_cancel(CheckpointId(4)), AlignOutcome::Cancelled(CheckpointId(4)));
-        assert_eq!(a.on_barrier(0, b(4)), AlignOutcome::Obsolete(CheckpointId(4)));
-        assert_eq!(a.on_barrier(1, b(4)), AlignOutcome::Obsolete(CheckpointId(4)));
+        assert_eq!(
+            a.on_cancel(CheckpointId(4)),
+            AlignOutcome::Cancelled(CheckpointId(4))
+        );
+        assert_eq!(
+            a.on_barrier(0, b(4)),
+            AlignOutcome::Obsolete(CheckpointId(4))
+        );
+        assert_eq!(
+            a.on_barrier(1, b(4)),
+            AlignOutcome::Obsolete(CheckpointId(4))
+        );
         // Cancelling an old one is a no-op.
-        assert_eq!(a.on_cancel(CheckpointId(2)), AlignOutcome::Obsolete(CheckpointId(2)));
+        assert_eq!(
+            a.on_cancel(CheckpointId(2)),
+            AlignOutcome::Obsolete(CheckpointId(2))
+        );
         assert_eq!(a.on_barrier(0, b(5)), AlignOutcome::Blocked);
     }
 

@@ -140,10 +140,14 @@ impl JobConfig {
             ));
         }
         if self.checkpoint.retained == 0 {
-            return Err(Error::Config("at least one completed checkpoint must be retained".into()));
+            return Err(Error::Config(
+                "at least one completed checkpoint must be retained".into(),
+            ));
         }
         if self.batch_size == 0 || self.channel_capacity == 0 {
-            return Err(Error::Config("batch size and channel capacity must be at least 1".into()));
+            return Err(Error::Config(
+                "batch size and channel capacity must be at least 1".into(),
+            ));
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ pub enum Error {
         path: String,
         /// The cause, from opendal.
         #[source]
-        source: opendal::Error,
+        source: Box<opendal::Error>,
     },
     /// A snapshot file or metadata does not match its size or checksum.
     #[error("corrupt checkpoint data at {location}: {reason}")]

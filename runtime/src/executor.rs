@@ -148,9 +148,14 @@ pub fn deploy(
         if chain_of[&edge.from] == chain_of[&edge.to] {
             continue;
         }
-        let (up, down) = (graph.vertices[edge.from].parallelism, graph.vertices[edge.to].parallelism);
+        let (up, down) = (
+            graph.vertices[edge.from].parallelism,
+            graph.vertices[edge.to].parallelism,
+        );
         let forward = edge.partition == PartitionKind::Forward;
-        let (s, r) = edge.factory.channels(forward, up, down, cfg.channel_capacity);
+        let (s, r) = edge
+            .factory
+            .channels(forward, up, down, cfg.channel_capacity);
         senders.extend(s.into_iter().enumerate().map(|(i, b)| ((e, i), b)));
         receivers.extend(r.into_iter().enumerate().map(|(i, b)| ((e, i), b)));
     }
@@ -172,13 +177,24 @@ pub fn deploy(
             let outputs: Vec<(usize, AnyBox)> = graph.vertices[tail]
                 .outputs
                 .iter()
-                .map(|e| (*e, senders.remove(&(*e, subtask)).expect("senders for every output edge")))
+                .map(|e| {
+                    (
+                        *e,
+                        senders
+                            .remove(&(*e, subtask))
+                            .expect("senders for every output edge"),
+                    )
+                })
                 .collect();
             let head = chain.vertices[0];
-            let input = graph.vertices[head]
-                .inputs
-                .first()
-                .map(|e| (*e, receivers.remove(&(*e, subtask)).expect("receivers for every input edge")));
+            let input = graph.vertices[head].inputs.first().map(|e| {
+                (
+                    *e,
+                    receivers
+                        .remove(&(*e, subtask))
+                        .expect("receivers for every input edge"),
+                )
+            });
             let (control_tx, control_rx) = unbounded();
             let mut rt = TaskRuntime::new(id, control_rx, shared.clone());
             let build = TaskBuild {
@@ -238,7 +254,9 @@ impl TaskBuild {
             (0, NodeKind::Operator(f)) => f.discard(),
             (0, NodeKind::Source(f)) => f.discard(),
             (1, _) => writers.pop().expect("one writer"),
-            _ => g.edges[g.vertices[tail].outputs[0]].factory.fan_out(writers),
+            _ => g.edges[g.vertices[tail].outputs[0]]
+                .factory
+                .fan_out(writers),
         };
         for &v in self.chain.vertices.iter().rev() {
             let vertex = &g.vertices[v];
@@ -293,7 +311,10 @@ fn run_task(build: TaskBuild, rt: &mut TaskRuntime) {
             secondary: false,
         },
     };
-    let _ = rt.shared.events.send(TaskEvent::Terminated { task: rt.task, outcome });
+    let _ = rt.shared.events.send(TaskEvent::Terminated {
+        task: rt.task,
+        outcome,
+    });
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

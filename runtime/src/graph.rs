@@ -21,7 +21,8 @@ use std::sync::Arc;
 pub(crate) type AnyBox = Box<dyn Any + Send>;
 
 fn unbox<T: 'static>(b: AnyBox) -> T {
-    *b.downcast::<T>().expect("graph wiring connects factories of the same record type")
+    *b.downcast::<T>()
+        .expect("graph wiring connects factories of the same record type")
 }
 
 /// How an edge spreads records over the downstream subtasks.
@@ -61,7 +62,13 @@ pub(crate) struct WriterContext {
 
 pub(crate) trait EdgeFactory: Send + Sync {
     /// Per upstream subtask its senders, per downstream subtask its receivers.
-    fn channels(&self, forward: bool, up: usize, down: usize, capacity: usize) -> (Vec<AnyBox>, Vec<AnyBox>);
+    fn channels(
+        &self,
+        forward: bool,
+        up: usize,
+        down: usize,
+        capacity: usize,
+    ) -> (Vec<AnyBox>, Vec<AnyBox>);
     fn writer(&self, partition: PartitionKind, senders: AnyBox, ctx: &WriterContext) -> AnyBox;
     fn reader(&self, receivers: AnyBox, head: AnyBox) -> Box<dyn TaskDriver>;
     fn fan_out(&self, outputs: Vec<AnyBox>) -> AnyBox;
@@ -113,9 +120,16 @@ pub(crate) struct TypedEdge<T> {
 }
 
 impl<T: Data> EdgeFactory for TypedEdge<T> {
-    fn channels(&self, forward: bool, up: usize, down: usize, capacity: usize) -> (Vec<AnyBox>, Vec<AnyBox>) {
+    fn channels(
+        &self,
+        forward: bool,
+        up: usize,
+        down: usize,
+        capacity: usize,
+    ) -> (Vec<AnyBox>, Vec<AnyBox>) {
         let mut senders: Vec<Vec<Sender<StreamElement<T>>>> = (0..up).map(|_| Vec::new()).collect();
-        let mut receivers: Vec<Vec<Receiver<StreamElement<T>>>> = (0..down).map(|_| Vec::new()).collect();
+        let mut receivers: Vec<Vec<Receiver<StreamElement<T>>>> =
+            (0..down).map(|_| Vec::new()).collect();
         for (i, s) in senders.iter_mut().enumerate() {
             for (j, r) in receivers.iter_mut().enumerate() {
                 if forward && i != j {
@@ -128,7 +142,10 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
         }
         (
             senders.into_iter().map(|s| Box::new(s) as AnyBox).collect(),
-            receivers.into_iter().map(|r| Box::new(r) as AnyBox).collect(),
+            receivers
+                .into_iter()
+                .map(|r| Box::new(r) as AnyBox)
+                .collect(),
         )
     }
 
@@ -138,7 +155,10 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
             PartitionKind::Rebalance => Partitioner::Rebalance,
             PartitionKind::Broadcast => Partitioner::Broadcast,
             PartitionKind::Hash => {
-                let f = self.key_group.clone().expect("a hash edge carries its key selector");
+                let f = self
+                    .key_group
+                    .clone()
+                    .expect("a hash edge carries its key selector");
                 let m = ctx.max_parallelism;
                 Partitioner::Hash {
                     key_group: Arc::new(move |t| f(t, m)),
@@ -146,7 +166,12 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
                 }
             }
         };
-        let writer = ChannelWriter::new(unbox(senders), partitioner, ctx.batch_size, ctx.cancel.clone());
+        let writer = ChannelWriter::new(
+            unbox(senders),
+            partitioner,
+            ctx.batch_size,
+            ctx.cancel.clone(),
+        );
         Box::new(Box::new(writer) as Chain<T>)
     }
 
@@ -241,7 +266,10 @@ impl JobGraph {
         let mut seen = HashSet::new();
         for v in &vertices {
             if v.parallelism == 0 {
-                return Err(Error::Config(format!("parallelism of operator '{}' must be at least 1", v.name)));
+                return Err(Error::Config(format!(
+                    "parallelism of operator '{}' must be at least 1",
+                    v.name
+                )));
             }
             if v.parallelism > max_parallelism as usize {
                 return Err(Error::Config(format!(
@@ -250,7 +278,10 @@ impl JobGraph {
                 )));
             }
             if !seen.insert(v.uid.clone()) {
-                return Err(Error::Config(format!("operator uid '{}' is used twice", v.uid)));
+                return Err(Error::Config(format!(
+                    "operator uid '{}' is used twice",
+                    v.uid
+                )));
             }
         }
         let mut resolved = Vec::with_capacity(edges.len());
@@ -305,6 +336,12 @@ impl JobGraph {
 
 fn slug(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect()
 }

@@ -35,8 +35,11 @@ impl JobParams {
         T::Err: std::fmt::Display,
     {
         let raw = self.raw(name);
-        raw.parse()
-            .map_err(|e| Error::Config(format!("invalid value '{raw}' for job parameter '{name}': {e}")))
+        raw.parse().map_err(|e| {
+            Error::Config(format!(
+                "invalid value '{raw}' for job parameter '{name}': {e}"
+            ))
+        })
     }
 
     /// The value of `name`, or `None` when empty.
@@ -72,18 +75,26 @@ impl JobDefinition {
         let pairs = settings
             .iter()
             .map(|s| {
-                s.split_once('=').map(|(k, v)| (k.trim().to_string(), v.to_string())).ok_or_else(|| {
-                    Error::Config(format!("malformed --set '{s}': expected key=value"))
-                })
+                s.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                    .ok_or_else(|| {
+                        Error::Config(format!("malformed --set '{s}': expected key=value"))
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         self.params_from_map(pairs)
     }
 
     /// Validates a map of values (e.g. from a snapshot's metadata).
-    pub fn params_from_map(&self, pairs: impl IntoIterator<Item = (String, String)>) -> Result<JobParams> {
-        let mut values: BTreeMap<String, String> =
-            self.params.iter().map(|p| (p.name.to_string(), p.default.to_string())).collect();
+    pub fn params_from_map(
+        &self,
+        pairs: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<JobParams> {
+        let mut values: BTreeMap<String, String> = self
+            .params
+            .iter()
+            .map(|p| (p.name.to_string(), p.default.to_string()))
+            .collect();
         for (k, v) in pairs {
             if !values.contains_key(&k) {
                 let known: Vec<&str> = self.params.iter().map(|p| p.name).collect();
@@ -121,7 +132,10 @@ impl JobRegistry {
     pub fn get(&self, name: &str) -> Result<&JobDefinition> {
         self.jobs.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.jobs.keys().copied().collect();
-            Error::Config(format!("unknown job '{name}' (known jobs: {})", known.join(", ")))
+            Error::Config(format!(
+                "unknown job '{name}' (known jobs: {})",
+                known.join(", ")
+            ))
         })
     }
 
@@ -151,11 +165,31 @@ mod tests {
     #[test]
     fn settings_are_validated() {
         let j = job();
-        assert_eq!(j.params_from_settings(&[]).unwrap().get::<u64>("events").unwrap(), 10);
-        assert_eq!(j.params_from_settings(&["events=5".into()]).unwrap().raw("events"), "5");
-        let e = j.params_from_settings(&["nope=1".into()]).unwrap_err().to_string();
-        assert!(e.contains("unknown parameter 'nope'") && e.contains("events"), "{e}");
-        let e = j.params_from_settings(&["events".into()]).unwrap_err().to_string();
+        assert_eq!(
+            j.params_from_settings(&[])
+                .unwrap()
+                .get::<u64>("events")
+                .unwrap(),
+            10
+        );
+        assert_eq!(
+            j.params_from_settings(&["events=5".into()])
+                .unwrap()
+                .raw("events"),
+            "5"
+        );
+        let e = j
+            .params_from_settings(&["nope=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown parameter 'nope'") && e.contains("events"),
+            "{e}"
+        );
+        let e = j
+            .params_from_settings(&["events".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("malformed --set 'events'"), "{e}");
         let p = j.params_from_settings(&["events=x".into()]).unwrap();
         let e = p.get::<u64>("events").unwrap_err().to_string();

@@ -7,13 +7,19 @@ use crate::element::Timestamp;
 use crate::error::Result;
 use crate::keygroup::KeyGroupRange;
 use crate::snapshot::{OperatorState, RestoredKeyGroups};
-use crate::state::{Key, KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateValue, ValueState};
+use crate::state::{
+    Key, KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateValue,
+    ValueState,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// What a record type must be to travel between subtasks.
 pub trait Data: Clone + Send + 'static {}
 impl<T: Clone + Send + 'static> Data for T {}
+
+/// Extracts a record's key.
+pub type KeySelector<T, K> = Arc<dyn Fn(&T) -> K + Send + Sync>;
 
 /// Identity of the subtask an operator runs in.
 #[derive(Debug, Clone)]
@@ -135,17 +141,28 @@ impl<'a, K: Key> StateRegistry<'a, K> {
 
     /// A value per key.
     pub fn value_state<V: StateValue>(&mut self, name: &str) -> Result<ValueState<K, V>> {
-        Ok(ValueState::new(self.backend.register::<K, crate::state::Single<V>>(name)?))
+        Ok(ValueState::new(
+            self.backend.register::<K, crate::state::Single<V>>(name)?,
+        ))
     }
 
     /// A list per key.
     pub fn list_state<V: StateValue>(&mut self, name: &str) -> Result<ListState<K, V>> {
-        Ok(ListState::new(self.backend.register::<K, crate::state::Single<Vec<V>>>(name)?))
+        Ok(ListState::new(
+            self.backend
+                .register::<K, crate::state::Single<Vec<V>>>(name)?,
+        ))
     }
 
     /// A map per key.
-    pub fn map_state<UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<MapState<K, UK, UV>> {
-        Ok(MapState::new(self.backend.register::<K, crate::state::MapEntries<UK, UV>>(name)?))
+    pub fn map_state<UK: Key, UV: StateValue>(
+        &mut self,
+        name: &str,
+    ) -> Result<MapState<K, UK, UV>> {
+        Ok(MapState::new(
+            self.backend
+                .register::<K, crate::state::MapEntries<UK, UV>>(name)?,
+        ))
     }
 
     /// A reduced value per key.

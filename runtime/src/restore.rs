@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::graph::JobGraph;
 use crate::keygroup::KeyGroupRange;
 use crate::operator::RestoredState;
-use crate::snapshot::{read_block, CheckpointMetadata, OperatorState, Redistribution, RestoredKeyGroups, StateHandle};
+use crate::snapshot::{
+    read_block, CheckpointMetadata, OperatorState, Redistribution, RestoredKeyGroups, StateHandle,
+};
 use crate::storage::{Storage, METADATA_FILE};
 use std::collections::HashMap;
 
@@ -60,7 +62,10 @@ impl RestoreSource {
                 Some(size) if size != h.size => {
                     return Err(Error::Corrupt {
                         location: self.storage.location(&h.path),
-                        reason: format!("file has {size} bytes, the checkpoint recorded {}", h.size),
+                        reason: format!(
+                            "file has {size} bytes, the checkpoint recorded {}",
+                            h.size
+                        ),
                     })
                 }
                 Some(_) => {}
@@ -70,7 +75,12 @@ impl RestoreSource {
     }
 
     /// Refuses a snapshot that does not fit the job.
-    pub fn check_fits(&self, job_name: &str, graph: &JobGraph, allow_non_restored_state: bool) -> Result<()> {
+    pub fn check_fits(
+        &self,
+        job_name: &str,
+        graph: &JobGraph,
+        allow_non_restored_state: bool,
+    ) -> Result<()> {
         let m = &self.metadata;
         if m.job_name != job_name {
             return Err(Error::Incompatible(format!(
@@ -108,7 +118,11 @@ impl RestoreSource {
         if bytes.len() as u64 != h.size {
             return Err(Error::Corrupt {
                 location: self.storage.location(&h.path),
-                reason: format!("file has {} bytes, the checkpoint recorded {}", bytes.len(), h.size),
+                reason: format!(
+                    "file has {} bytes, the checkpoint recorded {}",
+                    bytes.len(),
+                    h.size
+                ),
             });
         }
         Ok(bytes)
@@ -137,11 +151,17 @@ impl RestoreSource {
             let file = self.read_file(h).await?;
             let location = self.storage.location(&h.path);
             for kg in wanted.iter() {
-                let offset = *index.offsets.get(index.range.index_of(kg)).ok_or_else(|| Error::Corrupt {
-                    location: location.clone(),
-                    reason: format!("no offset recorded for key group {}", kg.0),
-                })?;
-                keyed.blocks.push((kg, read_block(&file, offset, &location)?.to_vec()));
+                let offset =
+                    *index
+                        .offsets
+                        .get(index.range.index_of(kg))
+                        .ok_or_else(|| Error::Corrupt {
+                            location: location.clone(),
+                            reason: format!("no offset recorded for key group {}", kg.0),
+                        })?;
+                keyed
+                    .blocks
+                    .push((kg, read_block(&file, offset, &location)?.to_vec()));
             }
             files.insert(old, file);
         }
@@ -150,12 +170,14 @@ impl RestoreSource {
         let mut position = HashMap::<String, usize>::new();
         for (old, h) in op.subtasks.iter().enumerate() {
             let Some(h) = h else { continue };
-            let Some(offset) = h.operator_state else { continue };
+            let Some(offset) = h.operator_state else {
+                continue;
+            };
             if same && old != subtask {
                 continue;
             }
-            if !files.contains_key(&old) {
-                files.insert(old, self.read_file(h).await?);
+            if let std::collections::hash_map::Entry::Vacant(e) = files.entry(old) {
+                e.insert(self.read_file(h).await?);
             }
             let location = self.storage.location(&h.path);
             let block = read_block(&files[&old], offset, &location)?;
@@ -164,12 +186,16 @@ impl RestoreSource {
                 reason: format!("operator state does not decode: {e}"),
             })?;
             for (name, list) in state {
-                let target = operator.entry(name.clone()).or_insert_with(|| crate::snapshot::OperatorListState {
-                    mode: list.mode,
-                    entries: Vec::new(),
+                let target = operator.entry(name.clone()).or_insert_with(|| {
+                    crate::snapshot::OperatorListState {
+                        mode: list.mode,
+                        entries: Vec::new(),
+                    }
                 });
                 match (same, list.mode) {
-                    (true, _) | (false, Redistribution::Union) => target.entries.extend(list.entries),
+                    (true, _) | (false, Redistribution::Union) => {
+                        target.entries.extend(list.entries)
+                    }
                     (false, Redistribution::Split) => {
                         let pos = position.entry(name).or_default();
                         for e in list.entries {

@@ -108,7 +108,8 @@ impl CheckpointMetadata {
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec_pretty(self).expect("metadata serializes");
         let crc = crc32fast::hash(&body);
-        let mut out = format!("{METADATA_HEADER} crc32={crc:08x} len={}\n", body.len()).into_bytes();
+        let mut out =
+            format!("{METADATA_HEADER} crc32={crc:08x} len={}\n", body.len()).into_bytes();
         out.extend_from_slice(&body);
         out
     }
@@ -123,10 +124,13 @@ impl CheckpointMetadata {
             .iter()
             .position(|b| *b == b'\n')
             .ok_or_else(|| corrupt("no header line".into()))?;
-        let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| corrupt("header is not text".into()))?;
-        let rest = header
-            .strip_prefix(METADATA_HEADER)
-            .ok_or_else(|| corrupt(format!("not a checkpoint metadata file (header '{header}')")))?;
+        let header =
+            std::str::from_utf8(&bytes[..nl]).map_err(|_| corrupt("header is not text".into()))?;
+        let rest = header.strip_prefix(METADATA_HEADER).ok_or_else(|| {
+            corrupt(format!(
+                "not a checkpoint metadata file (header '{header}')"
+            ))
+        })?;
         let mut crc = None;
         let mut len = None;
         for part in rest.split_whitespace() {
@@ -136,10 +140,15 @@ impl CheckpointMetadata {
                 len = v.parse::<usize>().ok();
             }
         }
-        let (crc, len) = crc.zip(len).ok_or_else(|| corrupt("malformed header".into()))?;
+        let (crc, len) = crc
+            .zip(len)
+            .ok_or_else(|| corrupt("malformed header".into()))?;
         let body = &bytes[nl + 1..];
         if body.len() != len {
-            return Err(corrupt(format!("expected {len} bytes after the header, found {}", body.len())));
+            return Err(corrupt(format!(
+                "expected {len} bytes after the header, found {}",
+                body.len()
+            )));
         }
         if crc32fast::hash(body) != crc {
             return Err(corrupt("checksum mismatch".into()));
@@ -147,14 +156,19 @@ impl CheckpointMetadata {
         let meta: CheckpointMetadata =
             serde_json::from_slice(body).map_err(|e| corrupt(format!("invalid metadata: {e}")))?;
         if meta.format != FORMAT_VERSION {
-            return Err(corrupt(format!("unsupported format version {}", meta.format)));
+            return Err(corrupt(format!(
+                "unsupported format version {}",
+                meta.format
+            )));
         }
         Ok(meta)
     }
 
     /// Every file path (relative to the checkpoint directory) this checkpoint references.
     pub fn referenced_files(&self) -> impl Iterator<Item = &StateHandle> {
-        self.operators.iter().flat_map(|o| o.subtasks.iter().flatten())
+        self.operators
+            .iter()
+            .flat_map(|o| o.subtasks.iter().flatten())
     }
 
     /// The operator with this uid.
@@ -219,16 +233,20 @@ pub fn read_block<'a>(file: &'a [u8], offset: u64, location: &str) -> Result<&'a
         return Err(corrupt("not a sluice state file (bad magic)".into()));
     }
     let at = offset as usize;
-    let header = file
-        .get(at..at + 8)
-        .ok_or_else(|| corrupt(format!("block at offset {offset} lies past the end of the file")))?;
+    let header = file.get(at..at + 8).ok_or_else(|| {
+        corrupt(format!(
+            "block at offset {offset} lies past the end of the file"
+        ))
+    })?;
     let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
     let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
     let payload = file
         .get(at + 8..at + 8 + len)
         .ok_or_else(|| corrupt(format!("block at offset {offset} is truncated")))?;
     if crc32fast::hash(payload) != crc {
-        return Err(corrupt(format!("checksum mismatch in block at offset {offset}")));
+        return Err(corrupt(format!(
+            "checksum mismatch in block at offset {offset}"
+        )));
     }
     Ok(payload)
 }
@@ -429,9 +447,13 @@ mod tests {
         let mut flipped = bytes.clone();
         let last = flipped.len() - 3;
         flipped[last] ^= 1;
-        let e = CheckpointMetadata::decode(&flipped, "x").unwrap_err().to_string();
+        let e = CheckpointMetadata::decode(&flipped, "x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("checksum mismatch"), "{e}");
-        let e = CheckpointMetadata::decode(&bytes[..bytes.len() - 5], "x").unwrap_err().to_string();
+        let e = CheckpointMetadata::decode(&bytes[..bytes.len() - 5], "x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected"), "{e}");
         assert!(CheckpointMetadata::decode(b"garbage", "x").is_err());
     }

@@ -94,7 +94,7 @@ impl Storage {
             url: self.url.clone(),
             op,
             path: path.to_string(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -217,7 +217,11 @@ fn memory_operator(name: &str) -> (Operator, String) {
                 .expect("the memory service takes no configuration")
         })
         .clone();
-    let prefix = if sub.is_empty() { sub } else { format!("{sub}/") };
+    let prefix = if sub.is_empty() {
+        sub
+    } else {
+        format!("{sub}/")
+    };
     (op, prefix)
 }
 
@@ -281,7 +285,13 @@ impl CheckpointPaths {
 /// Operator uids become path segments: keep them to a safe alphabet.
 fn sanitize(uid: &str) -> String {
     uid.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -294,7 +304,10 @@ mod tests {
         let p = CheckpointPaths::new("job1");
         assert_eq!(p.metadata(CheckpointId(3)), "job1/chk-3/_metadata");
         assert_eq!(CheckpointPaths::state_file_relative("a b/c", 2), "a_b_c/2");
-        assert_eq!(CheckpointPaths::parse_checkpoint_dir("chk-12/"), Some(CheckpointId(12)));
+        assert_eq!(
+            CheckpointPaths::parse_checkpoint_dir("chk-12/"),
+            Some(CheckpointId(12))
+        );
         assert_eq!(CheckpointPaths::parse_checkpoint_dir("shared/"), None);
     }
 
@@ -311,7 +324,10 @@ mod tests {
         s.write("j/chk-1/op/0", vec![1, 2, 3]).await.unwrap();
         s.write("j/chk-1/_metadata", vec![4]).await.unwrap();
         assert_eq!(s.read("j/chk-1/op/0").await.unwrap(), vec![1, 2, 3]);
-        assert_eq!(s.read_range("j/chk-1/op/0", 1, 2).await.unwrap(), vec![2, 3]);
+        assert_eq!(
+            s.read_range("j/chk-1/op/0", 1, 2).await.unwrap(),
+            vec![2, 3]
+        );
         assert_eq!(s.size("j/chk-1/op/0").await.unwrap(), Some(3));
         assert_eq!(s.size("j/nope").await.unwrap(), None);
         let mut files = s.list_files_recursive("j/").await.unwrap();
@@ -332,7 +348,13 @@ mod tests {
         let b = Storage::open("memory://t1").unwrap();
         assert_eq!(b.read("base/f").await.unwrap(), vec![1]);
         assert_eq!(b.at("base").read("f").await.unwrap(), vec![1]);
-        assert_eq!(b.list_files_recursive("base/").await.unwrap(), vec!["base/f"]);
-        assert_eq!(b.at("base").list_files_recursive("").await.unwrap(), vec!["f"]);
+        assert_eq!(
+            b.list_files_recursive("base/").await.unwrap(),
+            vec!["base/f"]
+        );
+        assert_eq!(
+            b.at("base").list_files_recursive("").await.unwrap(),
+            vec!["f"]
+        );
     }
 }

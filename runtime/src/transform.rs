@@ -5,7 +5,8 @@ use crate::checkpoint::CheckpointId;
 use crate::error::{Error, Result};
 use crate::keygroup::{key_group_for_key, KeyGroupRange};
 use crate::operator::{
-    Data, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState, SinkFunction, StateRegistry, TaskInfo,
+    Data, KeySelector, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState,
+    SinkFunction, StateRegistry, TaskInfo,
 };
 use crate::state::{KeyedBackend, KeyedContext};
 use std::marker::PhantomData;
@@ -65,13 +66,13 @@ impl<T: Data, U: Data, I: IntoIterator<Item = U> + 'static> Operator for FlatMap
 /// Runs a [`KeyedProcessFunction`] over the key groups its subtask owns.
 pub(crate) struct KeyedProcessOp<P: KeyedProcessFunction> {
     pub f: P,
-    pub key: Arc<dyn Fn(&P::In) -> P::Key + Send + Sync>,
+    pub key: KeySelector<P::In, P::Key>,
     pub backend: KeyedBackend,
     pub max_parallelism: u16,
 }
 
 impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
-    pub fn new(f: P, key: Arc<dyn Fn(&P::In) -> P::Key + Send + Sync>) -> Self {
+    pub fn new(f: P, key: KeySelector<P::In, P::Key>) -> Self {
         Self {
             f,
             key,
@@ -91,7 +92,8 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
         if let Some(r) = restored {
             self.backend.set_restored(r.keyed);
         }
-        self.f.open(&mut StateRegistry::new(&mut self.backend), info)?;
+        self.f
+            .open(&mut StateRegistry::new(&mut self.backend), info)?;
         // Restored blocks are decoded when states register; drop what is left.
         self.backend.set_restored(Default::default());
         Ok(())

@@ -7,7 +7,9 @@
 use super::{Key, MapEntries, Single, StateValue};
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
-use crate::snapshot::{for_each_entry, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
+use crate::snapshot::{
+    for_each_entry, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter,
+};
 use rustc_hash::FxHashMap;
 use std::any::Any;
 use std::sync::Arc;
@@ -33,13 +35,20 @@ impl<V: StateValue> Stored for Single<V> {
 impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
         for (uk, uv) in &self.0 {
-            w.entry(key, &postcard::to_allocvec(uk)?, &postcard::to_allocvec(uv)?);
+            w.entry(
+                key,
+                &postcard::to_allocvec(uk)?,
+                &postcard::to_allocvec(uv)?,
+            );
         }
         Ok(())
     }
 
     fn decode(existing: Option<&mut Self>, namespace: &[u8], value: &[u8]) -> Result<Option<Self>> {
-        let (uk, uv) = (postcard::from_bytes(namespace)?, postcard::from_bytes(value)?);
+        let (uk, uv) = (
+            postcard::from_bytes(namespace)?,
+            postcard::from_bytes(value)?,
+        );
         match existing {
             Some(m) => {
                 m.0.insert(uk, uv);
@@ -141,7 +150,9 @@ impl KeyedBackend {
         }
         let mut table = Table::<K, S> {
             name: name.to_string(),
-            maps: (0..self.range.len()).map(|_| Arc::new(FxHashMap::default())).collect(),
+            maps: (0..self.range.len())
+                .map(|_| Arc::new(FxHashMap::default()))
+                .collect(),
         };
         for (kg, payload) in &self.restored.blocks {
             if !self.range.contains(*kg) {
@@ -180,7 +191,12 @@ impl KeyedBackend {
         self.table::<K, S>(id).maps[kg_index].get(key)
     }
 
-    pub(crate) fn get_mut<K: Key, S: Stored>(&mut self, id: usize, kg_index: usize, key: &K) -> Option<&mut S> {
+    pub(crate) fn get_mut<K: Key, S: Stored>(
+        &mut self,
+        id: usize,
+        kg_index: usize,
+        key: &K,
+    ) -> Option<&mut S> {
         let map = &mut self.table_mut::<K, S>(id).maps[kg_index];
         if !map.contains_key(key) {
             // Do not copy a shared map just to find nothing.
@@ -189,7 +205,13 @@ impl KeyedBackend {
         Arc::make_mut(map).get_mut(key)
     }
 
-    pub(crate) fn insert<K: Key, S: Stored>(&mut self, id: usize, kg_index: usize, key: K, value: S) {
+    pub(crate) fn insert<K: Key, S: Stored>(
+        &mut self,
+        id: usize,
+        kg_index: usize,
+        key: K,
+        value: S,
+    ) {
         Arc::make_mut(&mut self.table_mut::<K, S>(id).maps[kg_index]).insert(key, value);
     }
 

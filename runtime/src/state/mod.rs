@@ -42,29 +42,35 @@ impl<K> KeyedContext<'_, K> {
     }
 }
 
+/// Zero-sized type marker for state handles (keeps handles `Send + Sync` whatever the types).
+type Marker<T> = PhantomData<fn() -> T>;
+
+/// Folds two values into one, for [`ReducingState`].
+pub type ReduceFn<V> = Arc<dyn Fn(&V, &V) -> V + Send + Sync>;
+
 /// A single value per key.
 pub struct ValueState<K, V> {
     id: usize,
-    _t: PhantomData<fn() -> (K, V)>,
+    _t: Marker<(K, V)>,
 }
 
 /// A list of values per key.
 pub struct ListState<K, V> {
     id: usize,
-    _t: PhantomData<fn() -> (K, V)>,
+    _t: Marker<(K, V)>,
 }
 
 /// A map per key.
 pub struct MapState<K, UK, UV> {
     id: usize,
-    _t: PhantomData<fn() -> (K, UK, UV)>,
+    _t: Marker<(K, UK, UV)>,
 }
 
 /// A value per key that folds every added value with a reduce function.
 pub struct ReducingState<K, V> {
     id: usize,
-    reduce: Arc<dyn Fn(&V, &V) -> V + Send + Sync>,
-    _t: PhantomData<fn() -> K>,
+    reduce: ReduceFn<V>,
+    _t: Marker<K>,
 }
 
 macro_rules! handle_clone {
@@ -100,12 +106,17 @@ pub(crate) struct MapEntries<UK, UV>(pub FxHashMap<UK, UV>);
 
 impl<K: Key, V: StateValue> ValueState<K, V> {
     pub(crate) fn new(id: usize) -> Self {
-        Self { id, _t: PhantomData }
+        Self {
+            id,
+            _t: PhantomData,
+        }
     }
 
     /// The value of the current key.
     pub fn get<'c>(&self, ctx: &'c KeyedContext<'_, K>) -> Option<&'c V> {
-        ctx.backend.get::<K, Single<V>>(self.id, ctx.kg_index, ctx.key).map(|s| &s.0)
+        ctx.backend
+            .get::<K, Single<V>>(self.id, ctx.kg_index, ctx.key)
+            .map(|s| &s.0)
     }
 
     /// Sets the value of the current key.
@@ -118,7 +129,12 @@ impl<K: Key, V: StateValue> ValueState<K, V> {
     }
 
     /// Changes the value of the current key in place, starting from `default` when absent.
-    pub fn update_with(&self, ctx: &mut KeyedContext<'_, K>, default: impl FnOnce() -> V, f: impl FnOnce(&mut V)) {
+    pub fn update_with(
+        &self,
+        ctx: &mut KeyedContext<'_, K>,
+        default: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V),
+    ) {
         let (idx, key) = (ctx.kg_index, ctx.key);
         match ctx.backend.get_mut::<K, Single<V>>(self.id, idx, key) {
             Some(slot) => f(&mut slot.0),
@@ -132,18 +148,27 @@ impl<K: Key, V: StateValue> ValueState<K, V> {
 
     /// Removes the value of the current key.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) {
-        ctx.backend.remove::<K, Single<V>>(self.id, ctx.kg_index, ctx.key);
+        ctx.backend
+            .remove::<K, Single<V>>(self.id, ctx.kg_index, ctx.key);
     }
 
     /// Every (key, value) of this subtask, e.g. to emit results at the end of input.
-    pub fn entries<'b>(&self, backend: &'b KeyedBackend) -> impl Iterator<Item = (&'b K, &'b V)> + 'b {
-        backend.iter::<K, Single<V>>(self.id).map(|(k, v)| (k, &v.0))
+    pub fn entries<'b>(
+        &self,
+        backend: &'b KeyedBackend,
+    ) -> impl Iterator<Item = (&'b K, &'b V)> + 'b {
+        backend
+            .iter::<K, Single<V>>(self.id)
+            .map(|(k, v)| (k, &v.0))
     }
 }
 
 impl<K: Key, V: StateValue> ListState<K, V> {
     pub(crate) fn new(id: usize) -> Self {
-        Self { id, _t: PhantomData }
+        Self {
+            id,
+            _t: PhantomData,
+        }
     }
 
     /// The list of the current key (empty when absent).
@@ -159,7 +184,9 @@ impl<K: Key, V: StateValue> ListState<K, V> {
         let (idx, key) = (ctx.kg_index, ctx.key);
         match ctx.backend.get_mut::<K, Single<Vec<V>>>(self.id, idx, key) {
             Some(slot) => slot.0.push(value),
-            None => ctx.backend.insert(self.id, idx, key.clone(), Single(vec![value])),
+            None => ctx
+                .backend
+                .insert(self.id, idx, key.clone(), Single(vec![value])),
         }
     }
 
@@ -168,23 +195,33 @@ impl<K: Key, V: StateValue> ListState<K, V> {
         if values.is_empty() {
             return self.clear(ctx);
         }
-        ctx.backend.insert(self.id, ctx.kg_index, ctx.key.clone(), Single(values));
+        ctx.backend
+            .insert(self.id, ctx.kg_index, ctx.key.clone(), Single(values));
     }
 
     /// Removes the list of the current key.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) {
-        ctx.backend.remove::<K, Single<Vec<V>>>(self.id, ctx.kg_index, ctx.key);
+        ctx.backend
+            .remove::<K, Single<Vec<V>>>(self.id, ctx.kg_index, ctx.key);
     }
 
     /// Every (key, list) of this subtask.
-    pub fn entries<'b>(&self, backend: &'b KeyedBackend) -> impl Iterator<Item = (&'b K, &'b [V])> + 'b {
-        backend.iter::<K, Single<Vec<V>>>(self.id).map(|(k, v)| (k, v.0.as_slice()))
+    pub fn entries<'b>(
+        &self,
+        backend: &'b KeyedBackend,
+    ) -> impl Iterator<Item = (&'b K, &'b [V])> + 'b {
+        backend
+            .iter::<K, Single<Vec<V>>>(self.id)
+            .map(|(k, v)| (k, v.0.as_slice()))
     }
 }
 
 impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
     pub(crate) fn new(id: usize) -> Self {
-        Self { id, _t: PhantomData }
+        Self {
+            id,
+            _t: PhantomData,
+        }
     }
 
     /// The value under `user_key` for the current key.
@@ -197,7 +234,10 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
     /// Puts `user_key -> value` for the current key.
     pub fn put(&self, ctx: &mut KeyedContext<'_, K>, user_key: UK, value: UV) {
         let (idx, key) = (ctx.kg_index, ctx.key);
-        match ctx.backend.get_mut::<K, MapEntries<UK, UV>>(self.id, idx, key) {
+        match ctx
+            .backend
+            .get_mut::<K, MapEntries<UK, UV>>(self.id, idx, key)
+        {
             Some(m) => {
                 m.0.insert(user_key, value);
             }
@@ -212,7 +252,10 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
     /// Removes `user_key` for the current key.
     pub fn remove(&self, ctx: &mut KeyedContext<'_, K>, user_key: &UK) {
         let (idx, key) = (ctx.kg_index, ctx.key);
-        let now_empty = match ctx.backend.get_mut::<K, MapEntries<UK, UV>>(self.id, idx, key) {
+        let now_empty = match ctx
+            .backend
+            .get_mut::<K, MapEntries<UK, UV>>(self.id, idx, key)
+        {
             Some(m) => {
                 m.0.remove(user_key);
                 m.0.is_empty()
@@ -220,12 +263,16 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
             None => false,
         };
         if now_empty {
-            ctx.backend.remove::<K, MapEntries<UK, UV>>(self.id, idx, key);
+            ctx.backend
+                .remove::<K, MapEntries<UK, UV>>(self.id, idx, key);
         }
     }
 
     /// The current key's entries, in no particular order.
-    pub fn iter<'c>(&self, ctx: &'c KeyedContext<'_, K>) -> impl Iterator<Item = (&'c UK, &'c UV)> + 'c {
+    pub fn iter<'c>(
+        &self,
+        ctx: &'c KeyedContext<'_, K>,
+    ) -> impl Iterator<Item = (&'c UK, &'c UV)> + 'c {
         ctx.backend
             .get::<K, MapEntries<UK, UV>>(self.id, ctx.kg_index, ctx.key)
             .into_iter()
@@ -234,12 +281,13 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
 
     /// Removes the whole map of the current key.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) {
-        ctx.backend.remove::<K, MapEntries<UK, UV>>(self.id, ctx.kg_index, ctx.key);
+        ctx.backend
+            .remove::<K, MapEntries<UK, UV>>(self.id, ctx.kg_index, ctx.key);
     }
 }
 
 impl<K: Key, V: StateValue> ReducingState<K, V> {
-    pub(crate) fn new(id: usize, reduce: Arc<dyn Fn(&V, &V) -> V + Send + Sync>) -> Self {
+    pub(crate) fn new(id: usize, reduce: ReduceFn<V>) -> Self {
         Self {
             id,
             reduce,
@@ -249,7 +297,9 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
 
     /// The reduced value of the current key.
     pub fn get<'c>(&self, ctx: &'c KeyedContext<'_, K>) -> Option<&'c V> {
-        ctx.backend.get::<K, Single<V>>(self.id, ctx.kg_index, ctx.key).map(|s| &s.0)
+        ctx.backend
+            .get::<K, Single<V>>(self.id, ctx.kg_index, ctx.key)
+            .map(|s| &s.0)
     }
 
     /// Folds `value` into the current key's value.
@@ -263,11 +313,17 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
 
     /// Removes the current key's value.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) {
-        ctx.backend.remove::<K, Single<V>>(self.id, ctx.kg_index, ctx.key);
+        ctx.backend
+            .remove::<K, Single<V>>(self.id, ctx.kg_index, ctx.key);
     }
 
     /// Every (key, value) of this subtask.
-    pub fn entries<'b>(&self, backend: &'b KeyedBackend) -> impl Iterator<Item = (&'b K, &'b V)> + 'b {
-        backend.iter::<K, Single<V>>(self.id).map(|(k, v)| (k, &v.0))
+    pub fn entries<'b>(
+        &self,
+        backend: &'b KeyedBackend,
+    ) -> impl Iterator<Item = (&'b K, &'b V)> + 'b {
+        backend
+            .iter::<K, Single<V>>(self.id)
+            .map(|(k, v)| (k, &v.0))
     }
 }

@@ -82,10 +82,15 @@ impl<T> InputGate<T> {
         Ok(None)
     }
 
-    fn block(&mut self, control: &Receiver<TaskCommand>) -> Result<Result<(usize, StreamElement<T>), TaskCommand>> {
+    fn block(
+        &mut self,
+        control: &Receiver<TaskCommand>,
+    ) -> Result<Result<(usize, StreamElement<T>), TaskCommand>> {
         let mut sel = Select::new();
         sel.recv(control);
-        let channels: Vec<usize> = (0..self.inputs.len()).filter(|c| self.readable(*c)).collect();
+        let channels: Vec<usize> = (0..self.inputs.len())
+            .filter(|c| self.readable(*c))
+            .collect();
         for ch in &channels {
             sel.recv(&self.inputs[*ch]);
         }
@@ -96,7 +101,9 @@ impl<T> InputGate<T> {
             return Ok(Err(op.recv(control).unwrap_or(TaskCommand::Cancel)));
         }
         let ch = channels[i - 1];
-        op.recv(&self.inputs[ch]).map(|el| Ok((ch, el))).map_err(|_| Self::disconnected(ch))
+        op.recv(&self.inputs[ch])
+            .map(|el| Ok((ch, el)))
+            .map_err(|_| Self::disconnected(ch))
     }
 
     fn combined_watermark(&self) -> Option<Timestamp> {
@@ -153,7 +160,10 @@ impl<T> InputGate<T> {
                         if let AlignOutcome::Aligned(b) = *then {
                             self.pending.push_back(GateEvent::Barrier(b));
                         }
-                        return Ok(GateEvent::Declined(abandoned, "subsumed by a newer checkpoint"));
+                        return Ok(GateEvent::Declined(
+                            abandoned,
+                            "subsumed by a newer checkpoint",
+                        ));
                     }
                     _ => {}
                 },

@@ -88,14 +88,23 @@ impl TaskRuntime {
 
     /// Uploads the snapshots taken for `barrier` asynchronously, then acknowledges (or declines
     /// with the storage error).
-    pub fn upload(&mut self, barrier: CheckpointBarrier, snapshots: Vec<PendingSnapshot>, sync_started: Instant) {
+    pub fn upload(
+        &mut self,
+        barrier: CheckpointBarrier,
+        snapshots: Vec<PendingSnapshot>,
+        sync_started: Instant,
+    ) {
         let id = barrier.id;
         if !self.undecided(id) {
             return;
         }
         self.decided = Some(id);
         let sync_micros = sync_started.elapsed().as_micros() as u64;
-        let (storage, events, task) = (self.shared.storage.clone(), self.shared.events.clone(), self.task);
+        let (storage, events, task) = (
+            self.shared.storage.clone(),
+            self.shared.events.clone(),
+            self.task,
+        );
         let dir = self.shared.paths.checkpoint_dir(id);
         let job = async move {
             let started = Instant::now();
@@ -104,9 +113,10 @@ impl TaskRuntime {
             for s in snapshots {
                 let rel = CheckpointPaths::state_file_relative(&s.uid, task.subtask);
                 let path = format!("{dir}{rel}");
-                let (data, mut handle) = tokio::task::spawn_blocking(move || encode_state_file(&s.snapshot))
-                    .await
-                    .map_err(|e| Error::User(format!("snapshot encoding panicked: {e}")))??;
+                let (data, mut handle) =
+                    tokio::task::spawn_blocking(move || encode_state_file(&s.snapshot))
+                        .await
+                        .map_err(|e| Error::User(format!("snapshot encoding panicked: {e}")))??;
                 handle.path = rel;
                 bytes += data.len() as u64;
                 storage.write(&path, data).await?;
@@ -152,7 +162,12 @@ impl TaskRuntime {
     }
 
     /// Handles a coordinator command common to every driver. Returns an error to stop the task.
-    fn command<T>(&mut self, cmd: TaskCommand, chain: &mut Chain<T>, on_abort: impl FnOnce(CheckpointId)) -> Result<()> {
+    fn command<T>(
+        &mut self,
+        cmd: TaskCommand,
+        chain: &mut Chain<T>,
+        on_abort: impl FnOnce(CheckpointId),
+    ) -> Result<()> {
         match cmd {
             TaskCommand::CheckpointComplete(id) => chain.checkpoint_complete(id),
             TaskCommand::AbortCheckpoint(id) => {
@@ -210,7 +225,10 @@ impl<S: SourceFunction> SourceDriver<S> {
                 if !operator.is_empty() {
                     snapshots.push(PendingSnapshot {
                         uid: self.uid.clone(),
-                        snapshot: OperatorSnapshot { keyed: None, operator },
+                        snapshot: OperatorSnapshot {
+                            keyed: None,
+                            operator,
+                        },
                     });
                 }
                 self.chain.barrier(barrier, &mut snapshots)?;
@@ -236,7 +254,9 @@ impl<S: SourceFunction> TaskDriver for SourceDriver<S> {
             if !buf.is_empty() {
                 let capacity = buf.capacity();
                 let batch = std::mem::replace(&mut buf, Vec::with_capacity(capacity));
-                rt.shared.source_records.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                rt.shared
+                    .source_records
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 self.chain.process(batch)?;
             }
             match poll {

@@ -23,7 +23,10 @@ pub(crate) enum Partitioner<T> {
     /// Every record to every subtask.
     Broadcast,
     /// By key group: subtask `kg * p / M`.
-    Hash { key_group: KeyGroupFn<T>, max_parallelism: u16 },
+    Hash {
+        key_group: KeyGroupFn<T>,
+        max_parallelism: u16,
+    },
 }
 
 pub(crate) struct ChannelWriter<T> {
@@ -75,7 +78,7 @@ impl<T: Data> ChannelWriter<T> {
         (0..self.senders.len()).try_for_each(|ch| self.send_buffer(ch))
     }
 
-    fn to_all(&mut self, element: impl Fn() -> StreamElement<T>) -> Result<()> {
+    fn send_to_all(&mut self, element: impl Fn() -> StreamElement<T>) -> Result<()> {
         self.flush_all()?;
         (0..self.senders.len()).try_for_each(|ch| self.send(ch, element()))
     }
@@ -106,7 +109,10 @@ impl<T: Data> ChainInput<T> for ChannelWriter<T> {
                     }
                 }
             }
-            Partitioner::Hash { key_group, max_parallelism } => {
+            Partitioner::Hash {
+                key_group,
+                max_parallelism,
+            } => {
                 let (key_group, m) = (key_group.clone(), *max_parallelism);
                 let p = self.senders.len();
                 for record in batch {
@@ -122,11 +128,11 @@ impl<T: Data> ChainInput<T> for ChannelWriter<T> {
     }
 
     fn watermark(&mut self, w: Timestamp) -> Result<()> {
-        self.to_all(|| StreamElement::Watermark(w))
+        self.send_to_all(|| StreamElement::Watermark(w))
     }
 
     fn barrier(&mut self, b: CheckpointBarrier, _: &mut Vec<PendingSnapshot>) -> Result<()> {
-        self.to_all(|| StreamElement::Barrier(b))
+        self.send_to_all(|| StreamElement::Barrier(b))
     }
 
     fn checkpoint_complete(&mut self, _: CheckpointId) -> Result<()> {
@@ -134,7 +140,7 @@ impl<T: Data> ChainInput<T> for ChannelWriter<T> {
     }
 
     fn end_of_input(&mut self) -> Result<()> {
-        self.to_all(|| StreamElement::EndOfInput)
+        self.send_to_all(|| StreamElement::EndOfInput)
     }
 
     fn flush(&mut self) -> Result<()> {

@@ -1,0 +1,333 @@
+//! The `sluice` binary as a user runs it: killed with SIGKILL and resumed from its latest
+//! retained checkpoint, refused snapshots, and clear errors for bad input.
+
+use sluice_integration_tests::{
+    assert_only_completed_checkpoints, expected_transactions_output, latest_completed_checkpoint,
+    single_job_dir, sluice_bin,
+};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn sluice<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(sluice_bin())
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("sluice runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const EVENTS: u64 = 300_000;
+const USERS: u64 = 5_000;
+const SEED: u64 = 11;
+
+fn job_args<'a>(ck: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "transactions".into(),
+        "--parallelism".into(),
+        "2".into(),
+        "--checkpoint-dir".into(),
+        ck.into(),
+        "--checkpoint-interval".into(),
+        "50ms".into(),
+        "--set".into(),
+        format!("events={EVENTS}"),
+        "--set".into(),
+        format!("users={USERS}"),
+        "--set".into(),
+        format!("seed={SEED}"),
+        "--set".into(),
+        format!("output={out}"),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Runs a complete job and returns the checkpoint base dir's only job directory.
+fn completed_run(dir: &Path) -> std::path::PathBuf {
+    let ck = dir.join("ck");
+    let out = dir.join("first.csv");
+    let args = job_args(
+        ck.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &["--set", "rate=300000"],
+    );
+    let o = Command::new(sluice_bin()).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    single_job_dir(&ck)
+}
+
+#[test]
+fn sigkill_then_resume_from_latest_retained_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let out = dir.path().join("totals.csv");
+    let (ck_s, out_s) = (ck.to_str().unwrap(), out.to_str().unwrap());
+    // Rate-limited so that the process is still running when it is killed.
+    let mut child = Command::new(sluice_bin())
+        .args(job_args(ck_s, out_s, &["--set", "rate=50000"]))
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut completed = 0;
+    while completed < 5 {
+        let line = lines.next().expect("the job logs before it ends").unwrap();
+        if line.contains("checkpoint completed") {
+            completed += 1;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "the killed run must not have produced output"
+    );
+
+    let job_dir = single_job_dir(&ck);
+    let latest =
+        latest_completed_checkpoint(&job_dir).expect("a retained checkpoint survives the process");
+    let resumed = sluice(&job_args(
+        ck_s,
+        out_s,
+        &["--from-savepoint", latest.to_str().unwrap()],
+    ));
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("started from"));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        expected_transactions_output(EVENTS, USERS, SEED)
+    );
+
+    // Both jobs' directories hold only their retained completed checkpoints: the killed run's
+    // partial (or subsumed but not yet deleted) ones are gone.
+    let jobs = assert_only_completed_checkpoints(&ck);
+    assert_eq!(jobs.len(), 2);
+    for ids in jobs.values() {
+        assert!(!ids.is_empty() && ids.len() <= 3, "{ids:?}");
+    }
+}
+
+fn flip_byte_in_middle(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn corrupt_truncated_or_partial_snapshots_are_refused_explicitly() {
+    let dir = tempfile::tempdir().unwrap();
+    let job_dir = completed_run(dir.path());
+    let ck = dir.path().join("ck2");
+    let out = dir.path().join("out.csv");
+    let (ck_s, out_s) = (ck.to_str().unwrap(), out.to_str().unwrap());
+    let mut chks: Vec<_> = std::fs::read_dir(&job_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    chks.sort();
+    assert!(chks.len() >= 3, "{chks:?}");
+
+    // A flipped byte: the block checksum catches it during restore.
+    flip_byte_in_middle(&chks[0].join("running-totals/0"));
+    let o = sluice(&job_args(
+        ck_s,
+        out_s,
+        &["--from-savepoint", chks[0].to_str().unwrap()],
+    ));
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("error: cannot restore from") && e.contains("checksum mismatch"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+
+    // A truncated file: its size no longer matches the metadata.
+    let f = chks[1].join("running-totals/1");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::write(&f, &std::fs::read(&f).unwrap()[..(len / 2) as usize]).unwrap();
+    let o = sluice(&job_args(
+        ck_s,
+        out_s,
+        &["--from-savepoint", chks[1].to_str().unwrap()],
+    ));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("the checkpoint recorded {len}")),
+        "{}",
+        stderr(&o)
+    );
+
+    // No _metadata: not a completed checkpoint.
+    std::fs::remove_file(chks[2].join("_metadata")).unwrap();
+    let o = sluice(&job_args(
+        ck_s,
+        out_s,
+        &["--from-savepoint", chks[2].to_str().unwrap()],
+    ));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is not a completed checkpoint or savepoint"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A snapshot of another job.
+    let o = sluice(&[
+        "run",
+        "wordcount",
+        "--set",
+        &format!("input={}", job_dir.display()),
+        "--from-savepoint",
+        chks[0].to_str().unwrap(),
+        "--checkpoint-dir",
+        ck_s,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is a snapshot of job 'transactions', not of 'wordcount'"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let ck_s = ck.to_str().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let under_file = format!("{}/sub", file.display());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "nosuchjob"], "unknown job 'nosuchjob'"),
+        (
+            vec!["run", "transactions", "--set", "nope=1"],
+            "unknown parameter 'nope'",
+        ),
+        (
+            vec!["run", "transactions", "--set", "events"],
+            "malformed --set 'events'",
+        ),
+        (
+            vec!["run", "transactions", "--set", "events=many"],
+            "invalid value 'many' for job parameter 'events'",
+        ),
+        (
+            vec!["run", "transactions", "--parallelism", "0"],
+            "parallelism must be at least 1",
+        ),
+        (
+            vec!["run", "transactions", "--parallelism", "200"],
+            "parallelism 200 is above the max parallelism 128",
+        ),
+        (
+            vec![
+                "run",
+                "transactions",
+                "--parallelism",
+                "20",
+                "--max-parallelism",
+                "16",
+            ],
+            "parallelism 20 is above the max parallelism 16",
+        ),
+        (
+            vec!["run", "transactions", "--state-backend", "disk"],
+            "unknown state backend 'disk'",
+        ),
+        (
+            vec!["run", "transactions", "--checkpoint-interval", "soon"],
+            "invalid duration 'soon'",
+        ),
+        (
+            vec!["run", "transactions", "--checkpoint-dir", "ftp://host/x"],
+            "unsupported storage scheme 'ftp'",
+        ),
+        (
+            vec!["run", "transactions", "--checkpoint-dir", &under_file],
+            "Not a directory",
+        ),
+        (
+            vec!["run", "wordcount", "--checkpoint-dir", ck_s],
+            "needs --set input=PATH",
+        ),
+        (
+            vec!["coordinator", "--listen", "127.0.0.1:1"],
+            "cluster mode",
+        ),
+    ];
+    for (args, expected) in cases {
+        let o = sluice(&args);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(
+            e.contains(expected),
+            "{args:?}: expected '{expected}' in:\n{e}"
+        );
+        assert!(!e.contains("panicked"), "{args:?} panicked:\n{e}");
+        assert_eq!(
+            e.lines().filter(|l| l.starts_with("error:")).count(),
+            1,
+            "{args:?}:\n{e}"
+        );
+    }
+    // An unknown flag is refused by the parser, naming it.
+    let o = sluice(&["run", "transactions", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--bogus"));
+    // Nothing was written for any refused run.
+    assert!(!ck.exists() || std::fs::read_dir(&ck).unwrap().next().is_none());
+}
+
+#[test]
+fn jobs_lists_jobs_and_parameters() {
+    let o = sluice(&["jobs"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "transactions",
+        "wordcount",
+        "--set fail_at=",
+        "--set input=",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[test]
+fn wordcount_counts_words_of_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    std::fs::write(input.join("a.txt"), "The quick fox\nthe lazy dog\n").unwrap();
+    std::fs::write(input.join("b.txt"), "Dog eat dog\n\nfox").unwrap();
+    let out = dir.path().join("counts.csv");
+    let o = sluice(&[
+        "run",
+        "wordcount",
+        "--parallelism",
+        "2",
+        "--set",
+        &format!("input={}", input.display()),
+        "--set",
+        &format!("output={}", out.display()),
+        "--checkpoint-dir",
+        dir.path().join("ck").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "dog,3\neat,1\nfox,2\nlazy,1\nquick,1\nthe,2\n"
+    );
+}
