@@ -6,7 +6,7 @@
 //! its directory is deleted once every task that could still upload into it has acknowledged,
 //! declined or terminated (a task reports termination only after its uploads have finished).
 
-use crate::retention::CompletedCheckpoints;
+use crate::retention::{CompletedCheckpoints, Removed};
 use sluice_runtime::config::CheckpointConfig;
 use sluice_runtime::executor::{CommandSender, Deployment};
 use sluice_runtime::graph::JobGraph;
@@ -157,17 +157,8 @@ impl CheckpointCoordinator {
     ) -> AttemptEnd {
         let mut a = Attempt {
             all: deployment.tasks.iter().map(|t| t.id).collect(),
-            controls: deployment
-                .tasks
-                .iter()
-                .map(|t| (t.id, t.control.clone()))
-                .collect(),
-            sources: deployment
-                .tasks
-                .iter()
-                .filter(|t| t.is_source)
-                .map(|t| t.id)
-                .collect(),
+            controls: deployment.tasks.iter().map(|t| (t.id, t.control.clone())).collect(),
+            sources: deployment.tasks.iter().filter(|t| t.is_source).map(|t| t.id).collect(),
             running: BTreeSet::new(),
             terminated: BTreeSet::new(),
             any_finished: false,
@@ -247,16 +238,11 @@ impl CheckpointCoordinator {
         end
     }
 
-    async fn on_timer(
-        &mut self,
-        a: &mut Attempt,
-        completed: &mut CompletedCheckpoints,
-    ) -> Option<AttemptEnd> {
-        let _ = completed;
+    async fn on_timer(&mut self, a: &mut Attempt, completed: &mut CompletedCheckpoints) -> Option<AttemptEnd> {
         if let Some(p) = &a.pending {
             if p.started.elapsed() >= self.config.timeout {
                 let reason = format!("timed out after {:?}", self.config.timeout);
-                return self.abort(a, reason, true).await;
+                return self.abort(a, reason, true, completed).await;
             }
             return None;
         }
@@ -330,6 +316,9 @@ impl CheckpointCoordinator {
                         return self.complete(a, p, completed).await;
                     }
                 } else {
+                    // A late ack of an aborted checkpoint: what it uploaded is garbage.
+                    let new_shared: Vec<String> = states.into_iter().flat_map(|s| s.new_shared).collect();
+                    self.delete_unreferenced_shared(new_shared, completed).await;
                     self.drained(a, task, Some(checkpoint)).await;
                 }
                 None
@@ -339,15 +328,12 @@ impl CheckpointCoordinator {
                 checkpoint,
                 reason,
             } => {
-                if a.pending
-                    .as_ref()
-                    .is_some_and(|p| p.barrier.id == checkpoint)
-                {
+                if a.pending.as_ref().is_some_and(|p| p.barrier.id == checkpoint) {
                     if let Some(p) = a.pending.as_mut() {
                         p.awaiting.remove(&task);
                     }
                     return self
-                        .abort(a, format!("declined by task {task}: {reason}"), true)
+                        .abort(a, format!("declined by task {task}: {reason}"), true, completed)
                         .await;
                 }
                 self.drained(a, task, Some(checkpoint)).await;
@@ -359,16 +345,13 @@ impl CheckpointCoordinator {
                 match outcome {
                     TaskOutcome::Finished => {
                         a.any_finished = true;
-                        if a.pending
-                            .as_ref()
-                            .is_some_and(|p| p.awaiting.contains(&task))
-                        {
+                        if a.pending.as_ref().is_some_and(|p| p.awaiting.contains(&task)) {
                             if let Some(p) = a.pending.as_mut() {
                                 p.awaiting.remove(&task);
                             }
                             // Not a failure: the job is ending.
                             let end = self
-                                .abort(a, "a task finished before acknowledging".into(), false)
+                                .abort(a, "a task finished before acknowledging".into(), false, completed)
                                 .await;
                             if end.is_some() {
                                 return end;
@@ -413,9 +396,21 @@ impl CheckpointCoordinator {
         }
     }
 
-    async fn abort(&mut self, a: &mut Attempt, reason: String, counts: bool) -> Option<AttemptEnd> {
+    async fn abort(
+        &mut self,
+        a: &mut Attempt,
+        reason: String,
+        counts: bool,
+        completed: &CompletedCheckpoints,
+    ) -> Option<AttemptEnd> {
         let p = a.pending.take()?;
         let id = p.barrier.id;
+        let new_shared: Vec<String> = p
+            .acks
+            .iter()
+            .flat_map(|(_, s)| s.iter().flat_map(|s| s.new_shared.clone()))
+            .collect();
+        self.delete_unreferenced_shared(new_shared, completed).await;
         warn!(checkpoint = id.0, %reason, "checkpoint aborted");
         a.broadcast(TaskCommand::AbortCheckpoint(id));
         let awaiting: BTreeSet<TaskId> = p.awaiting.difference(&a.terminated).copied().collect();
@@ -458,10 +453,12 @@ impl CheckpointCoordinator {
                 subtasks: vec![None; v.parallelism],
             })
             .collect();
-        for (task, states) in p.acks {
+        let mut new_shared = std::collections::HashSet::new();
+        for (task, states) in &p.acks {
             for s in states {
+                new_shared.extend(s.new_shared.iter().cloned());
                 if let Some(op) = operators.iter_mut().find(|o| o.uid == s.uid) {
-                    op.subtasks[task.subtask] = Some(s.handle);
+                    op.subtasks[task.subtask] = Some(s.handle.clone());
                 }
             }
         }
@@ -476,18 +473,26 @@ impl CheckpointCoordinator {
             max_parallelism: self.graph.max_parallelism(),
             operators,
         };
+        // Never commit a reference to a shared file that retention may already have deleted
+        // (a task that had not yet seen the previous completion may reference stale files).
+        let shared: Vec<String> = metadata.shared_files().map(str::to_string).collect();
+        if let Some(stale) = shared
+            .iter()
+            .find(|f| !new_shared.contains(*f) && !completed.references(f))
+        {
+            let reason = format!("it references shared file '{stale}', which no retained checkpoint holds");
+            a.pending = Some(p);
+            return self.abort(a, reason, true, completed).await;
+        }
         // The commit point: only with this file does the checkpoint exist.
         if let Err(e) = self
             .storage
-            .write(&self.paths.metadata(id), metadata.encode())
+            .write_atomic(&self.paths.metadata(id), metadata.encode())
             .await
         {
-            a.pending = Some(Pending {
-                acks: Vec::new(),
-                ..p
-            });
+            a.pending = Some(p);
             return self
-                .abort(a, format!("writing _metadata failed: {e}"), true)
+                .abort(a, format!("writing _metadata failed: {e}"), true, completed)
                 .await;
         }
         let duration = p.started.elapsed();
@@ -506,19 +511,37 @@ impl CheckpointCoordinator {
         });
         self.consecutive_failures = 0;
         a.broadcast(TaskCommand::CheckpointComplete(id));
-        for old in completed.add(id) {
-            self.delete_checkpoint(old).await;
-        }
+        let removed = completed.add(id, shared);
+        self.delete_removed(removed).await;
         self.schedule_next(a, p.started);
         None
     }
 
+    /// Deletes subsumed checkpoints and the shared files only they referenced.
+    pub(crate) async fn delete_removed(&self, removed: Removed) {
+        for id in removed.checkpoints {
+            self.delete_checkpoint(id).await;
+        }
+        self.delete_shared(removed.shared_files).await;
+    }
+
+    /// Deletes shared files uploaded for a checkpoint that will not complete, unless a retained
+    /// checkpoint references them.
+    async fn delete_unreferenced_shared(&self, files: Vec<String>, completed: &CompletedCheckpoints) {
+        let garbage: Vec<String> = files.into_iter().filter(|f| !completed.references(f)).collect();
+        self.delete_shared(garbage).await;
+    }
+
+    async fn delete_shared(&self, files: Vec<String>) {
+        for f in files {
+            if let Err(e) = self.storage.delete(&format!("{}{f}", self.paths.job_dir())).await {
+                warn!(file = %f, error = %e, "cannot delete a shared file");
+            }
+        }
+    }
+
     async fn delete_checkpoint(&self, id: CheckpointId) {
-        if let Err(e) = self
-            .storage
-            .delete_dir(&self.paths.checkpoint_dir(id))
-            .await
-        {
+        if let Err(e) = self.storage.delete_dir(&self.paths.checkpoint_dir(id)).await {
             warn!(checkpoint = id.0, error = %e, "cannot delete checkpoint directory");
         }
     }

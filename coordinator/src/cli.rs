@@ -71,6 +71,12 @@ struct JobFlags {
     /// Keyed state backend: memory or rocksdb
     #[arg(long, default_value = "memory")]
     state_backend: String,
+    /// RocksDB: upload every SST file at every checkpoint instead of only new ones
+    #[arg(long)]
+    full_checkpoints: bool,
+    /// Local working directory (RocksDB instances); default: a directory under the system temp dir
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
     /// Where checkpoints go: a path, file:///abs/path or memory://name
     #[arg(long, default_value = "./checkpoints")]
     checkpoint_dir: String,
@@ -113,8 +119,7 @@ struct JobFlags {
 }
 
 fn duration(flag: &str, value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|e| format!("invalid duration '{value}' for --{flag}: {e}"))
+    humantime::parse_duration(value).map_err(|e| format!("invalid duration '{value}' for --{flag}: {e}"))
 }
 
 impl JobFlags {
@@ -123,13 +128,25 @@ impl JobFlags {
             "off" | "0" | "none" => None,
             v => Some(duration("checkpoint-interval", v)?).filter(|d| !d.is_zero()),
         };
+        let mut state_backend = self
+            .state_backend
+            .parse::<StateBackendKind>()
+            .map_err(|e| e.to_string())?;
+        if self.full_checkpoints {
+            match &mut state_backend {
+                StateBackendKind::RocksDb { incremental } => *incremental = false,
+                StateBackendKind::Memory => {
+                    return Err(
+                        "--full-checkpoints applies to --state-backend rocksdb (memory checkpoints are always full)"
+                            .into(),
+                    )
+                }
+            }
+        }
         let mut c = JobConfig {
             parallelism: self.parallelism,
             max_parallelism: self.max_parallelism,
-            state_backend: self
-                .state_backend
-                .parse::<StateBackendKind>()
-                .map_err(|e| e.to_string())?,
+            state_backend,
             checkpoint_dir: self.checkpoint_dir.clone(),
             from_savepoint: self.from_savepoint.clone(),
             allow_non_restored_state: self.allow_non_restored_state,
@@ -138,6 +155,9 @@ impl JobFlags {
             ..JobConfig::default()
         };
         c.checkpoint.interval = interval;
+        if let Some(dir) = &self.data_dir {
+            c.data_dir = dir.clone();
+        }
         c.checkpoint.retained = self.retained_checkpoints;
         c.checkpoint.timeout = duration("checkpoint-timeout", &self.checkpoint_timeout)?;
         c.checkpoint.min_pause = duration("min-pause", &self.min_pause)?;
@@ -247,20 +267,11 @@ fn print_report(r: &JobReport) {
         r.source_records,
         r.source_records as f64 / secs.max(1e-9)
     );
-    let mut durations: Vec<f64> = r
-        .checkpoints
-        .iter()
-        .map(|c| c.duration.as_secs_f64() * 1e3)
-        .collect();
+    let mut durations: Vec<f64> = r.checkpoints.iter().map(|c| c.duration.as_secs_f64() * 1e3).collect();
     durations.sort_by(f64::total_cmp);
     let mut sizes: Vec<f64> = r.checkpoints.iter().map(|c| c.bytes as f64).collect();
     sizes.sort_by(f64::total_cmp);
-    let max_sync = r
-        .checkpoints
-        .iter()
-        .map(|c| c.max_sync_micros)
-        .max()
-        .unwrap_or(0);
+    let max_sync = r.checkpoints.iter().map(|c| c.max_sync_micros).max().unwrap_or(0);
     println!(
         "  checkpoints: {} completed, {} failed; duration p50 {:.1} ms, max {:.1} ms; size p50 {:.0} bytes; \
          longest synchronous part {:.2} ms",
@@ -289,10 +300,7 @@ fn print_report(r: &JobReport) {
             RestoredFrom::Checkpoint(id) => format!("chk-{id}"),
             RestoredFrom::Savepoint(url) => url.clone(),
         };
-        println!(
-            "  restart {} from {from} after: {}",
-            restart.attempt, restart.cause
-        );
+        println!("  restart {} from {from} after: {}", restart.attempt, restart.cause);
     }
     if let Some(mib) = peak_rss_mib() {
         println!("  peak RSS: {mib:.1} MiB");

@@ -8,6 +8,7 @@ use sluice_runtime::config::JobConfig;
 use sluice_runtime::executor::{deploy, DeployConfig};
 use sluice_runtime::graph::JobGraph;
 use sluice_runtime::restore::RestoreSource;
+use sluice_runtime::snapshot::CheckpointMetadata;
 use sluice_runtime::storage::{CheckpointPaths, Storage, METADATA_FILE};
 use sluice_runtime::{CheckpointId, Error, JobDefinition, JobParams, Result, StreamEnv};
 use std::sync::Arc;
@@ -97,11 +98,7 @@ pub fn new_job_id() -> String {
 }
 
 /// Builds and validates the job's graph.
-pub fn build_graph(
-    job: &JobDefinition,
-    params: &JobParams,
-    config: &JobConfig,
-) -> Result<JobGraph> {
+pub fn build_graph(job: &JobDefinition, params: &JobParams, config: &JobConfig) -> Result<JobGraph> {
     config.validate()?;
     let mut env = StreamEnv::new();
     (job.build)(params, &mut env)?;
@@ -109,15 +106,10 @@ pub fn build_graph(
 }
 
 /// Opens a user-given snapshot URL and checks that it fits the job.
-pub async fn open_savepoint(
-    url: &str,
-    job: &str,
-    graph: &JobGraph,
-    config: &JobConfig,
-) -> Result<RestoreSource> {
-    let source = RestoreSource::open(Storage::open(url)?).await?;
+pub async fn open_savepoint(url: &str, job: &str, graph: &JobGraph, config: &JobConfig) -> Result<RestoreSource> {
+    let source = RestoreSource::open_url(url).await?;
     source.verify_files().await?;
-    source.check_fits(job, graph, config.allow_non_restored_state)?;
+    source.check_fits(job, graph, config.state_backend, config.allow_non_restored_state)?;
     Ok(source)
 }
 
@@ -189,10 +181,7 @@ impl JobMaster {
         let mut attempt = 0u32;
         let mut next_restore = RestoreChoice::Initial;
         loop {
-            let (restore, restored_from) = match self
-                .choose_restore(&mut completed, &initial, &next_restore)
-                .await?
-            {
+            let (restore, restored_from) = match self.choose_restore(&mut completed, &initial, &next_restore).await? {
                 Some(x) => x,
                 None => (None, RestoredFrom::Nothing),
             };
@@ -210,12 +199,13 @@ impl JobMaster {
                 channel_capacity: cfg.channel_capacity,
                 batch_size: cfg.batch_size,
                 chaining: cfg.chaining,
+                state_backend: cfg.state_backend,
+                data_dir: cfg.data_dir.clone(),
+                upload_timeout: cfg.checkpoint.timeout,
             };
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let deployment = deploy(&self.graph, &dcfg, tx, self.handle.clone())?;
-            let end = coordinator
-                .run_attempt(deployment, rx, &mut completed)
-                .await;
+            let end = coordinator.run_attempt(deployment, rx, &mut completed).await;
             match end {
                 AttemptEnd::Finished => {
                     return Ok(self.report(
@@ -242,9 +232,7 @@ impl JobMaster {
                                 continue;
                             }
                             RestoredFrom::Savepoint(url) => {
-                                return Err(Error::Incompatible(format!(
-                                    "cannot restore from {url}: {cause}"
-                                )))
+                                return Err(Error::Incompatible(format!("cannot restore from {url}: {cause}")))
                             }
                             RestoredFrom::Nothing => {}
                         }
@@ -252,14 +240,7 @@ impl JobMaster {
                     if restarts.len() as u32 >= cfg.restart.attempts {
                         warn!(job = %self.job_id, %cause, "no restart attempts left; the job failed");
                         let outcome = JobOutcome::Failed(cause);
-                        return Ok(self.report(
-                            outcome,
-                            restarts,
-                            initial_restore,
-                            &coordinator,
-                            &completed,
-                            started,
-                        ));
+                        return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
                     }
                     warn!(job = %self.job_id, %cause, "task failure; the job fails over");
                     attempt += 1;
@@ -287,12 +268,15 @@ impl JobMaster {
         if let RestoreChoice::Latest = choice {
             while let Some(id) = completed.latest() {
                 let dir = self.storage.at(&self.paths.checkpoint_dir(id));
-                let opened = match RestoreSource::open(dir).await {
+                let job_dir = self.storage.at(&self.paths.job_dir());
+                let opened = match RestoreSource::open(dir, Some(job_dir)).await {
                     Ok(s) => s.verify_files().await.map(|_| s),
                     Err(e) => Err(e),
                 };
                 match opened {
                     Ok(s) => return Ok(Some((Some(Arc::new(s)), RestoredFrom::Checkpoint(id)))),
+                    // A storage outage is not a broken checkpoint: keep it, fail with the cause.
+                    Err(e) if !e.is_unusable_snapshot() => return Err(e),
                     Err(e) => {
                         warn!(job = %self.job_id, checkpoint = id.0, error = %e,
                             "checkpoint is unusable; falling back to the previous completed checkpoint");
@@ -301,21 +285,17 @@ impl JobMaster {
                 }
             }
         }
-        Ok(initial.as_ref().map(|s| {
-            (
-                Some(s.clone()),
-                RestoredFrom::Savepoint(s.url().to_string()),
-            )
-        }))
+        Ok(initial
+            .as_ref()
+            .map(|s| (Some(s.clone()), RestoredFrom::Savepoint(s.url().to_string()))))
     }
 
     async fn discard_checkpoint(&self, completed: &mut CompletedCheckpoints, id: CheckpointId) {
-        completed.discard(id);
-        if let Err(e) = self
-            .storage
-            .delete_dir(&self.paths.checkpoint_dir(id))
-            .await
-        {
+        let removed = completed.discard(id);
+        for f in removed.shared_files {
+            let _ = self.storage.delete(&format!("{}{f}", self.paths.job_dir())).await;
+        }
+        if let Err(e) = self.storage.delete_dir(&self.paths.checkpoint_dir(id)).await {
             warn!(job = %self.job_id, checkpoint = id.0, error = %e, "cannot delete an unusable checkpoint");
         }
     }
@@ -355,15 +335,24 @@ enum RestoreChoice {
 /// and retention's delete). Both are deleted; the retained ones and the one being restored stay.
 async fn claim_restored_job_dir(url: &str, retained: usize) {
     let trimmed = url.trim_end_matches('/');
-    let Some((parent, last)) = trimmed.rsplit_once('/') else { return };
-    let Some(restored) = CheckpointPaths::parse_checkpoint_dir(last) else { return };
+    let Some((parent, last)) = trimmed.rsplit_once('/') else {
+        return;
+    };
+    let Some(restored) = CheckpointPaths::parse_checkpoint_dir(last) else {
+        return;
+    };
     let Ok(parent) = Storage::open(parent) else { return };
-    let Ok(children) = parent.list_dir("").await else { return };
+    let Ok(children) = parent.list_dir("").await else {
+        return;
+    };
     let mut completed = Vec::new();
     let mut doomed = Vec::new();
     for child in children {
-        let Some(id) = CheckpointPaths::parse_checkpoint_dir(&child) else { continue };
-        if matches!(parent.size(&format!("{child}{METADATA_FILE}")).await, Ok(Some(_))) {
+        let Some(id) = CheckpointPaths::parse_checkpoint_dir(&child) else {
+            continue;
+        };
+        let metadata = parent.read(&format!("{child}{METADATA_FILE}")).await;
+        if metadata.is_ok_and(|m| CheckpointMetadata::decode(&m, &child).is_ok()) {
             completed.push((id, child));
         } else {
             doomed.push(child);

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::{
-    JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result,
-    StateRegistry, StreamEnv, TaskInfo, ValueState,
+    JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result, StateRegistry,
+    StreamEnv, TaskInfo, ValueState,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -106,12 +106,7 @@ impl KeyedProcessFunction for RunningTotals {
         Ok(())
     }
 
-    fn process(
-        &mut self,
-        t: Transaction,
-        ctx: &mut KeyedContext<'_, u64>,
-        _: &mut Vec<UserTotal>,
-    ) -> Result<()> {
+    fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, _: &mut Vec<UserTotal>) -> Result<()> {
         self.seen += 1;
         if self.armed && self.seen == self.fail_at {
             panic!("injected failure at record {} (fail_at)", self.fail_at);
@@ -124,31 +119,23 @@ impl KeyedProcessFunction for RunningTotals {
                 v.0 += t.amount;
                 v.1 += 1;
             },
-        );
-        Ok(())
+        )
     }
 
     fn end_of_input(&mut self, state: &KeyedBackend, out: &mut Vec<UserTotal>) -> Result<()> {
         let totals = self.totals.as_ref().expect("opened");
         out.extend(
             totals
-                .entries(state)
-                .map(|(user, (total, count))| UserTotal {
-                    user: *user,
-                    total: *total,
-                    count: *count,
-                }),
+                .entries(state)?
+                .into_iter()
+                .map(|(user, (total, count))| UserTotal { user, total, count }),
         );
         Ok(())
     }
 }
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
-    let (events, users, seed) = (
-        p.get::<u64>("events")?,
-        p.get::<u64>("users")?,
-        p.get::<u64>("seed")?,
-    );
+    let (events, users, seed) = (p.get::<u64>("events")?, p.get::<u64>("users")?, p.get::<u64>("seed")?);
     if users == 0 {
         return Err(sluice_runtime::Error::Config(
             "job parameter 'users' must be at least 1".into(),

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use sluice_operators::file_source::TextFileSource;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::{
-    Error, JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec,
-    Result, StateRegistry, StreamEnv, TaskInfo, ValueState,
+    Error, JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result,
+    StateRegistry, StreamEnv, TaskInfo, ValueState,
 };
 use std::fmt;
 
@@ -48,37 +48,31 @@ impl KeyedProcessFunction for CountWords {
         Ok(())
     }
 
-    fn process(
-        &mut self,
-        _: String,
-        ctx: &mut KeyedContext<'_, String>,
-        _: &mut Vec<WordCount>,
-    ) -> Result<()> {
+    fn process(&mut self, _: String, ctx: &mut KeyedContext<'_, String>, _: &mut Vec<WordCount>) -> Result<()> {
         self.counts
             .as_ref()
             .expect("opened")
-            .update_with(ctx, || 0, |c| *c += 1);
-        Ok(())
+            .update_with(ctx, || 0, |c| *c += 1)
     }
 
     fn end_of_input(&mut self, state: &KeyedBackend, out: &mut Vec<WordCount>) -> Result<()> {
         let counts = self.counts.as_ref().expect("opened");
-        out.extend(counts.entries(state).map(|(w, c)| WordCount {
-            word: w.clone(),
-            count: *c,
-        }));
+        out.extend(
+            counts
+                .entries(state)?
+                .into_iter()
+                .map(|(word, count)| WordCount { word, count }),
+        );
         Ok(())
     }
 }
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
-    let input = p.optional("input").ok_or_else(|| {
-        Error::Config("job 'wordcount' needs --set input=PATH (a text file or a directory)".into())
-    })?;
+    let input = p
+        .optional("input")
+        .ok_or_else(|| Error::Config("job 'wordcount' needs --set input=PATH (a text file or a directory)".into()))?;
     if !std::path::Path::new(input).exists() {
-        return Err(Error::Config(format!(
-            "wordcount input '{input}' does not exist"
-        )));
+        return Err(Error::Config(format!("wordcount input '{input}' does not exist")));
     }
     env.source("text-files", TextFileSource::new(input))
         .uid("text-files")

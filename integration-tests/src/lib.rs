@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 /// The `sluice` binary built next to the test executable (`cargo build --bins` first).
 pub fn sluice_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
     let bin = dir.join("sluice");
     assert!(
         bin.exists(),
@@ -53,41 +50,32 @@ pub fn files_below(dir: &Path) -> BTreeSet<String> {
 }
 
 /// Asserts that a checkpoint base directory holds only completed checkpoints, each holding
-/// exactly the files its `_metadata` references; returns the checkpoint ids per job.
+/// exactly the files its `_metadata` references, and that every file under a job's `shared/`
+/// is referenced by one of its retained checkpoints; returns the checkpoint ids per job.
 pub fn assert_only_completed_checkpoints(base: &Path) -> BTreeMap<String, Vec<u64>> {
     let mut jobs = BTreeMap::new();
     for job in std::fs::read_dir(base).expect("checkpoint dir exists") {
         let job = job.expect("entry").path();
-        let name = job
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        assert!(
-            job.is_dir(),
-            "unexpected file {} in the checkpoint dir",
-            job.display()
-        );
+        let name = job.file_name().expect("name").to_string_lossy().into_owned();
+        assert!(job.is_dir(), "unexpected file {} in the checkpoint dir", job.display());
         let mut ids = Vec::new();
+        let mut shared_referenced = BTreeSet::new();
         for chk in std::fs::read_dir(&job).expect("job dir") {
             let chk = chk.expect("entry").path();
-            let chk_name = chk
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .into_owned();
+            let chk_name = chk.file_name().expect("name").to_string_lossy().into_owned();
+            if chk_name == "shared" {
+                continue;
+            }
             let id: u64 = chk_name
                 .strip_prefix("chk-")
                 .and_then(|n| n.parse().ok())
                 .unwrap_or_else(|| panic!("orphan entry {} in job dir", chk.display()));
             let meta_path = chk.join("_metadata");
-            let bytes = std::fs::read(&meta_path).unwrap_or_else(|_| {
-                panic!("partial checkpoint without _metadata: {}", chk.display())
-            });
-            let meta = CheckpointMetadata::decode(&bytes, &meta_path.display().to_string())
-                .expect("valid metadata");
-            let mut referenced: BTreeSet<String> =
-                meta.referenced_files().map(|h| h.path.clone()).collect();
+            let bytes = std::fs::read(&meta_path)
+                .unwrap_or_else(|_| panic!("partial checkpoint without _metadata: {}", chk.display()));
+            let meta = CheckpointMetadata::decode(&bytes, &meta_path.display().to_string()).expect("valid metadata");
+            let mut referenced: BTreeSet<String> = meta.referenced_files().map(|h| h.path.clone()).collect();
+            referenced.extend(meta.sst_files().filter(|f| !f.shared).map(|f| f.path.clone()));
             referenced.insert("_metadata".into());
             assert_eq!(
                 files_below(&chk),
@@ -95,8 +83,19 @@ pub fn assert_only_completed_checkpoints(base: &Path) -> BTreeMap<String, Vec<u6
                 "files of {} vs its _metadata",
                 chk.display()
             );
+            shared_referenced.extend(
+                meta.shared_files()
+                    .map(|f| f.strip_prefix("shared/").unwrap_or(f).to_string()),
+            );
             ids.push(id);
         }
+        let shared = files_below(&job.join("shared"));
+        assert_eq!(
+            shared,
+            shared_referenced,
+            "files under {}/shared vs the retained checkpoints",
+            job.display()
+        );
         ids.sort();
         jobs.insert(name, ids);
     }
@@ -110,12 +109,7 @@ pub fn latest_completed_checkpoint(job_dir: &Path) -> Option<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("_metadata").exists())
         .filter_map(|p| {
-            let id: u64 = p
-                .file_name()?
-                .to_str()?
-                .strip_prefix("chk-")?
-                .parse()
-                .ok()?;
+            let id: u64 = p.file_name()?.to_str()?.strip_prefix("chk-")?.parse().ok()?;
             Some((id, p))
         })
         .max_by_key(|(id, _)| *id)

@@ -2,8 +2,8 @@
 //! retained checkpoint, refused snapshots, and clear errors for bad input.
 
 use sluice_integration_tests::{
-    assert_only_completed_checkpoints, expected_transactions_output, latest_completed_checkpoint,
-    single_job_dir, sluice_bin,
+    assert_only_completed_checkpoints, expected_transactions_output, latest_completed_checkpoint, single_job_dir,
+    sluice_bin,
 };
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -52,11 +52,7 @@ fn job_args<'a>(ck: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
 fn completed_run(dir: &Path) -> std::path::PathBuf {
     let ck = dir.join("ck");
     let out = dir.join("first.csv");
-    let args = job_args(
-        ck.to_str().unwrap(),
-        out.to_str().unwrap(),
-        &["--set", "rate=300000"],
-    );
+    let args = job_args(ck.to_str().unwrap(), out.to_str().unwrap(), &["--set", "rate=300000"]);
     let o = Command::new(sluice_bin()).args(&args).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     single_job_dir(&ck)
@@ -86,19 +82,11 @@ fn sigkill_then_resume_from_latest_retained_checkpoint() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(
-        !out.exists(),
-        "the killed run must not have produced output"
-    );
+    assert!(!out.exists(), "the killed run must not have produced output");
 
     let job_dir = single_job_dir(&ck);
-    let latest =
-        latest_completed_checkpoint(&job_dir).expect("a retained checkpoint survives the process");
-    let resumed = sluice(&job_args(
-        ck_s,
-        out_s,
-        &["--from-savepoint", latest.to_str().unwrap()],
-    ));
+    let latest = latest_completed_checkpoint(&job_dir).expect("a retained checkpoint survives the process");
+    let resumed = sluice(&job_args(ck_s, out_s, &["--from-savepoint", latest.to_str().unwrap()]));
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     assert!(String::from_utf8_lossy(&resumed.stdout).contains("started from"));
     assert_eq!(
@@ -138,11 +126,7 @@ fn corrupt_truncated_or_partial_snapshots_are_refused_explicitly() {
 
     // A flipped byte: the block checksum catches it during restore.
     flip_byte_in_middle(&chks[0].join("running-totals/0"));
-    let o = sluice(&job_args(
-        ck_s,
-        out_s,
-        &["--from-savepoint", chks[0].to_str().unwrap()],
-    ));
+    let o = sluice(&job_args(ck_s, out_s, &["--from-savepoint", chks[0].to_str().unwrap()]));
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(
@@ -155,11 +139,7 @@ fn corrupt_truncated_or_partial_snapshots_are_refused_explicitly() {
     let f = chks[1].join("running-totals/1");
     let len = std::fs::metadata(&f).unwrap().len();
     std::fs::write(&f, &std::fs::read(&f).unwrap()[..(len / 2) as usize]).unwrap();
-    let o = sluice(&job_args(
-        ck_s,
-        out_s,
-        &["--from-savepoint", chks[1].to_str().unwrap()],
-    ));
+    let o = sluice(&job_args(ck_s, out_s, &["--from-savepoint", chks[1].to_str().unwrap()]));
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains(&format!("the checkpoint recorded {len}")),
@@ -169,11 +149,7 @@ fn corrupt_truncated_or_partial_snapshots_are_refused_explicitly() {
 
     // No _metadata: not a completed checkpoint.
     std::fs::remove_file(chks[2].join("_metadata")).unwrap();
-    let o = sluice(&job_args(
-        ck_s,
-        out_s,
-        &["--from-savepoint", chks[2].to_str().unwrap()],
-    ));
+    let o = sluice(&job_args(ck_s, out_s, &["--from-savepoint", chks[2].to_str().unwrap()]));
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("is not a completed checkpoint or savepoint"),
@@ -232,14 +208,7 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             "parallelism 200 is above the max parallelism 128",
         ),
         (
-            vec![
-                "run",
-                "transactions",
-                "--parallelism",
-                "20",
-                "--max-parallelism",
-                "16",
-            ],
+            vec!["run", "transactions", "--parallelism", "20", "--max-parallelism", "16"],
             "parallelism 20 is above the max parallelism 16",
         ),
         (
@@ -262,19 +231,13 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             vec!["run", "wordcount", "--checkpoint-dir", ck_s],
             "needs --set input=PATH",
         ),
-        (
-            vec!["coordinator", "--listen", "127.0.0.1:1"],
-            "cluster mode",
-        ),
+        (vec!["coordinator", "--listen", "127.0.0.1:1"], "cluster mode"),
     ];
     for (args, expected) in cases {
         let o = sluice(&args);
         let e = stderr(&o);
         assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(
-            e.contains(expected),
-            "{args:?}: expected '{expected}' in:\n{e}"
-        );
+        assert!(e.contains(expected), "{args:?}: expected '{expected}' in:\n{e}");
         assert!(!e.contains("panicked"), "{args:?} panicked:\n{e}");
         assert_eq!(
             e.lines().filter(|l| l.starts_with("error:")).count(),
@@ -295,12 +258,7 @@ fn jobs_lists_jobs_and_parameters() {
     let o = sluice(&["jobs"]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    for needle in [
-        "transactions",
-        "wordcount",
-        "--set fail_at=",
-        "--set input=",
-    ] {
+    for needle in ["transactions", "wordcount", "--set fail_at=", "--set input="] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");
     }
 }
@@ -330,4 +288,110 @@ fn wordcount_counts_words_of_a_directory() {
         std::fs::read_to_string(&out).unwrap(),
         "dog,3\neat,1\nfox,2\nlazy,1\nquick,1\nthe,2\n"
     );
+}
+
+/// A completed RocksDB run; returns its job directory.
+fn completed_rocksdb_run(dir: &Path) -> std::path::PathBuf {
+    let ck = dir.join("ck");
+    let out = dir.join("first.csv");
+    let mut args = job_args(ck.to_str().unwrap(), out.to_str().unwrap(), &["--set", "rate=300000"]);
+    args.extend([
+        "--state-backend".into(),
+        "rocksdb".into(),
+        "--data-dir".into(),
+        dir.join("data").display().to_string(),
+    ]);
+    let o = Command::new(sluice_bin()).args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    single_job_dir(&ck)
+}
+
+#[test]
+fn missing_or_corrupt_sst_files_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let job_dir = completed_rocksdb_run(dir.path());
+    let latest = latest_completed_checkpoint(&job_dir).unwrap();
+    let ck = dir.path().join("ck2");
+    let out = dir.path().join("out.csv");
+    let (ck_s, out_s) = (ck.to_str().unwrap(), out.to_str().unwrap());
+    let mut shared: Vec<_> = sluice_integration_tests::files_below(&job_dir.join("shared"))
+        .into_iter()
+        .collect();
+    assert!(
+        shared.len() >= 2,
+        "RocksDB checkpoints reference shared SST files: {shared:?}"
+    );
+    let resume = |extra: &[&str]| {
+        let mut a = job_args(
+            ck_s,
+            out_s,
+            &[
+                "--state-backend",
+                "rocksdb",
+                "--from-savepoint",
+                latest.to_str().unwrap(),
+            ],
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        sluice(&a)
+    };
+    // A flipped byte in an SST: its CRC32 no longer matches.
+    flip_byte_in_middle(&job_dir.join("shared").join(&shared[0]));
+    let o = resume(&[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("checksum mismatch") && stderr(&o).contains(".sst"),
+        "{}",
+        stderr(&o)
+    );
+    // A missing SST: found before any task starts.
+    std::fs::remove_file(job_dir.join("shared").join(shared.pop().unwrap())).unwrap();
+    let o = resume(&[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("file is missing"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+#[test]
+fn memory_checkpoints_restore_into_rocksdb_and_native_rocksdb_state_is_refused_by_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let job_dir = completed_run(dir.path());
+    // The earliest retained checkpoint leaves the most input to the restored run.
+    let mut chks: Vec<_> = std::fs::read_dir(&job_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    chks.sort_by_key(|p| p.file_name().unwrap().to_str().unwrap()[4..].parse::<u64>().unwrap());
+    let earliest = chks[0].clone();
+    let ck = dir.path().join("ck2");
+    let out = dir.path().join("out.csv");
+    let data = dir.path().join("data");
+    let (ck_s, out_s) = (ck.to_str().unwrap(), out.to_str().unwrap());
+    let o = sluice(&job_args(
+        ck_s,
+        out_s,
+        &[
+            "--state-backend",
+            "rocksdb",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--from-savepoint",
+            earliest.to_str().unwrap(),
+            // Slow enough for the rocksdb run to take checkpoints of its own.
+            "--set",
+            "rate=100000",
+        ],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        expected_transactions_output(EVENTS, USERS, SEED)
+    );
+    // That run's own checkpoints are RocksDB native: the memory backend refuses them clearly.
+    let rocks_job = single_job_dir(&ck);
+    let native = latest_completed_checkpoint(&rocks_job).expect("the rocksdb run retains its checkpoints");
+    let o = sluice(&job_args(ck_s, out_s, &["--from-savepoint", native.to_str().unwrap()]));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("RocksDB native state"), "{}", stderr(&o));
 }

@@ -3,10 +3,10 @@
 
 use sluice_coordinator::{run_job, JobOutcome, JobSubmission, RestoredFrom};
 use sluice_integration_tests::{assert_only_completed_checkpoints, expected_transactions_output};
-use sluice_runtime::config::JobConfig;
+use sluice_runtime::config::{JobConfig, StateBackendKind};
 use std::time::Duration;
 
-fn failover_at(parallelism: usize) {
+fn failover_at(parallelism: usize, state_backend: StateBackendKind) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("totals.csv");
     let (events, users, seed) = (200_000u64, 2_000u64, 7u64);
@@ -24,31 +24,19 @@ fn failover_at(parallelism: usize) {
     let params = job.params_from_settings(&settings).unwrap();
     let mut config = JobConfig {
         parallelism,
+        state_backend,
         checkpoint_dir: dir.path().join("ck").display().to_string(),
+        data_dir: dir.path().join("data"),
         ..JobConfig::default()
     };
     config.checkpoint.interval = Some(Duration::from_millis(50));
     config.restart.delay = Duration::from_millis(10);
-    let report = run_job(JobSubmission {
-        job,
-        params,
-        config,
-    })
-    .unwrap();
+    let report = run_job(JobSubmission { job, params, config }).unwrap();
 
     assert_eq!(report.outcome, JobOutcome::Finished);
-    assert_eq!(
-        report.restarts.len(),
-        1,
-        "exactly one restart: {:?}",
-        report.restarts
-    );
+    assert_eq!(report.restarts.len(), 1, "exactly one restart: {:?}", report.restarts);
     let restart = &report.restarts[0];
-    assert!(
-        restart.cause.contains("injected failure"),
-        "cause: {}",
-        restart.cause
-    );
+    assert!(restart.cause.contains("injected failure"), "cause: {}", restart.cause);
     match restart.restored_from {
         RestoredFrom::Checkpoint(id) => assert!(id.0 >= 1),
         ref other => panic!("expected a restore from a checkpoint, got {other:?}"),
@@ -66,19 +54,41 @@ fn failover_at(parallelism: usize) {
     assert_eq!(retained.len(), 3);
 }
 
+const ROCKSDB: StateBackendKind = StateBackendKind::RocksDb { incremental: true };
+
 #[test]
 fn failover_parallelism_1() {
-    failover_at(1);
+    failover_at(1, StateBackendKind::Memory);
 }
 
 #[test]
 fn failover_parallelism_2() {
-    failover_at(2);
+    failover_at(2, StateBackendKind::Memory);
 }
 
 #[test]
 fn failover_parallelism_3() {
-    failover_at(3);
+    failover_at(3, StateBackendKind::Memory);
+}
+
+#[test]
+fn failover_rocksdb_parallelism_1() {
+    failover_at(1, ROCKSDB);
+}
+
+#[test]
+fn failover_rocksdb_parallelism_2() {
+    failover_at(2, ROCKSDB);
+}
+
+#[test]
+fn failover_rocksdb_parallelism_3() {
+    failover_at(3, ROCKSDB);
+}
+
+#[test]
+fn failover_rocksdb_full_checkpoints() {
+    failover_at(2, StateBackendKind::RocksDb { incremental: false });
 }
 
 #[test]
@@ -86,23 +96,14 @@ fn restart_attempts_run_out_with_the_cause() {
     let dir = tempfile::tempdir().unwrap();
     let job = sluice_examples::transactions::definition();
     let params = job
-        .params_from_settings(&[
-            "events=50000".into(),
-            "users=10".into(),
-            "fail_at=100".into(),
-        ])
+        .params_from_settings(&["events=50000".into(), "users=10".into(), "fail_at=100".into()])
         .unwrap();
     let mut config = JobConfig {
         checkpoint_dir: dir.path().display().to_string(),
         ..JobConfig::default()
     };
     config.restart.attempts = 0;
-    let report = run_job(JobSubmission {
-        job,
-        params,
-        config,
-    })
-    .unwrap();
+    let report = run_job(JobSubmission { job, params, config }).unwrap();
     match report.outcome {
         JobOutcome::Failed(cause) => {
             assert!(cause.contains("injected failure at record 100"), "{cause}")

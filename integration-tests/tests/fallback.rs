@@ -6,10 +6,10 @@ use sluice_examples::transactions::{transaction, RunningTotals, Transaction, Use
 use sluice_integration_tests::expected_transactions_output;
 use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
-use sluice_runtime::config::JobConfig;
+use sluice_runtime::config::{JobConfig, StateBackendKind};
 use sluice_runtime::{
-    JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result,
-    StateRegistry, StreamEnv, TaskInfo,
+    JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result, StateRegistry,
+    StreamEnv, TaskInfo,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,12 +86,7 @@ impl KeyedProcessFunction for DamageThenFail {
         self.inner.open(state, info)
     }
 
-    fn process(
-        &mut self,
-        t: Transaction,
-        ctx: &mut KeyedContext<'_, u64>,
-        out: &mut Vec<UserTotal>,
-    ) -> Result<()> {
+    fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, out: &mut Vec<UserTotal>) -> Result<()> {
         self.seen += 1;
         if self.armed && self.seen == self.at {
             self.damage();
@@ -120,18 +115,25 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
         .key_by(|t: &Transaction| t.user)
         .process("running-totals", f)
         .uid("running-totals")
-        .sink(
-            "totals-output",
-            SortedFileSink::new(Some(p.raw("output").into())),
-        )
+        .sink("totals-output", SortedFileSink::new(Some(p.raw("output").into())))
         .uid("totals-output")
         .parallelism(1);
     Ok(())
 }
 
 #[test]
-fn recovery_falls_back_past_corrupt_and_truncated_checkpoints() {
-    let _one = ONE_TEST.lock().unwrap();
+fn memory_recovery_falls_back_past_corrupt_and_truncated_checkpoints() {
+    falls_back(StateBackendKind::Memory);
+}
+
+#[test]
+fn rocksdb_recovery_falls_back_past_corrupt_and_truncated_checkpoints() {
+    falls_back(StateBackendKind::RocksDb { incremental: true });
+}
+
+fn falls_back(state_backend: StateBackendKind) {
+    let _one = ONE_TEST.lock().unwrap_or_else(|p| p.into_inner());
+    DAMAGED.store(0, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("ck");
     let out = dir.path().join("out.csv");
@@ -153,33 +155,27 @@ fn recovery_falls_back_past_corrupt_and_truncated_checkpoints() {
         build,
     };
     let params = job
-        .params_from_settings(&[
-            format!("dir={}", ck.display()),
-            format!("output={}", out.display()),
-        ])
+        .params_from_settings(&[format!("dir={}", ck.display()), format!("output={}", out.display())])
         .unwrap();
     let mut config = JobConfig {
         parallelism: 2,
+        state_backend,
         checkpoint_dir: ck.display().to_string(),
+        data_dir: dir.path().join("data"),
         ..JobConfig::default()
     };
     config.checkpoint.interval = Some(Duration::from_millis(50));
     // Keep every checkpoint so that retention cannot remove the spared one.
     config.checkpoint.retained = 1000;
     config.restart.delay = Duration::from_millis(10);
-    let report = run_job(JobSubmission {
-        job,
-        params,
-        config,
-    })
-    .unwrap();
+    let report = run_job(JobSubmission { job, params, config }).unwrap();
 
     assert_eq!(report.outcome, JobOutcome::Finished);
     assert!(
         DAMAGED.load(Ordering::SeqCst) >= 2,
         "at least one corrupted and one truncated checkpoint"
     );
-    assert_eq!(report.restarts.len(), 1);
+    assert_eq!(report.restarts.len(), 1, "{:?}", report.restarts);
     assert_eq!(
         report.restarts[0].restored_from,
         RestoredFrom::Checkpoint(sluice_runtime::CheckpointId(SPARED.load(Ordering::SeqCst)))

@@ -63,9 +63,8 @@ impl TextFileSource {
             Ok(())
         }
         let mut files = Vec::new();
-        walk(&self.input, &mut files).map_err(|e| {
-            Error::Config(format!("cannot read input '{}': {e}", self.input.display()))
-        })?;
+        walk(&self.input, &mut files)
+            .map_err(|e| Error::Config(format!("cannot read input '{}': {e}", self.input.display())))?;
         files.sort();
         Ok(files)
     }

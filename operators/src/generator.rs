@@ -52,12 +52,7 @@ impl<T> Clone for LaneGenerator<T> {
 
 impl<T> LaneGenerator<T> {
     /// `count` events over `lanes` lanes at `rate` events/s in total (0: unlimited).
-    pub fn new(
-        count: u64,
-        lanes: u64,
-        rate: u64,
-        make: impl Fn(u64) -> T + Send + Sync + 'static,
-    ) -> Self {
+    pub fn new(count: u64, lanes: u64, rate: u64, make: impl Fn(u64) -> T + Send + Sync + 'static) -> Self {
         Self {
             make: Arc::new(make),
             count,
@@ -117,11 +112,8 @@ impl<T: Data> SourceFunction for LaneGenerator<T> {
             let started = *self.started.get_or_insert_with(Instant::now);
             let allowed = (started.elapsed().as_secs_f64() * self.subtask_rate) as u64;
             if allowed <= self.emitted {
-                let wait = (self.emitted + 1) as f64 / self.subtask_rate.max(1e-9)
-                    - started.elapsed().as_secs_f64();
-                return Ok(SourcePoll::Idle(Duration::from_secs_f64(
-                    wait.clamp(0.0, 0.1),
-                )));
+                let wait = (self.emitted + 1) as f64 / self.subtask_rate.max(1e-9) - started.elapsed().as_secs_f64();
+                return Ok(SourcePoll::Idle(Duration::from_secs_f64(wait.clamp(0.0, 0.1))));
             }
             budget = budget.min(allowed - self.emitted);
         }
@@ -131,9 +123,7 @@ impl<T: Data> SourceFunction for LaneGenerator<T> {
             let len = self.lane_len(lane.lane);
             if lane.done < len {
                 let n = budget.min(len - lane.done);
-                out.extend(
-                    (lane.done..lane.done + n).map(|k| (self.make)(lane.lane + k * self.lanes)),
-                );
+                out.extend((lane.done..lane.done + n).map(|k| (self.make)(lane.lane + k * self.lanes)));
                 self.owned[i].done += n;
                 self.emitted += n;
                 self.current = i + 1;
@@ -162,6 +152,8 @@ mod tests {
             parallelism,
             max_parallelism: 128,
             attempt: 0,
+            state_backend: sluice_runtime::config::StateBackendKind::Memory,
+            local_dir: std::env::temp_dir(),
         }
     }
 

@@ -34,19 +34,13 @@ pub(crate) fn split_state<T: serde::Serialize>(name: &str, entries: &[T]) -> Res
 }
 
 /// Reads back the entries of list state `name`, if present.
-pub(crate) fn read_list<T: serde::de::DeserializeOwned>(
-    state: &OperatorState,
-    name: &str,
-) -> Result<Option<Vec<T>>> {
+pub(crate) fn read_list<T: serde::de::DeserializeOwned>(state: &OperatorState, name: &str) -> Result<Option<Vec<T>>> {
     state
         .get(name)
         .map(|l| {
             l.entries
                 .iter()
-                .map(|e| {
-                    postcard::from_bytes(e)
-                        .map_err(|e| Error::Serde(format!("operator state '{name}': {e}")))
-                })
+                .map(|e| postcard::from_bytes(e).map_err(|e| Error::Serde(format!("operator state '{name}': {e}"))))
                 .collect()
         })
         .transpose()

@@ -72,10 +72,7 @@ where
         }
         let io = |e: std::io::Error, what: &str| Error::User(format!("cannot write {what}: {e}"));
         match &self.output {
-            None => tracing::info!(
-                results = self.buffer.len(),
-                "results counted (no output file given)"
-            ),
+            None => tracing::info!(results = self.buffer.len(), "results counted (no output file given)"),
             Some(p) if p.as_os_str() == "-" => std::io::stdout()
                 .write_all(text.as_bytes())
                 .map_err(|e| io(e, "to standard output"))?,

@@ -91,9 +91,7 @@ impl BarrierAligner {
                 }
             }
             Some(_) => AlignOutcome::Obsolete(barrier.id),
-            None if self.latest.is_some_and(|l| barrier.id <= l) => {
-                AlignOutcome::Obsolete(barrier.id)
-            }
+            _ if self.latest.is_some_and(|l| barrier.id <= l) => AlignOutcome::Obsolete(barrier.id),
             None => self.start(ch, barrier),
         }
     }
@@ -126,6 +124,10 @@ impl BarrierAligner {
             return AlignOutcome::Cancelled(id);
         }
         if self.latest.is_none_or(|l| id > l) {
+            // Cancelling a newer checkpoint abandons an older alignment too (as Flink does).
+            if self.current.take().is_some() {
+                self.unblock_all();
+            }
             self.latest = Some(id);
             return AlignOutcome::Cancelled(id);
         }
@@ -223,21 +225,12 @@ mod tests {
         let mut a = BarrierAligner::new(2);
         a.on_barrier(0, b(5));
         assert_eq!(a.on_barrier(1, b(5)), AlignOutcome::Aligned(b(5)));
-        assert_eq!(
-            a.on_barrier(0, b(4)),
-            AlignOutcome::Obsolete(CheckpointId(4))
-        );
-        assert_eq!(
-            a.on_barrier(0, b(5)),
-            AlignOutcome::Obsolete(CheckpointId(5))
-        );
+        assert_eq!(a.on_barrier(0, b(4)), AlignOutcome::Obsolete(CheckpointId(4)));
+        assert_eq!(a.on_barrier(0, b(5)), AlignOutcome::Obsolete(CheckpointId(5)));
         assert!(!a.is_blocked(0));
         // An older barrier during a newer alignment is obsolete as well.
         assert_eq!(a.on_barrier(0, b(6)), AlignOutcome::Blocked);
-        assert_eq!(
-            a.on_barrier(1, b(3)),
-            AlignOutcome::Obsolete(CheckpointId(3))
-        );
+        assert_eq!(a.on_barrier(1, b(3)), AlignOutcome::Obsolete(CheckpointId(3)));
         assert!(!a.is_blocked(1));
     }
 
@@ -257,10 +250,7 @@ mod tests {
         // Only the channel that delivered the newer barrier stays blocked.
         assert!(!a.is_blocked(0) && !a.is_blocked(1) && a.is_blocked(2));
         // Late barriers of the abandoned checkpoint are obsolete.
-        assert_eq!(
-            a.on_barrier(0, b(1)),
-            AlignOutcome::Obsolete(CheckpointId(1))
-        );
+        assert_eq!(a.on_barrier(0, b(1)), AlignOutcome::Obsolete(CheckpointId(1)));
         assert_eq!(a.on_barrier(0, b(2)), AlignOutcome::Blocked);
         assert_eq!(a.on_barrier(1, b(2)), AlignOutcome::Aligned(b(2)));
     }
@@ -269,34 +259,22 @@ mod tests {
     fn cancellation_unblocks_and_makes_later_barriers_obsolete() {
         let mut a = BarrierAligner::new(2);
         assert_eq!(a.on_barrier(0, b(3)), AlignOutcome::Blocked);
-        assert_eq!(
-            a.on_cancel(CheckpointId(3)),
-            AlignOutcome::Cancelled(CheckpointId(3))
-        );
+        assert_eq!(a.on_cancel(CheckpointId(3)), AlignOutcome::Cancelled(CheckpointId(3)));
         assert!(!a.is_blocked(0));
-        assert_eq!(
-            a.on_barrier(1, b(3)),
-            AlignOutcome::Obsolete(CheckpointId(3))
-        );
+        assert_eq!(a.on_barrier(1, b(3)), AlignOutcome::Obsolete(CheckpointId(3)));
         // Cancelling a checkpoint before any of its barriers arrived.
-        assert_eq!(
-            a.on_cancel(CheckpointId(4)),
-            AlignOutcome::Cancelled(CheckpointId(4))
-        );
-        assert_eq!(
-            a.on_barrier(0, b(4)),
-            AlignOutcome::Obsolete(CheckpointId(4))
-        );
-        assert_eq!(
-            a.on_barrier(1, b(4)),
-            AlignOutcome::Obsolete(CheckpointId(4))
-        );
+        assert_eq!(a.on_cancel(CheckpointId(4)), AlignOutcome::Cancelled(CheckpointId(4)));
+        assert_eq!(a.on_barrier(0, b(4)), AlignOutcome::Obsolete(CheckpointId(4)));
+        assert_eq!(a.on_barrier(1, b(4)), AlignOutcome::Obsolete(CheckpointId(4)));
+        // Cancelling a newer checkpoint while aligning an older one abandons both.
+        assert_eq!(a.on_barrier(0, b(6)), AlignOutcome::Blocked);
+        assert_eq!(a.on_cancel(CheckpointId(7)), AlignOutcome::Cancelled(CheckpointId(7)));
+        assert!(!a.is_blocked(0));
+        assert_eq!(a.on_barrier(1, b(7)), AlignOutcome::Obsolete(CheckpointId(7)));
+        assert_eq!(a.on_barrier(1, b(6)), AlignOutcome::Obsolete(CheckpointId(6)));
         // Cancelling an old one is a no-op.
-        assert_eq!(
-            a.on_cancel(CheckpointId(2)),
-            AlignOutcome::Obsolete(CheckpointId(2))
-        );
-        assert_eq!(a.on_barrier(0, b(5)), AlignOutcome::Blocked);
+        assert_eq!(a.on_cancel(CheckpointId(2)), AlignOutcome::Obsolete(CheckpointId(2)));
+        assert_eq!(a.on_barrier(0, b(8)), AlignOutcome::Blocked);
     }
 
     #[test]

@@ -54,8 +54,11 @@ impl Default for RestartStrategy {
 pub enum StateBackendKind {
     /// Hash maps on the heap.
     Memory,
-    /// RocksDB (not built yet).
-    RocksDb,
+    /// RocksDB on local disk.
+    RocksDb {
+        /// Upload only new SST files per checkpoint (else every file, every time).
+        incremental: bool,
+    },
 }
 
 impl std::str::FromStr for StateBackendKind {
@@ -63,7 +66,7 @@ impl std::str::FromStr for StateBackendKind {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "memory" => Ok(Self::Memory),
-            "rocksdb" => Ok(Self::RocksDb),
+            "rocksdb" => Ok(Self::RocksDb { incremental: true }),
             other => Err(Error::Config(format!(
                 "unknown state backend '{other}' (expected memory or rocksdb)"
             ))),
@@ -96,6 +99,8 @@ pub struct JobConfig {
     pub batch_size: usize,
     /// Fuse forward-connected operators of equal parallelism into one thread.
     pub chaining: bool,
+    /// Local working directory (RocksDB instances).
+    pub data_dir: std::path::PathBuf,
 }
 
 impl Default for JobConfig {
@@ -112,6 +117,7 @@ impl Default for JobConfig {
             channel_capacity: 8,
             batch_size: 1024,
             chaining: true,
+            data_dir: std::env::temp_dir().join("sluice-data"),
         }
     }
 }
@@ -133,11 +139,6 @@ impl JobConfig {
                 "parallelism {} is above the max parallelism {}",
                 self.parallelism, self.max_parallelism
             )));
-        }
-        if self.state_backend == StateBackendKind::RocksDb {
-            return Err(Error::Config(
-                "the rocksdb state backend is not built yet; use --state-backend memory".into(),
-            ));
         }
         if self.checkpoint.retained == 0 {
             return Err(Error::Config(

@@ -27,6 +27,9 @@ pub enum Error {
         /// What did not match.
         reason: String,
     },
+    /// The location holds no completed checkpoint or savepoint.
+    #[error("{0}")]
+    NotASnapshot(String),
     /// A snapshot exists but does not fit the job (other job, parallelism, uids).
     #[error("{0}")]
     Incompatible(String),
@@ -52,7 +55,7 @@ impl Error {
     /// back to an older checkpoint).
     pub fn is_unusable_snapshot(&self) -> bool {
         match self {
-            Error::Corrupt { .. } => true,
+            Error::Corrupt { .. } | Error::NotASnapshot(_) => true,
             Error::Storage { source, .. } => source.kind() == opendal::ErrorKind::NotFound,
             _ => false,
         }

@@ -78,6 +78,12 @@ pub struct DeployConfig {
     pub batch_size: usize,
     /// Whether to chain operators.
     pub chaining: bool,
+    /// Keyed state backend.
+    pub state_backend: crate::config::StateBackendKind,
+    /// Local working directory of this process.
+    pub data_dir: std::path::PathBuf,
+    /// Longest a task's snapshot upload may take before it is given up (declined).
+    pub upload_timeout: std::time::Duration,
 }
 
 /// Where a task's commands go.
@@ -153,9 +159,7 @@ pub fn deploy(
             graph.vertices[edge.to].parallelism,
         );
         let forward = edge.partition == PartitionKind::Forward;
-        let (s, r) = edge
-            .factory
-            .channels(forward, up, down, cfg.channel_capacity);
+        let (s, r) = edge.factory.channels(forward, up, down, cfg.channel_capacity);
         senders.extend(s.into_iter().enumerate().map(|(i, b)| ((e, i), b)));
         receivers.extend(r.into_iter().enumerate().map(|(i, b)| ((e, i), b)));
     }
@@ -168,6 +172,8 @@ pub fn deploy(
         handle,
         cancel: cancel.clone(),
         source_records: source_records.clone(),
+        attempt: cfg.attempt,
+        upload_timeout: cfg.upload_timeout,
     };
     let mut tasks = Vec::new();
     for (c, chain) in chains.iter().enumerate() {
@@ -180,9 +186,7 @@ pub fn deploy(
                 .map(|e| {
                     (
                         *e,
-                        senders
-                            .remove(&(*e, subtask))
-                            .expect("senders for every output edge"),
+                        senders.remove(&(*e, subtask)).expect("senders for every output edge"),
                     )
                 })
                 .collect();
@@ -254,9 +258,7 @@ impl TaskBuild {
             (0, NodeKind::Operator(f)) => f.discard(),
             (0, NodeKind::Source(f)) => f.discard(),
             (1, _) => writers.pop().expect("one writer"),
-            _ => g.edges[g.vertices[tail].outputs[0]]
-                .factory
-                .fan_out(writers),
+            _ => g.edges[g.vertices[tail].outputs[0]].factory.fan_out(writers),
         };
         for &v in self.chain.vertices.iter().rev() {
             let vertex = &g.vertices[v];
@@ -268,14 +270,15 @@ impl TaskBuild {
                 parallelism: vertex.parallelism,
                 max_parallelism: g.max_parallelism(),
                 attempt: self.cfg.attempt,
+                state_backend: self.cfg.state_backend,
+                local_dir: self
+                    .cfg
+                    .data_dir
+                    .join(&self.cfg.job_id)
+                    .join(format!("{}-{}-a{}", vertex.uid, self.subtask, self.cfg.attempt)),
             };
             let restored = match &self.cfg.restore {
-                Some(r) => rt.shared.handle.block_on(r.load(
-                    &info.uid,
-                    info.subtask,
-                    info.parallelism,
-                    info.key_group_range(),
-                ))?,
+                Some(r) => rt.shared.handle.block_on(r.load(&info, &self.cfg.job_id))?,
                 None => None,
             };
             let ctx = NodeContext { info, restored };
@@ -299,7 +302,9 @@ fn run_task(build: TaskBuild, rt: &mut TaskRuntime) {
     let outcome = match result {
         Ok(Ok(())) => TaskOutcome::Finished,
         Ok(Err((_, Error::Cancelled))) => TaskOutcome::Cancelled,
-        Ok(Err(_)) if rt.cancelled() => TaskOutcome::Cancelled,
+        // Errors while being torn down are noise, but an unusable snapshot is news: recovery
+        // must fall back past it.
+        Ok(Err((false, _))) if rt.cancelled() => TaskOutcome::Cancelled,
         Ok(Err((unusable, e))) => TaskOutcome::Failed {
             secondary: matches!(e, Error::Disconnected(_)),
             cause: e.to_string(),
@@ -311,10 +316,7 @@ fn run_task(build: TaskBuild, rt: &mut TaskRuntime) {
             secondary: false,
         },
     };
-    let _ = rt.shared.events.send(TaskEvent::Terminated {
-        task: rt.task,
-        outcome,
-    });
+    let _ = rt.shared.events.send(TaskEvent::Terminated { task: rt.task, outcome });
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

@@ -62,13 +62,7 @@ pub(crate) struct WriterContext {
 
 pub(crate) trait EdgeFactory: Send + Sync {
     /// Per upstream subtask its senders, per downstream subtask its receivers.
-    fn channels(
-        &self,
-        forward: bool,
-        up: usize,
-        down: usize,
-        capacity: usize,
-    ) -> (Vec<AnyBox>, Vec<AnyBox>);
+    fn channels(&self, forward: bool, up: usize, down: usize, capacity: usize) -> (Vec<AnyBox>, Vec<AnyBox>);
     fn writer(&self, partition: PartitionKind, senders: AnyBox, ctx: &WriterContext) -> AnyBox;
     fn reader(&self, receivers: AnyBox, head: AnyBox) -> Box<dyn TaskDriver>;
     fn fan_out(&self, outputs: Vec<AnyBox>) -> AnyBox;
@@ -120,16 +114,9 @@ pub(crate) struct TypedEdge<T> {
 }
 
 impl<T: Data> EdgeFactory for TypedEdge<T> {
-    fn channels(
-        &self,
-        forward: bool,
-        up: usize,
-        down: usize,
-        capacity: usize,
-    ) -> (Vec<AnyBox>, Vec<AnyBox>) {
+    fn channels(&self, forward: bool, up: usize, down: usize, capacity: usize) -> (Vec<AnyBox>, Vec<AnyBox>) {
         let mut senders: Vec<Vec<Sender<StreamElement<T>>>> = (0..up).map(|_| Vec::new()).collect();
-        let mut receivers: Vec<Vec<Receiver<StreamElement<T>>>> =
-            (0..down).map(|_| Vec::new()).collect();
+        let mut receivers: Vec<Vec<Receiver<StreamElement<T>>>> = (0..down).map(|_| Vec::new()).collect();
         for (i, s) in senders.iter_mut().enumerate() {
             for (j, r) in receivers.iter_mut().enumerate() {
                 if forward && i != j {
@@ -142,10 +129,7 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
         }
         (
             senders.into_iter().map(|s| Box::new(s) as AnyBox).collect(),
-            receivers
-                .into_iter()
-                .map(|r| Box::new(r) as AnyBox)
-                .collect(),
+            receivers.into_iter().map(|r| Box::new(r) as AnyBox).collect(),
         )
     }
 
@@ -155,10 +139,7 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
             PartitionKind::Rebalance => Partitioner::Rebalance,
             PartitionKind::Broadcast => Partitioner::Broadcast,
             PartitionKind::Hash => {
-                let f = self
-                    .key_group
-                    .clone()
-                    .expect("a hash edge carries its key selector");
+                let f = self.key_group.clone().expect("a hash edge carries its key selector");
                 let m = ctx.max_parallelism;
                 Partitioner::Hash {
                     key_group: Arc::new(move |t| f(t, m)),
@@ -166,12 +147,7 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
                 }
             }
         };
-        let writer = ChannelWriter::new(
-            unbox(senders),
-            partitioner,
-            ctx.batch_size,
-            ctx.cancel.clone(),
-        );
+        let writer = ChannelWriter::new(unbox(senders), partitioner, ctx.batch_size, ctx.cancel.clone());
         Box::new(Box::new(writer) as Chain<T>)
     }
 
@@ -277,11 +253,19 @@ impl JobGraph {
                     v.parallelism, v.name
                 )));
             }
-            if !seen.insert(v.uid.clone()) {
+            let safe = v
+                .uid
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if v.uid.is_empty() || !safe || v.uid.starts_with('.') {
                 return Err(Error::Config(format!(
-                    "operator uid '{}' is used twice",
+                    "operator uid '{}' must be non-empty, use only letters, digits, '-', '_' and '.', \
+                     and not start with '.' (it names a directory in every checkpoint)",
                     v.uid
                 )));
+            }
+            if !seen.insert(v.uid.clone()) {
+                return Err(Error::Config(format!("operator uid '{}' is used twice", v.uid)));
             }
         }
         let mut resolved = Vec::with_capacity(edges.len());

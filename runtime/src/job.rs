@@ -35,11 +35,8 @@ impl JobParams {
         T::Err: std::fmt::Display,
     {
         let raw = self.raw(name);
-        raw.parse().map_err(|e| {
-            Error::Config(format!(
-                "invalid value '{raw}' for job parameter '{name}': {e}"
-            ))
-        })
+        raw.parse()
+            .map_err(|e| Error::Config(format!("invalid value '{raw}' for job parameter '{name}': {e}")))
     }
 
     /// The value of `name`, or `None` when empty.
@@ -77,19 +74,14 @@ impl JobDefinition {
             .map(|s| {
                 s.split_once('=')
                     .map(|(k, v)| (k.trim().to_string(), v.to_string()))
-                    .ok_or_else(|| {
-                        Error::Config(format!("malformed --set '{s}': expected key=value"))
-                    })
+                    .ok_or_else(|| Error::Config(format!("malformed --set '{s}': expected key=value")))
             })
             .collect::<Result<Vec<_>>>()?;
         self.params_from_map(pairs)
     }
 
     /// Validates a map of values (e.g. from a snapshot's metadata).
-    pub fn params_from_map(
-        &self,
-        pairs: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<JobParams> {
+    pub fn params_from_map(&self, pairs: impl IntoIterator<Item = (String, String)>) -> Result<JobParams> {
         let mut values: BTreeMap<String, String> = self
             .params
             .iter()
@@ -132,10 +124,7 @@ impl JobRegistry {
     pub fn get(&self, name: &str) -> Result<&JobDefinition> {
         self.jobs.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.jobs.keys().copied().collect();
-            Error::Config(format!(
-                "unknown job '{name}' (known jobs: {})",
-                known.join(", ")
-            ))
+            Error::Config(format!("unknown job '{name}' (known jobs: {})", known.join(", ")))
         })
     }
 
@@ -165,31 +154,11 @@ mod tests {
     #[test]
     fn settings_are_validated() {
         let j = job();
-        assert_eq!(
-            j.params_from_settings(&[])
-                .unwrap()
-                .get::<u64>("events")
-                .unwrap(),
-            10
-        );
-        assert_eq!(
-            j.params_from_settings(&["events=5".into()])
-                .unwrap()
-                .raw("events"),
-            "5"
-        );
-        let e = j
-            .params_from_settings(&["nope=1".into()])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("unknown parameter 'nope'") && e.contains("events"),
-            "{e}"
-        );
-        let e = j
-            .params_from_settings(&["events".into()])
-            .unwrap_err()
-            .to_string();
+        assert_eq!(j.params_from_settings(&[]).unwrap().get::<u64>("events").unwrap(), 10);
+        assert_eq!(j.params_from_settings(&["events=5".into()]).unwrap().raw("events"), "5");
+        let e = j.params_from_settings(&["nope=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown parameter 'nope'") && e.contains("events"), "{e}");
+        let e = j.params_from_settings(&["events".into()]).unwrap_err().to_string();
         assert!(e.contains("malformed --set 'events'"), "{e}");
         let p = j.params_from_settings(&["events=x".into()]).unwrap();
         let e = p.get::<u64>("events").unwrap_err().to_string();

@@ -124,11 +124,7 @@ pub fn with_key_bytes<K: serde::Serialize, R>(key: &K, f: impl FnOnce(&[u8]) -> 
 }
 
 /// The key-group range owned by `subtask` of `parallelism`: `[ceil(i*M/p), floor(((i+1)*M-1)/p)]`.
-pub fn range_for_subtask(
-    max_parallelism: u16,
-    parallelism: usize,
-    subtask: usize,
-) -> KeyGroupRange {
+pub fn range_for_subtask(max_parallelism: u16, parallelism: usize, subtask: usize) -> KeyGroupRange {
     let m = max_parallelism as usize;
     let p = parallelism;
     let start = (subtask * m).div_ceil(p);

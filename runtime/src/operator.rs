@@ -8,8 +8,7 @@ use crate::error::Result;
 use crate::keygroup::KeyGroupRange;
 use crate::snapshot::{OperatorState, RestoredKeyGroups};
 use crate::state::{
-    Key, KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateValue,
-    ValueState,
+    Key, KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateValue, ValueState,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +37,10 @@ pub struct TaskInfo {
     pub max_parallelism: u16,
     /// 0 on the first run, then one more per restart.
     pub attempt: u32,
+    /// The job's keyed state backend.
+    pub state_backend: crate::config::StateBackendKind,
+    /// This operator subtask's local working directory (RocksDB instance, downloads).
+    pub local_dir: std::path::PathBuf,
 }
 
 impl TaskInfo {
@@ -141,28 +144,17 @@ impl<'a, K: Key> StateRegistry<'a, K> {
 
     /// A value per key.
     pub fn value_state<V: StateValue>(&mut self, name: &str) -> Result<ValueState<K, V>> {
-        Ok(ValueState::new(
-            self.backend.register::<K, crate::state::Single<V>>(name)?,
-        ))
+        Ok(ValueState::new(self.backend.register_value::<K, V>(name)?))
     }
 
     /// A list per key.
     pub fn list_state<V: StateValue>(&mut self, name: &str) -> Result<ListState<K, V>> {
-        Ok(ListState::new(
-            self.backend
-                .register::<K, crate::state::Single<Vec<V>>>(name)?,
-        ))
+        Ok(ListState::new(self.backend.register_value::<K, Vec<V>>(name)?))
     }
 
     /// A map per key.
-    pub fn map_state<UK: Key, UV: StateValue>(
-        &mut self,
-        name: &str,
-    ) -> Result<MapState<K, UK, UV>> {
-        Ok(MapState::new(
-            self.backend
-                .register::<K, crate::state::MapEntries<UK, UV>>(name)?,
-        ))
+    pub fn map_state<UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<MapState<K, UK, UV>> {
+        Ok(MapState::new(self.backend.register_map::<K, UK, UV>(name)?))
     }
 
     /// A reduced value per key.
@@ -171,7 +163,7 @@ impl<'a, K: Key> StateRegistry<'a, K> {
         name: &str,
         reduce: impl Fn(&V, &V) -> V + Send + Sync + 'static,
     ) -> Result<ReducingState<K, V>> {
-        let id = self.backend.register::<K, crate::state::Single<V>>(name)?;
+        let id = self.backend.register_value::<K, V>(name)?;
         Ok(ReducingState::new(id, Arc::new(reduce)))
     }
 }

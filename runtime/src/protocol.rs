@@ -40,6 +40,9 @@ pub struct AckedState {
     pub uid: String,
     /// The file written.
     pub handle: StateHandle,
+    /// Shared files this checkpoint uploaded (relative to the job directory); the others it
+    /// references were uploaded by earlier checkpoints.
+    pub new_shared: Vec<String>,
 }
 
 /// How a task ended.

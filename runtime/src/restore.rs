@@ -7,27 +7,45 @@ use crate::error::{Error, Result};
 use crate::graph::JobGraph;
 use crate::keygroup::KeyGroupRange;
 use crate::operator::RestoredState;
+use crate::operator::TaskInfo;
 use crate::snapshot::{
-    read_block, CheckpointMetadata, OperatorState, Redistribution, RestoredKeyGroups, StateHandle,
+    read_block, CheckpointMetadata, OperatorState, Redistribution, RestoredKeyGroups, RestoredRocks, RocksDbHandle,
+    RocksFile, StateHandle,
 };
 use crate::storage::{Storage, METADATA_FILE};
 use std::collections::HashMap;
+use std::path::Path;
 
 /// A completed checkpoint or savepoint opened for restore.
 #[derive(Debug, Clone)]
 pub struct RestoreSource {
     storage: Storage,
+    /// The job directory above the checkpoint, where shared files live.
+    job_storage: Option<Storage>,
     metadata: CheckpointMetadata,
 }
 
 impl RestoreSource {
+    /// Opens the snapshot at `url` (a `chk-<n>` or savepoint directory).
+    pub async fn open_url(url: &str) -> Result<Self> {
+        let storage = Storage::open(url)?;
+        let trimmed = url.trim_end_matches('/');
+        let job_storage = match trimmed.rsplit_once('/') {
+            Some((parent, _)) if !parent.is_empty() && !parent.ends_with(':') && !parent.ends_with("//") => {
+                Storage::open(parent).ok()
+            }
+            _ => None,
+        };
+        Self::open(storage, job_storage).await
+    }
+
     /// Opens the snapshot whose directory `storage` is rooted at, reading and verifying its
-    /// `_metadata`.
-    pub async fn open(storage: Storage) -> Result<Self> {
+    /// `_metadata`; `job_storage` is the directory above it, where shared files live.
+    pub async fn open(storage: Storage, job_storage: Option<Storage>) -> Result<Self> {
         let bytes = match storage.read(METADATA_FILE).await {
             Ok(b) => b,
             Err(e) if e.is_unusable_snapshot() => {
-                return Err(Error::Config(format!(
+                return Err(Error::NotASnapshot(format!(
                     "{} is not a completed checkpoint or savepoint: {} does not exist",
                     storage.url(),
                     storage.location(METADATA_FILE)
@@ -36,7 +54,11 @@ impl RestoreSource {
             Err(e) => return Err(e),
         };
         let metadata = CheckpointMetadata::decode(&bytes, &storage.location(METADATA_FILE))?;
-        Ok(Self { storage, metadata })
+        Ok(Self {
+            storage,
+            job_storage,
+            metadata,
+        })
     }
 
     /// The snapshot's metadata.
@@ -49,23 +71,38 @@ impl RestoreSource {
         self.storage.url()
     }
 
+    fn sst_storage(&self, f: &RocksFile) -> Result<&Storage> {
+        if !f.shared {
+            return Ok(&self.storage);
+        }
+        self.job_storage.as_ref().ok_or_else(|| Error::Corrupt {
+            location: self.storage.url().to_string(),
+            reason: format!("shared file '{}' lies outside the snapshot's directory", f.path),
+        })
+    }
+
     /// Checks that every referenced file exists with its recorded size (cheap: no content read).
     pub async fn verify_files(&self) -> Result<()> {
-        for h in self.metadata.referenced_files() {
-            match self.storage.size(&h.path).await? {
+        let state_files = self
+            .metadata
+            .referenced_files()
+            .map(|h| (&self.storage, h.path.as_str(), h.size));
+        let mut files: Vec<(&Storage, &str, u64)> = state_files.collect();
+        for f in self.metadata.sst_files() {
+            files.push((self.sst_storage(f)?, f.path.as_str(), f.size));
+        }
+        for (storage, path, expected) in files {
+            match storage.size(path).await? {
                 None => {
                     return Err(Error::Corrupt {
-                        location: self.storage.location(&h.path),
+                        location: storage.location(path),
                         reason: "file is missing".into(),
                     })
                 }
-                Some(size) if size != h.size => {
+                Some(size) if size != expected => {
                     return Err(Error::Corrupt {
-                        location: self.storage.location(&h.path),
-                        reason: format!(
-                            "file has {size} bytes, the checkpoint recorded {}",
-                            h.size
-                        ),
+                        location: storage.location(path),
+                        reason: format!("file has {size} bytes, the checkpoint recorded {expected}"),
                     })
                 }
                 Some(_) => {}
@@ -79,9 +116,18 @@ impl RestoreSource {
         &self,
         job_name: &str,
         graph: &JobGraph,
+        state_backend: crate::config::StateBackendKind,
         allow_non_restored_state: bool,
     ) -> Result<()> {
         let m = &self.metadata;
+        let native = m.referenced_files().any(|h| h.rocksdb.is_some());
+        if native && state_backend == crate::config::StateBackendKind::Memory {
+            return Err(Error::Incompatible(format!(
+                "{} holds RocksDB native state, which only the rocksdb state backend reads \
+                 (restore it with --state-backend rocksdb, or restore a canonical savepoint)",
+                self.url()
+            )));
+        }
         if m.job_name != job_name {
             return Err(Error::Incompatible(format!(
                 "{} is a snapshot of job '{}', not of '{job_name}'",
@@ -118,24 +164,56 @@ impl RestoreSource {
         if bytes.len() as u64 != h.size {
             return Err(Error::Corrupt {
                 location: self.storage.location(&h.path),
-                reason: format!(
-                    "file has {} bytes, the checkpoint recorded {}",
-                    bytes.len(),
-                    h.size
-                ),
+                reason: format!("file has {} bytes, the checkpoint recorded {}", bytes.len(), h.size),
             });
         }
         Ok(bytes)
     }
 
-    /// The state of operator `uid` for subtask `subtask` of `parallelism`, owning `range`.
-    pub async fn load(
-        &self,
-        uid: &str,
-        subtask: usize,
-        parallelism: usize,
-        range: KeyGroupRange,
-    ) -> Result<Option<RestoredState>> {
+    /// Downloads one RocksDB native checkpoint into `dir`, verifying every SST's size and CRC32.
+    async fn download_rocksdb(&self, h: &RocksDbHandle, file: &[u8], state_file: &str, dir: &Path) -> Result<()> {
+        let io = |e: std::io::Error| Error::User(format!("cannot write restored state under {}: {e}", dir.display()));
+        if dir.exists() {
+            tokio::fs::remove_dir_all(dir).await.map_err(io)?;
+        }
+        tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        for f in &h.sst_files {
+            let storage = self.sst_storage(f)?;
+            let data = storage.read(&f.path).await?;
+            let bad = if data.len() as u64 != f.size {
+                Some(format!(
+                    "file has {} bytes, the checkpoint recorded {}",
+                    data.len(),
+                    f.size
+                ))
+            } else if crc32fast::hash(&data) != f.crc32 {
+                Some("checksum mismatch".to_string())
+            } else {
+                None
+            };
+            if let Some(reason) = bad {
+                return Err(Error::Corrupt {
+                    location: storage.location(&f.path),
+                    reason,
+                });
+            }
+            tokio::fs::write(dir.join(&f.name), data).await.map_err(io)?;
+        }
+        let block = read_block(file, h.small_files_block, state_file)?;
+        let small: Vec<(String, Vec<u8>)> = postcard::from_bytes(block).map_err(|e| Error::Corrupt {
+            location: state_file.to_string(),
+            reason: format!("RocksDB file list does not decode: {e}"),
+        })?;
+        for (name, data) in small {
+            tokio::fs::write(dir.join(name), data).await.map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// The state of the operator subtask `info` describes; RocksDB native state is downloaded
+    /// below `info.local_dir`. `job_id` is the restoring job's id.
+    pub async fn load(&self, info: &TaskInfo, job_id: &str) -> Result<Option<RestoredState>> {
+        let (uid, subtask, parallelism, range) = (&info.uid, info.subtask, info.parallelism, info.key_group_range());
         let Some(op) = self.metadata.operator(uid) else {
             return Ok(None);
         };
@@ -143,27 +221,34 @@ impl RestoreSource {
         let mut keyed = RestoredKeyGroups::default();
         for (old, h) in op.subtasks.iter().enumerate() {
             let Some(h) = h else { continue };
-            let Some(index) = &h.key_groups else { continue };
-            let wanted = index.range.intersect(&range);
-            if wanted.is_empty() {
-                continue;
-            }
-            let file = self.read_file(h).await?;
+            let overlaps = |r: &KeyGroupRange| !r.intersect(&range).is_empty();
             let location = self.storage.location(&h.path);
-            for kg in wanted.iter() {
-                let offset =
-                    *index
+            if let Some(index) = h.key_groups.as_ref().filter(|i| overlaps(&i.range)) {
+                let file = self.read_file(h).await?;
+                for kg in index.range.intersect(&range).iter() {
+                    let offset = *index
                         .offsets
                         .get(index.range.index_of(kg))
                         .ok_or_else(|| Error::Corrupt {
                             location: location.clone(),
                             reason: format!("no offset recorded for key group {}", kg.0),
                         })?;
-                keyed
-                    .blocks
-                    .push((kg, read_block(&file, offset, &location)?.to_vec()));
+                    keyed.blocks.push((kg, read_block(&file, offset, &location)?.to_vec()));
+                }
+                files.insert(old, file);
             }
-            files.insert(old, file);
+            if let Some(r) = h.rocksdb.as_ref().filter(|r| overlaps(&r.range)) {
+                let file = self.read_file(h).await?;
+                let dir = info.local_dir.join(format!("restore-{old}"));
+                self.download_rocksdb(r, &file, &location, &dir).await?;
+                keyed.rocksdb.push(RestoredRocks {
+                    range: r.range,
+                    dir,
+                    files: r.sst_files.clone(),
+                    own_job: self.metadata.job_id == job_id,
+                });
+                files.insert(old, file);
+            }
         }
         let mut operator = OperatorState::new();
         let same = op.parallelism == parallelism;
@@ -173,9 +258,6 @@ impl RestoreSource {
             let Some(offset) = h.operator_state else {
                 continue;
             };
-            if same && old != subtask {
-                continue;
-            }
             if let std::collections::hash_map::Entry::Vacant(e) = files.entry(old) {
                 e.insert(self.read_file(h).await?);
             }
@@ -186,16 +268,17 @@ impl RestoreSource {
                 reason: format!("operator state does not decode: {e}"),
             })?;
             for (name, list) in state {
-                let target = operator.entry(name.clone()).or_insert_with(|| {
-                    crate::snapshot::OperatorListState {
+                let target = operator
+                    .entry(name.clone())
+                    .or_insert_with(|| crate::snapshot::OperatorListState {
                         mode: list.mode,
                         entries: Vec::new(),
-                    }
-                });
+                    });
                 match (same, list.mode) {
-                    (true, _) | (false, Redistribution::Union) => {
-                        target.entries.extend(list.entries)
-                    }
+                    // Union state goes whole to every subtask, whatever the parallelism.
+                    (_, Redistribution::Union) => target.entries.extend(list.entries),
+                    (true, Redistribution::Split) if old == subtask => target.entries.extend(list.entries),
+                    (true, Redistribution::Split) => {}
                     (false, Redistribution::Split) => {
                         let pos = position.entry(name).or_default();
                         for e in list.entries {

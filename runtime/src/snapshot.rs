@@ -35,6 +35,37 @@ pub struct StateHandle {
     pub key_groups: Option<KeyGroupIndex>,
     /// Offset of the operator-state block, when the operator has operator state.
     pub operator_state: Option<u64>,
+    /// RocksDB native state, when the operator's keyed state lives in RocksDB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rocksdb: Option<RocksDbHandle>,
+}
+
+/// A RocksDB instance's native checkpoint: its SST files, and its small files (MANIFEST,
+/// CURRENT, OPTIONS) in one block of the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RocksDbHandle {
+    /// Key groups the instance holds.
+    pub range: KeyGroupRange,
+    /// Its SST files.
+    pub sst_files: Vec<RocksFile>,
+    /// Offset of the block with the small files, `postcard(Vec<(name, bytes)>)`.
+    pub small_files_block: u64,
+}
+
+/// One SST file of a RocksDB checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RocksFile {
+    /// File name inside the instance (e.g. `000012.sst`).
+    pub name: String,
+    /// Where it is stored: relative to the job directory when `shared`, else to the checkpoint
+    /// directory.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// CRC32 of the content.
+    pub crc32: u32,
+    /// Under `<job>/shared/`, referenced by every checkpoint that still needs it.
+    pub shared: bool,
 }
 
 /// Offsets of the key-group blocks in a state file.
@@ -108,8 +139,7 @@ impl CheckpointMetadata {
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec_pretty(self).expect("metadata serializes");
         let crc = crc32fast::hash(&body);
-        let mut out =
-            format!("{METADATA_HEADER} crc32={crc:08x} len={}\n", body.len()).into_bytes();
+        let mut out = format!("{METADATA_HEADER} crc32={crc:08x} len={}\n", body.len()).into_bytes();
         out.extend_from_slice(&body);
         out
     }
@@ -124,13 +154,10 @@ impl CheckpointMetadata {
             .iter()
             .position(|b| *b == b'\n')
             .ok_or_else(|| corrupt("no header line".into()))?;
-        let header =
-            std::str::from_utf8(&bytes[..nl]).map_err(|_| corrupt("header is not text".into()))?;
-        let rest = header.strip_prefix(METADATA_HEADER).ok_or_else(|| {
-            corrupt(format!(
-                "not a checkpoint metadata file (header '{header}')"
-            ))
-        })?;
+        let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| corrupt("header is not text".into()))?;
+        let rest = header
+            .strip_prefix(METADATA_HEADER)
+            .ok_or_else(|| corrupt(format!("not a checkpoint metadata file (header '{header}')")))?;
         let mut crc = None;
         let mut len = None;
         for part in rest.split_whitespace() {
@@ -140,9 +167,7 @@ impl CheckpointMetadata {
                 len = v.parse::<usize>().ok();
             }
         }
-        let (crc, len) = crc
-            .zip(len)
-            .ok_or_else(|| corrupt("malformed header".into()))?;
+        let (crc, len) = crc.zip(len).ok_or_else(|| corrupt("malformed header".into()))?;
         let body = &bytes[nl + 1..];
         if body.len() != len {
             return Err(corrupt(format!(
@@ -156,19 +181,26 @@ impl CheckpointMetadata {
         let meta: CheckpointMetadata =
             serde_json::from_slice(body).map_err(|e| corrupt(format!("invalid metadata: {e}")))?;
         if meta.format != FORMAT_VERSION {
-            return Err(corrupt(format!(
-                "unsupported format version {}",
-                meta.format
-            )));
+            return Err(corrupt(format!("unsupported format version {}", meta.format)));
         }
         Ok(meta)
     }
 
     /// Every file path (relative to the checkpoint directory) this checkpoint references.
     pub fn referenced_files(&self) -> impl Iterator<Item = &StateHandle> {
-        self.operators
-            .iter()
-            .flat_map(|o| o.subtasks.iter().flatten())
+        self.operators.iter().flat_map(|o| o.subtasks.iter().flatten())
+    }
+
+    /// Every RocksDB SST file this checkpoint references.
+    pub fn sst_files(&self) -> impl Iterator<Item = &RocksFile> {
+        self.referenced_files()
+            .filter_map(|h| h.rocksdb.as_ref())
+            .flat_map(|r| r.sst_files.iter())
+    }
+
+    /// Paths (relative to the job directory) of the shared files this checkpoint references.
+    pub fn shared_files(&self) -> impl Iterator<Item = &str> {
+        self.sst_files().filter(|f| f.shared).map(|f| f.path.as_str())
     }
 
     /// The operator with this uid.
@@ -232,21 +264,17 @@ pub fn read_block<'a>(file: &'a [u8], offset: u64, location: &str) -> Result<&'a
     if file.len() < 4 || &file[..4] != FILE_MAGIC {
         return Err(corrupt("not a sluice state file (bad magic)".into()));
     }
-    let at = offset as usize;
-    let header = file.get(at..at + 8).ok_or_else(|| {
-        corrupt(format!(
-            "block at offset {offset} lies past the end of the file"
-        ))
-    })?;
+    let at = usize::try_from(offset).unwrap_or(usize::MAX);
+    let header = file
+        .get(at..at.saturating_add(8))
+        .ok_or_else(|| corrupt(format!("block at offset {offset} lies past the end of the file")))?;
     let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
     let crc = u32::from_le_bytes(header[4..].try_into().unwrap());
     let payload = file
-        .get(at + 8..at + 8 + len)
+        .get(at + 8..(at + 8).saturating_add(len))
         .ok_or_else(|| corrupt(format!("block at offset {offset} is truncated")))?;
     if crc32fast::hash(payload) != crc {
-        return Err(corrupt(format!(
-            "checksum mismatch in block at offset {offset}"
-        )));
+        return Err(corrupt(format!("checksum mismatch in block at offset {offset}")));
     }
     Ok(payload)
 }
@@ -278,6 +306,11 @@ impl<'a> Cursor<'a> {
         Self { buf, pos: 0 }
     }
 
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
     /// Whether everything has been read.
     pub fn is_done(&self) -> bool {
         self.pos >= self.buf.len()
@@ -306,10 +339,10 @@ impl<'a> Cursor<'a> {
 
     /// Reads a length-prefixed byte string.
     pub fn bytes(&mut self) -> Result<&'a [u8]> {
-        let n = self.varint()? as usize;
+        let n = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
         let b = self
             .buf
-            .get(self.pos..self.pos + n)
+            .get(self.pos..self.pos.saturating_add(n))
             .ok_or_else(|| Error::Serde("byte string runs past the block".into()))?;
         self.pos += n;
         Ok(b)
@@ -328,11 +361,7 @@ pub struct Entry<'a> {
 }
 
 /// Calls `f` for every entry of state `name` in a key-group block payload.
-pub fn for_each_entry<'a>(
-    payload: &'a [u8],
-    name: &str,
-    mut f: impl FnMut(Entry<'a>) -> Result<()>,
-) -> Result<()> {
+pub fn for_each_entry<'a>(payload: &'a [u8], name: &str, mut f: impl FnMut(Entry<'a>) -> Result<()>) -> Result<()> {
     let mut c = Cursor::new(payload);
     while !c.is_done() {
         let state = c.bytes()?;
@@ -404,11 +433,27 @@ impl<'a> EntryWriter<'a> {
     }
 }
 
-/// Keyed-state blocks read for one restoring subtask: `(key group, verified payload)`.
+/// Keyed state read for one restoring subtask.
 #[derive(Debug, Default, Clone)]
 pub struct RestoredKeyGroups {
-    /// Block payloads in key-group order.
+    /// Canonical block payloads `(key group, verified payload)`, in key-group order.
     pub blocks: Vec<(KeyGroup, Vec<u8>)>,
+    /// RocksDB native instances downloaded to local directories.
+    pub rocksdb: Vec<RestoredRocks>,
+}
+
+/// A RocksDB native checkpoint downloaded (and verified) into a local directory.
+#[derive(Debug, Clone)]
+pub struct RestoredRocks {
+    /// The key groups it holds.
+    pub range: KeyGroupRange,
+    /// The instance directory.
+    pub dir: std::path::PathBuf,
+    /// Its SST files as stored.
+    pub files: Vec<RocksFile>,
+    /// Whether the snapshot is one of the restoring job's own checkpoints (its shared files may
+    /// then be referenced again instead of uploaded).
+    pub own_job: bool,
 }
 
 #[cfg(test)]
@@ -434,6 +479,7 @@ mod tests {
                     size: 10,
                     key_groups: None,
                     operator_state: Some(4),
+                    rocksdb: None,
                 })],
             }],
         }
@@ -447,9 +493,7 @@ mod tests {
         let mut flipped = bytes.clone();
         let last = flipped.len() - 3;
         flipped[last] ^= 1;
-        let e = CheckpointMetadata::decode(&flipped, "x")
-            .unwrap_err()
-            .to_string();
+        let e = CheckpointMetadata::decode(&flipped, "x").unwrap_err().to_string();
         assert!(e.contains("checksum mismatch"), "{e}");
         let e = CheckpointMetadata::decode(&bytes[..bytes.len() - 5], "x")
             .unwrap_err()

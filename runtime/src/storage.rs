@@ -107,6 +107,21 @@ impl Storage {
             .map_err(|e| self.err("write", path, e))
     }
 
+    /// Writes a whole object so that readers see all of it or nothing: through a temporary
+    /// name and a rename where the service renames (local disk), directly where a write is
+    /// atomic already (object stores).
+    pub async fn write_atomic(&self, path: &str, bytes: Vec<u8>) -> Result<()> {
+        if !self.op.info().capability().rename {
+            return self.write(path, bytes).await;
+        }
+        let tmp = format!("{path}.inprogress");
+        self.write(&tmp, bytes).await?;
+        self.op
+            .rename(&self.full(&tmp), &self.full(path))
+            .await
+            .map_err(|e| self.err("rename", path, e))
+    }
+
     /// Reads a whole object.
     pub async fn read(&self, path: &str) -> Result<Vec<u8>> {
         self.op
@@ -213,15 +228,10 @@ fn memory_operator(name: &str) -> (Operator, String) {
     let op = stores
         .entry(store)
         .or_insert_with(|| {
-            Operator::new(services::Memory::default())
-                .expect("the memory service takes no configuration")
+            Operator::new(services::Memory::default()).expect("the memory service takes no configuration")
         })
         .clone();
-    let prefix = if sub.is_empty() {
-        sub
-    } else {
-        format!("{sub}/")
-    };
+    let prefix = if sub.is_empty() { sub } else { format!("{sub}/") };
     (op, prefix)
 }
 
@@ -243,9 +253,7 @@ pub const METADATA_FILE: &str = "_metadata";
 impl CheckpointPaths {
     /// Paths for one job.
     pub fn new(job_id: impl Into<String>) -> Self {
-        Self {
-            job_id: job_id.into(),
-        }
+        Self { job_id: job_id.into() }
     }
 
     /// `<job-id>/`
@@ -271,6 +279,17 @@ impl CheckpointPaths {
     /// `<job-id>/shared/`
     pub fn shared_dir(&self) -> String {
         format!("{}/shared/", self.job_id)
+    }
+
+    /// An SST uploaded for incremental checkpoints, relative to the job directory. The attempt
+    /// keeps names unique: a restarted instance numbers its files anew.
+    pub fn shared_sst_relative(uid: &str, subtask: usize, attempt: u32, name: &str) -> String {
+        format!("shared/{}/{subtask}-a{attempt}-{name}", sanitize(uid))
+    }
+
+    /// An SST of a full (non-incremental) checkpoint, relative to the checkpoint directory.
+    pub fn exclusive_sst_relative(uid: &str, subtask: usize, name: &str) -> String {
+        format!("{}/{subtask}-sst/{name}", sanitize(uid))
     }
 
     /// Parses `chk-<n>` (with or without a trailing slash).
@@ -304,10 +323,7 @@ mod tests {
         let p = CheckpointPaths::new("job1");
         assert_eq!(p.metadata(CheckpointId(3)), "job1/chk-3/_metadata");
         assert_eq!(CheckpointPaths::state_file_relative("a b/c", 2), "a_b_c/2");
-        assert_eq!(
-            CheckpointPaths::parse_checkpoint_dir("chk-12/"),
-            Some(CheckpointId(12))
-        );
+        assert_eq!(CheckpointPaths::parse_checkpoint_dir("chk-12/"), Some(CheckpointId(12)));
         assert_eq!(CheckpointPaths::parse_checkpoint_dir("shared/"), None);
     }
 
@@ -324,10 +340,7 @@ mod tests {
         s.write("j/chk-1/op/0", vec![1, 2, 3]).await.unwrap();
         s.write("j/chk-1/_metadata", vec![4]).await.unwrap();
         assert_eq!(s.read("j/chk-1/op/0").await.unwrap(), vec![1, 2, 3]);
-        assert_eq!(
-            s.read_range("j/chk-1/op/0", 1, 2).await.unwrap(),
-            vec![2, 3]
-        );
+        assert_eq!(s.read_range("j/chk-1/op/0", 1, 2).await.unwrap(), vec![2, 3]);
         assert_eq!(s.size("j/chk-1/op/0").await.unwrap(), Some(3));
         assert_eq!(s.size("j/nope").await.unwrap(), None);
         let mut files = s.list_files_recursive("j/").await.unwrap();
@@ -348,13 +361,7 @@ mod tests {
         let b = Storage::open("memory://t1").unwrap();
         assert_eq!(b.read("base/f").await.unwrap(), vec![1]);
         assert_eq!(b.at("base").read("f").await.unwrap(), vec![1]);
-        assert_eq!(
-            b.list_files_recursive("base/").await.unwrap(),
-            vec!["base/f"]
-        );
-        assert_eq!(
-            b.at("base").list_files_recursive("").await.unwrap(),
-            vec!["f"]
-        );
+        assert_eq!(b.list_files_recursive("base/").await.unwrap(), vec!["base/f"]);
+        assert_eq!(b.at("base").list_files_recursive("").await.unwrap(), vec!["f"]);
     }
 }

@@ -10,13 +10,10 @@
 //! ```
 
 use crate::error::Result;
-use crate::graph::{
-    EdgeSpec, JobGraph, NodeKind, NodeSpec, OperatorNode, PartitionKind, SourceNode, TypedEdge,
-};
+use crate::graph::{EdgeSpec, JobGraph, NodeKind, NodeSpec, OperatorNode, PartitionKind, SourceNode, TypedEdge};
 use crate::keygroup::key_group_for_key;
 use crate::operator::{
-    Data, KeySelector, KeyedProcessFunction, Operator, SinkFunction, SourceFunction, StateRegistry,
-    TaskInfo,
+    Data, KeySelector, KeyedProcessFunction, Operator, SinkFunction, SourceFunction, StateRegistry, TaskInfo,
 };
 use crate::state::{Key, KeyedContext, ReduceFn, ReducingState, StateValue};
 use crate::transform::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, SinkOp};
@@ -45,11 +42,7 @@ impl StreamEnv {
 
     /// Adds a parallel source.
     pub fn source<S: SourceFunction>(&mut self, name: &str, source: S) -> DataStream<S::Out> {
-        let node = push_node(
-            &self.inner,
-            name,
-            NodeKind::Source(Arc::new(SourceNode(source))),
-        );
+        let node = push_node(&self.inner, name, NodeKind::Source(Arc::new(SourceNode(source))));
         DataStream::new(self.inner.clone(), node)
     }
 
@@ -160,9 +153,7 @@ impl<T: Data> DataStream<T> {
         make: impl Fn() -> O + Send + Sync + 'static,
     ) -> DataStream<O::Out> {
         let partition = self.partition;
-        let kind = NodeKind::Operator(Arc::new(OperatorNode {
-            make: Arc::new(make),
-        }));
+        let kind = NodeKind::Operator(Arc::new(OperatorNode { make: Arc::new(make) }));
         self.connect(name, kind, partition, TypedEdge { key_group: None })
     }
 
@@ -192,10 +183,7 @@ impl<T: Data> DataStream<T> {
 
     /// Partitions the stream by key: every record of a key goes to the subtask that owns the
     /// key's key group.
-    pub fn key_by<K: Key>(
-        self,
-        key: impl Fn(&T) -> K + Send + Sync + 'static,
-    ) -> KeyedStream<T, K> {
+    pub fn key_by<K: Key>(self, key: impl Fn(&T) -> K + Send + Sync + 'static) -> KeyedStream<T, K> {
         KeyedStream {
             stream: self,
             key: Arc::new(key),
@@ -216,30 +204,19 @@ pub struct KeyedStream<T, K> {
 
 impl<T: Data, K: Key> KeyedStream<T, K> {
     /// Runs a keyed process function with keyed state.
-    pub fn process<P: KeyedProcessFunction<Key = K, In = T>>(
-        self,
-        name: &str,
-        f: P,
-    ) -> DataStream<P::Out> {
+    pub fn process<P: KeyedProcessFunction<Key = K, In = T>>(self, name: &str, f: P) -> DataStream<P::Out> {
         let key = self.key.clone();
         let edge_key = self.key;
         let edge = TypedEdge {
             key_group: Some(Arc::new(move |t: &T, m| key_group_for_key(&edge_key(t), m))),
         };
         let make = move || KeyedProcessOp::new(f.clone(), key.clone());
-        let kind = NodeKind::Operator(Arc::new(OperatorNode {
-            make: Arc::new(make),
-        }));
-        self.stream
-            .connect(name, kind, Some(PartitionKind::Hash), edge)
+        let kind = NodeKind::Operator(Arc::new(OperatorNode { make: Arc::new(make) }));
+        self.stream.connect(name, kind, Some(PartitionKind::Hash), edge)
     }
 
     /// Emits, for every record, the reduction of all records of its key so far.
-    pub fn reduce(
-        self,
-        name: &str,
-        f: impl Fn(&T, &T) -> T + Send + Sync + 'static,
-    ) -> DataStream<T>
+    pub fn reduce(self, name: &str, f: impl Fn(&T, &T) -> T + Send + Sync + 'static) -> DataStream<T>
     where
         T: StateValue,
     {
@@ -276,15 +253,10 @@ impl<K: Key, T: StateValue> KeyedProcessFunction for Reduce<K, T> {
         self.state = Some(state.reducing_state("reduce", move |a: &T, b: &T| f(a, b))?);
         Ok(())
     }
-    fn process(
-        &mut self,
-        record: T,
-        ctx: &mut KeyedContext<'_, K>,
-        out: &mut Vec<T>,
-    ) -> Result<()> {
+    fn process(&mut self, record: T, ctx: &mut KeyedContext<'_, K>, out: &mut Vec<T>) -> Result<()> {
         let state = self.state.as_ref().expect("opened");
-        state.add(ctx, record);
-        out.extend(state.get(ctx).cloned());
+        state.add(ctx, record)?;
+        out.extend(state.get(ctx)?);
         Ok(())
     }
 }

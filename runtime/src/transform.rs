@@ -3,12 +3,12 @@
 
 use crate::checkpoint::CheckpointId;
 use crate::error::{Error, Result};
-use crate::keygroup::{key_group_for_key, KeyGroupRange};
+use crate::keygroup::key_group_for_bytes;
 use crate::operator::{
-    Data, KeySelector, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState,
-    SinkFunction, StateRegistry, TaskInfo,
+    Data, KeySelector, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState, SinkFunction, StateRegistry,
+    TaskInfo,
 };
-use crate::state::{KeyedBackend, KeyedContext};
+use crate::state::{CurrentKey, KeyedBackend, KeyedContext};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -67,8 +67,9 @@ impl<T: Data, U: Data, I: IntoIterator<Item = U> + 'static> Operator for FlatMap
 pub(crate) struct KeyedProcessOp<P: KeyedProcessFunction> {
     pub f: P,
     pub key: KeySelector<P::In, P::Key>,
-    pub backend: KeyedBackend,
+    pub backend: Option<KeyedBackend>,
     pub max_parallelism: u16,
+    key_bytes: Vec<u8>,
 }
 
 impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
@@ -76,9 +77,14 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
         Self {
             f,
             key,
-            backend: KeyedBackend::new(KeyGroupRange::empty()),
+            backend: None,
             max_parallelism: 1,
+            key_bytes: Vec::new(),
         }
+    }
+
+    fn backend(&mut self) -> &mut KeyedBackend {
+        self.backend.as_mut().expect("opened before use")
     }
 }
 
@@ -88,22 +94,21 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
 
     fn open(&mut self, info: &TaskInfo, restored: Option<RestoredState>) -> Result<()> {
         self.max_parallelism = info.max_parallelism;
-        self.backend = KeyedBackend::new(info.key_group_range());
-        if let Some(r) = restored {
-            self.backend.set_restored(r.keyed);
-        }
-        self.f
-            .open(&mut StateRegistry::new(&mut self.backend), info)?;
-        // Restored blocks are decoded when states register; drop what is left.
-        self.backend.set_restored(Default::default());
+        let restored = restored.map(|r| r.keyed).unwrap_or_default();
+        let mut backend = KeyedBackend::open(info.state_backend, info.key_group_range(), &info.local_dir, restored)?;
+        self.f.open(&mut StateRegistry::new(&mut backend), info)?;
+        self.backend = Some(backend);
         Ok(())
     }
 
     fn process(&mut self, batch: Vec<P::In>, out: &mut Vec<P::Out>) -> Result<()> {
-        let range = self.backend.range();
+        let backend = self.backend.as_mut().expect("opened before use");
+        let range = backend.range();
         for record in batch {
             let key = (self.key)(&record);
-            let kg = key_group_for_key(&key, self.max_parallelism);
+            self.key_bytes.clear();
+            self.key_bytes = postcard::to_extend(&key, std::mem::take(&mut self.key_bytes))?;
+            let kg = key_group_for_bytes(&self.key_bytes, self.max_parallelism);
             if !range.contains(kg) {
                 return Err(Error::User(format!(
                     "a record of key group {} reached the subtask owning key groups {range}",
@@ -111,25 +116,40 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
                 )));
             }
             let mut ctx = KeyedContext {
-                key: &key,
-                key_group: kg,
-                kg_index: range.index_of(kg),
-                backend: &mut self.backend,
+                cur: CurrentKey {
+                    key: &key,
+                    bytes: &self.key_bytes,
+                    key_group: kg,
+                    index: range.index_of(kg),
+                },
+                backend,
             };
             self.f.process(record, &mut ctx, out)?;
         }
         Ok(())
     }
 
-    fn snapshot(&mut self, _: CheckpointId) -> Result<OperatorSnapshot> {
+    fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<OperatorSnapshot> {
+        let backend = self.backend();
+        let keyed = if backend.is_empty() {
+            None
+        } else {
+            Some(backend.snapshot(checkpoint)?)
+        };
         Ok(OperatorSnapshot {
-            keyed: (!self.backend.is_empty()).then(|| self.backend.snapshot()),
+            keyed,
             operator: Default::default(),
         })
     }
 
+    fn checkpoint_complete(&mut self, checkpoint: CheckpointId) -> Result<()> {
+        self.backend().checkpoint_complete(checkpoint);
+        Ok(())
+    }
+
     fn end_of_input(&mut self, out: &mut Vec<P::Out>) -> Result<()> {
-        self.f.end_of_input(&self.backend, out)
+        let backend = self.backend.as_ref().expect("opened before use");
+        self.f.end_of_input(backend, out)
     }
 }
 

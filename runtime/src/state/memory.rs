@@ -4,22 +4,28 @@
 //! a key group after a snapshot copies that key group's map. Serialization into the canonical
 //! entry format then runs off the task thread.
 
-use super::{Key, MapEntries, Single, StateValue};
+use super::{CurrentKey, Key, StateId, StateValue};
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
-use crate::snapshot::{
-    for_each_entry, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter,
-};
+use crate::snapshot::{for_each_entry, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
 use rustc_hash::FxHashMap;
 use std::any::Any;
 use std::sync::Arc;
 
 /// How a stored value turns into canonical entries and back.
-pub(crate) trait Stored: Clone + Send + Sync + 'static {
+trait Stored: Clone + Send + Sync + 'static {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()>;
     /// Folds one entry in: into `existing`, or returns a new value.
     fn decode(existing: Option<&mut Self>, namespace: &[u8], value: &[u8]) -> Result<Option<Self>>;
 }
+
+/// Stored form of value state (and of list and reducing state, as values of a `Vec` / fold).
+#[derive(Clone)]
+struct Single<V>(V);
+
+/// Stored form of map state.
+#[derive(Clone)]
+struct MapEntries<UK, UV>(FxHashMap<UK, UV>);
 
 impl<V: StateValue> Stored for Single<V> {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
@@ -35,20 +41,13 @@ impl<V: StateValue> Stored for Single<V> {
 impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
         for (uk, uv) in &self.0 {
-            w.entry(
-                key,
-                &postcard::to_allocvec(uk)?,
-                &postcard::to_allocvec(uv)?,
-            );
+            w.entry(key, &postcard::to_allocvec(uk)?, &postcard::to_allocvec(uv)?);
         }
         Ok(())
     }
 
     fn decode(existing: Option<&mut Self>, namespace: &[u8], value: &[u8]) -> Result<Option<Self>> {
-        let (uk, uv) = (
-            postcard::from_bytes(namespace)?,
-            postcard::from_bytes(value)?,
-        );
+        let (uk, uv) = (postcard::from_bytes(namespace)?, postcard::from_bytes(value)?);
         match existing {
             Some(m) => {
                 m.0.insert(uk, uv);
@@ -109,15 +108,15 @@ impl<K: Key, S: Stored> TableSnapshot for Table<K, S> {
     }
 }
 
-/// Keyed state of one operator subtask, for the key groups it owns.
-pub struct KeyedBackend {
+/// Keyed state of one operator subtask in hash maps, for the key groups it owns.
+pub struct MemoryBackend {
     range: KeyGroupRange,
     tables: Vec<Box<dyn ErasedTable>>,
     names: Vec<String>,
     restored: RestoredKeyGroups,
 }
 
-impl KeyedBackend {
+impl MemoryBackend {
     /// An empty backend for the key groups in `range`.
     pub fn new(range: KeyGroupRange) -> Self {
         Self {
@@ -128,7 +127,7 @@ impl KeyedBackend {
         }
     }
 
-    /// Hands over restored key-group blocks; states pick their entries up when registered.
+    /// Hands over restored canonical blocks; states pick their entries up when registered.
     pub fn set_restored(&mut self, restored: RestoredKeyGroups) {
         self.restored = restored;
     }
@@ -138,8 +137,12 @@ impl KeyedBackend {
         self.range
     }
 
-    /// Registers (or finds) the state `name` with stored type `S`, loading restored entries.
-    pub(crate) fn register<K: Key, S: Stored>(&mut self, name: &str) -> Result<usize> {
+    /// Whether no state has been registered.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    fn register<K: Key, S: Stored>(&mut self, name: &str) -> Result<StateId> {
         if let Some(id) = self.names.iter().position(|n| n == name) {
             if self.tables[id].as_any().is::<Table<K, S>>() {
                 return Ok(id);
@@ -150,9 +153,7 @@ impl KeyedBackend {
         }
         let mut table = Table::<K, S> {
             name: name.to_string(),
-            maps: (0..self.range.len())
-                .map(|_| Arc::new(FxHashMap::default()))
-                .collect(),
+            maps: (0..self.range.len()).map(|_| Arc::new(FxHashMap::default())).collect(),
         };
         for (kg, payload) in &self.restored.blocks {
             if !self.range.contains(*kg) {
@@ -173,81 +174,191 @@ impl KeyedBackend {
         Ok(self.tables.len() - 1)
     }
 
-    fn table<K: Key, S: Stored>(&self, id: usize) -> &Table<K, S> {
+    pub(crate) fn register_value<K: Key, V: StateValue>(&mut self, name: &str) -> Result<StateId> {
+        self.register::<K, Single<V>>(name)
+    }
+
+    pub(crate) fn register_map<K: Key, UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<StateId> {
+        self.register::<K, MapEntries<UK, UV>>(name)
+    }
+
+    fn table<K: Key, S: Stored>(&self, id: StateId) -> &Table<K, S> {
         self.tables[id]
             .as_any()
             .downcast_ref()
             .expect("a state handle is only created by `register` with its own types")
     }
 
-    fn table_mut<K: Key, S: Stored>(&mut self, id: usize) -> &mut Table<K, S> {
-        self.tables[id]
+    fn map_mut<K: Key, S: Stored>(&mut self, id: StateId, index: usize) -> &mut KgMap<K, S> {
+        let table: &mut Table<K, S> = self.tables[id]
             .as_any_mut()
             .downcast_mut()
-            .expect("a state handle is only created by `register` with its own types")
+            .expect("a state handle is only created by `register` with its own types");
+        &mut table.maps[index]
     }
 
-    pub(crate) fn get<K: Key, S: Stored>(&self, id: usize, kg_index: usize, key: &K) -> Option<&S> {
-        self.table::<K, S>(id).maps[kg_index].get(key)
+    fn slot<K: Key, S: Stored>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Option<&S> {
+        self.table::<K, S>(id).maps[c.index].get(c.key)
     }
 
-    pub(crate) fn get_mut<K: Key, S: Stored>(
-        &mut self,
-        id: usize,
-        kg_index: usize,
-        key: &K,
-    ) -> Option<&mut S> {
-        let map = &mut self.table_mut::<K, S>(id).maps[kg_index];
-        if !map.contains_key(key) {
-            // Do not copy a shared map just to find nothing.
+    /// The stored value of the current key, copying a shared key-group map only when present.
+    fn slot_mut<K: Key, S: Stored>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Option<&mut S> {
+        let map = self.map_mut::<K, S>(id, c.index);
+        if !map.contains_key(c.key) {
             return None;
         }
-        Arc::make_mut(map).get_mut(key)
+        Arc::make_mut(map).get_mut(c.key)
     }
 
-    pub(crate) fn insert<K: Key, S: Stored>(
+    pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {
+        Ok(self.slot::<K, Single<V>>(id, c).map(|s| s.0.clone()))
+    }
+
+    pub(crate) fn value_put<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>, v: V) -> Result<()> {
+        match self.slot_mut::<K, Single<V>>(id, c) {
+            Some(slot) => slot.0 = v,
+            None => {
+                Arc::make_mut(self.map_mut::<K, Single<V>>(id, c.index)).insert(c.key.clone(), Single(v));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn value_update<K: Key, V: StateValue>(
         &mut self,
-        id: usize,
-        kg_index: usize,
-        key: K,
-        value: S,
-    ) {
-        Arc::make_mut(&mut self.table_mut::<K, S>(id).maps[kg_index]).insert(key, value);
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        default: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V),
+    ) -> Result<()> {
+        match self.slot_mut::<K, Single<V>>(id, c) {
+            Some(slot) => f(&mut slot.0),
+            None => {
+                let mut v = default();
+                f(&mut v);
+                Arc::make_mut(self.map_mut::<K, Single<V>>(id, c.index)).insert(c.key.clone(), Single(v));
+            }
+        }
+        Ok(())
     }
 
-    pub(crate) fn remove<K: Key, S: Stored>(&mut self, id: usize, kg_index: usize, key: &K) {
-        let map = &mut self.table_mut::<K, S>(id).maps[kg_index];
-        if map.contains_key(key) {
-            Arc::make_mut(map).remove(key);
+    fn remove<K: Key, S: Stored>(&mut self, id: StateId, c: &CurrentKey<'_, K>) {
+        let map = self.map_mut::<K, S>(id, c.index);
+        if map.contains_key(c.key) {
+            Arc::make_mut(map).remove(c.key);
         }
     }
 
-    pub(crate) fn iter<K: Key, S: Stored>(&self, id: usize) -> impl Iterator<Item = (&K, &S)> {
-        self.table::<K, S>(id).maps.iter().flat_map(|m| m.iter())
+    pub(crate) fn value_remove<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Result<()> {
+        self.remove::<K, Single<V>>(id, c);
+        Ok(())
     }
 
-    /// Whether no state has been registered.
-    pub fn is_empty(&self) -> bool {
-        self.tables.is_empty()
+    pub(crate) fn value_entries<K: Key, V: StateValue>(&self, id: StateId) -> Result<Vec<(K, V)>> {
+        Ok(self
+            .table::<K, Single<V>>(id)
+            .maps
+            .iter()
+            .flat_map(|m| m.iter().map(|(k, v)| (k.clone(), v.0.clone())))
+            .collect())
+    }
+
+    pub(crate) fn map_get<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: &UK,
+    ) -> Result<Option<UV>> {
+        Ok(self
+            .slot::<K, MapEntries<UK, UV>>(id, c)
+            .and_then(|m| m.0.get(uk).cloned()))
+    }
+
+    pub(crate) fn map_put<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: UK,
+        uv: UV,
+    ) -> Result<()> {
+        match self.slot_mut::<K, MapEntries<UK, UV>>(id, c) {
+            Some(m) => {
+                m.0.insert(uk, uv);
+            }
+            None => {
+                let m = MapEntries(FxHashMap::from_iter([(uk, uv)]));
+                Arc::make_mut(self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)).insert(c.key.clone(), m);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn map_remove<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: &UK,
+    ) -> Result<()> {
+        let now_empty = match self.slot_mut::<K, MapEntries<UK, UV>>(id, c) {
+            Some(m) => {
+                m.0.remove(uk);
+                m.0.is_empty()
+            }
+            None => false,
+        };
+        if now_empty {
+            self.remove::<K, MapEntries<UK, UV>>(id, c);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn map_entries<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+    ) -> Result<Vec<(UK, UV)>> {
+        Ok(self
+            .slot::<K, MapEntries<UK, UV>>(id, c)
+            .map(|m| m.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
+
+    pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+    ) -> Result<()> {
+        self.remove::<K, MapEntries<UK, UV>>(id, c);
+        Ok(())
+    }
+
+    pub(crate) fn map_all<K: Key, UK: Key, UV: StateValue>(&self, id: StateId) -> Result<Vec<(K, UK, UV)>> {
+        Ok(self
+            .table::<K, MapEntries<UK, UV>>(id)
+            .maps
+            .iter()
+            .flat_map(|m| m.iter())
+            .flat_map(|(k, m)| m.0.iter().map(move |(uk, uv)| (k.clone(), uk.clone(), uv.clone())))
+            .collect())
     }
 
     /// A copy-on-write view of all state, cheap to take on the task thread.
-    pub fn snapshot(&self) -> KeyedSnapshot {
-        KeyedSnapshot {
+    pub fn snapshot(&self) -> MemorySnapshot {
+        MemorySnapshot {
             range: self.range,
             tables: self.tables.iter().map(|t| t.snapshot()).collect(),
         }
     }
 }
 
-/// A frozen view of a [`KeyedBackend`], written by [`KeyedSnapshot::write`].
-pub struct KeyedSnapshot {
+/// A frozen view of a [`MemoryBackend`].
+pub struct MemorySnapshot {
     range: KeyGroupRange,
     tables: Vec<Box<dyn TableSnapshot>>,
 }
 
-impl KeyedSnapshot {
-    /// Appends one block per key group; returns the index of their offsets.
+impl MemorySnapshot {
+    /// Appends one canonical block per key group; returns the index of their offsets.
     pub fn write(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
         let mut offsets = Vec::with_capacity(self.range.len());
         for i in 0..self.range.len() {

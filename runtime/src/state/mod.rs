@@ -1,13 +1,22 @@
 //! Keyed state as operators see it: typed handles (`ValueState`, `ListState`, `MapState`,
-//! `ReducingState`) that read and write the state of the record's key through a
-//! [`KeyedContext`]. The handles know nothing of the backend's layout.
+//! `ReducingState`) that read and write the state of the current record's key through a
+//! [`KeyedContext`]. The handles know nothing of where state lives: [`KeyedBackend`] dispatches to
+//! the memory backend or to RocksDB, and both speak the same canonical snapshot format.
 
+#[cfg(all(test, feature = "rocksdb"))]
+mod conformance;
 mod memory;
+#[cfg(feature = "rocksdb")]
+mod rocks;
 
-pub use memory::{KeyedBackend, KeyedSnapshot};
+pub use memory::MemoryBackend;
+#[cfg(feature = "rocksdb")]
+pub use rocks::{RocksBackend, RocksSnapshot};
 
-use crate::keygroup::KeyGroup;
-use rustc_hash::FxHashMap;
+use crate::config::StateBackendKind;
+use crate::error::{Error, Result};
+use crate::keygroup::{key_group_for_bytes, KeyGroup, KeyGroupRange};
+use crate::snapshot::{KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::hash::Hash;
@@ -22,23 +31,261 @@ impl<T: Serialize + DeserializeOwned + Hash + Eq + Clone + Send + Sync + 'static
 pub trait StateValue: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
 impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> StateValue for T {}
 
-/// The record's key and key group, and the backend, while a keyed function runs.
+/// The current key: the value, its canonical bytes and its key group.
+pub(crate) struct CurrentKey<'a, K> {
+    pub key: &'a K,
+    pub bytes: &'a [u8],
+    pub key_group: KeyGroup,
+    /// Position of the key group in the backend's range.
+    pub index: usize,
+}
+
+/// The record's key and the backend, while a keyed function runs.
 pub struct KeyedContext<'a, K> {
-    pub(crate) key: &'a K,
-    pub(crate) key_group: KeyGroup,
-    pub(crate) kg_index: usize,
+    pub(crate) cur: CurrentKey<'a, K>,
     pub(crate) backend: &'a mut KeyedBackend,
 }
 
 impl<K> KeyedContext<'_, K> {
     /// The key of the record being processed.
     pub fn key(&self) -> &K {
-        self.key
+        self.cur.key
     }
 
     /// Its key group.
     pub fn key_group(&self) -> KeyGroup {
-        self.key_group
+        self.cur.key_group
+    }
+}
+
+/// Keyed state of one operator subtask, in memory or in RocksDB.
+pub enum KeyedBackend {
+    /// Hash maps per key group, copy-on-write snapshots.
+    Memory(MemoryBackend),
+    /// One RocksDB instance, a column family per state, keys prefixed by key group.
+    #[cfg(feature = "rocksdb")]
+    RocksDb(Box<RocksBackend>),
+}
+
+/// A frozen view of a backend's state, persisted off the task thread.
+pub enum KeyedSnapshot {
+    /// The memory backend's copy-on-write view; written as canonical key-group blocks.
+    Memory(memory::MemorySnapshot),
+    /// A RocksDB native checkpoint on local disk.
+    #[cfg(feature = "rocksdb")]
+    RocksDb(RocksSnapshot),
+}
+
+impl KeyedSnapshot {
+    /// Writes canonical key-group blocks (memory backend only; RocksDB snapshots are persisted
+    /// by the task's uploader).
+    pub fn write_canonical(&self, w: &mut StateFileWriter) -> Result<Option<KeyGroupIndex>> {
+        match self {
+            KeyedSnapshot::Memory(m) => m.write(w).map(Some),
+            #[cfg(feature = "rocksdb")]
+            KeyedSnapshot::RocksDb(r) => r.write_canonical(w).map(Some),
+        }
+    }
+}
+
+/// Identifies a registered state inside its backend.
+pub(crate) type StateId = usize;
+
+macro_rules! dispatch {
+    ($self:expr, $b:ident => $e:expr) => {
+        match $self {
+            KeyedBackend::Memory($b) => $e,
+            #[cfg(feature = "rocksdb")]
+            KeyedBackend::RocksDb($b) => $e,
+        }
+    };
+}
+
+impl KeyedBackend {
+    /// A memory backend for `range`.
+    pub fn memory(range: KeyGroupRange) -> Self {
+        KeyedBackend::Memory(MemoryBackend::new(range))
+    }
+
+    /// The backend of `kind` for `range`, working in `local_dir` (RocksDB only).
+    pub fn open(
+        kind: StateBackendKind,
+        range: KeyGroupRange,
+        local_dir: &std::path::Path,
+        restored: RestoredKeyGroups,
+    ) -> Result<Self> {
+        match kind {
+            StateBackendKind::Memory => {
+                if !restored.rocksdb.is_empty() {
+                    return Err(Error::Incompatible(
+                        "the snapshot holds RocksDB native state, which only the rocksdb state backend reads \
+                         (restore it with --state-backend rocksdb, or restore a canonical savepoint)"
+                            .into(),
+                    ));
+                }
+                let mut m = MemoryBackend::new(range);
+                m.set_restored(restored);
+                Ok(KeyedBackend::Memory(m))
+            }
+            #[cfg(feature = "rocksdb")]
+            StateBackendKind::RocksDb { incremental } => Ok(KeyedBackend::RocksDb(Box::new(RocksBackend::open(
+                range,
+                local_dir,
+                restored,
+                incremental,
+            )?))),
+            #[cfg(not(feature = "rocksdb"))]
+            StateBackendKind::RocksDb { .. } => {
+                let _ = local_dir;
+                Err(Error::Config(
+                    "this binary was built without the rocksdb feature".into(),
+                ))
+            }
+        }
+    }
+
+    /// The key groups this backend owns.
+    pub fn range(&self) -> KeyGroupRange {
+        dispatch!(self, b => b.range())
+    }
+
+    /// Whether no state has been registered.
+    pub fn is_empty(&self) -> bool {
+        dispatch!(self, b => b.is_empty())
+    }
+
+    /// Takes a snapshot for checkpoint `id`; cheap on the task thread.
+    pub fn snapshot(&mut self, id: crate::CheckpointId) -> Result<KeyedSnapshot> {
+        let _ = id;
+        match self {
+            KeyedBackend::Memory(m) => Ok(KeyedSnapshot::Memory(m.snapshot())),
+            #[cfg(feature = "rocksdb")]
+            KeyedBackend::RocksDb(r) => Ok(KeyedSnapshot::RocksDb(r.snapshot(id)?)),
+        }
+    }
+
+    /// Checkpoint `id` is complete: incremental backends may now reference its files.
+    pub fn checkpoint_complete(&mut self, id: crate::CheckpointId) {
+        #[cfg(feature = "rocksdb")]
+        if let KeyedBackend::RocksDb(r) = self {
+            r.checkpoint_complete(id);
+        }
+        let _ = id;
+    }
+
+    /// Registers states on this backend (operators get a registry in `open`).
+    pub fn registry<K: Key>(&mut self) -> crate::operator::StateRegistry<'_, K> {
+        crate::operator::StateRegistry::new(self)
+    }
+
+    /// Runs `f` with `key` as the current key (for tests and tools; operators get a context).
+    pub fn with_key<K: Key, R>(
+        &mut self,
+        key: &K,
+        max_parallelism: u16,
+        f: impl FnOnce(&mut KeyedContext<'_, K>) -> R,
+    ) -> Result<R> {
+        let bytes = postcard::to_allocvec(key)?;
+        let kg = key_group_for_bytes(&bytes, max_parallelism);
+        let range = self.range();
+        if !range.contains(kg) {
+            return Err(Error::User(format!(
+                "key group {} is outside this backend's range {range}",
+                kg.0
+            )));
+        }
+        let mut ctx = KeyedContext {
+            cur: CurrentKey {
+                key,
+                bytes: &bytes,
+                key_group: kg,
+                index: range.index_of(kg),
+            },
+            backend: self,
+        };
+        Ok(f(&mut ctx))
+    }
+
+    pub(crate) fn register_value<K: Key, V: StateValue>(&mut self, name: &str) -> Result<StateId> {
+        dispatch!(self, b => b.register_value::<K, V>(name))
+    }
+
+    pub(crate) fn register_map<K: Key, UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<StateId> {
+        dispatch!(self, b => b.register_map::<K, UK, UV>(name))
+    }
+
+    pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {
+        dispatch!(self, b => b.value_get::<K, V>(id, c))
+    }
+
+    pub(crate) fn value_put<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>, v: V) -> Result<()> {
+        dispatch!(self, b => b.value_put::<K, V>(id, c, v))
+    }
+
+    pub(crate) fn value_update<K: Key, V: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        default: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V),
+    ) -> Result<()> {
+        dispatch!(self, b => b.value_update::<K, V>(id, c, default, f))
+    }
+
+    pub(crate) fn value_remove<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Result<()> {
+        dispatch!(self, b => b.value_remove::<K, V>(id, c))
+    }
+
+    pub(crate) fn value_entries<K: Key, V: StateValue>(&self, id: StateId) -> Result<Vec<(K, V)>> {
+        dispatch!(self, b => b.value_entries::<K, V>(id))
+    }
+
+    pub(crate) fn map_get<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: &UK,
+    ) -> Result<Option<UV>> {
+        dispatch!(self, b => b.map_get::<K, UK, UV>(id, c, uk))
+    }
+
+    pub(crate) fn map_put<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: UK,
+        uv: UV,
+    ) -> Result<()> {
+        dispatch!(self, b => b.map_put::<K, UK, UV>(id, c, uk, uv))
+    }
+
+    pub(crate) fn map_remove<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: &UK,
+    ) -> Result<()> {
+        dispatch!(self, b => b.map_remove::<K, UK, UV>(id, c, uk))
+    }
+
+    pub(crate) fn map_entries<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+    ) -> Result<Vec<(UK, UV)>> {
+        dispatch!(self, b => b.map_entries::<K, UK, UV>(id, c))
+    }
+
+    pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+    ) -> Result<()> {
+        dispatch!(self, b => b.map_clear::<K, UK, UV>(id, c))
+    }
+
+    pub(crate) fn map_all<K: Key, UK: Key, UV: StateValue>(&self, id: StateId) -> Result<Vec<(K, UK, UV)>> {
+        dispatch!(self, b => b.map_all::<K, UK, UV>(id))
     }
 }
 
@@ -50,25 +297,25 @@ pub type ReduceFn<V> = Arc<dyn Fn(&V, &V) -> V + Send + Sync>;
 
 /// A single value per key.
 pub struct ValueState<K, V> {
-    id: usize,
+    id: StateId,
     _t: Marker<(K, V)>,
 }
 
 /// A list of values per key.
 pub struct ListState<K, V> {
-    id: usize,
+    id: StateId,
     _t: Marker<(K, V)>,
 }
 
 /// A map per key.
 pub struct MapState<K, UK, UV> {
-    id: usize,
+    id: StateId,
     _t: Marker<(K, UK, UV)>,
 }
 
 /// A value per key that folds every added value with a reduce function.
 pub struct ReducingState<K, V> {
-    id: usize,
+    id: StateId,
     reduce: ReduceFn<V>,
     _t: Marker<K>,
 }
@@ -96,198 +343,118 @@ impl<K, V> Clone for ReducingState<K, V> {
     }
 }
 
-/// Stored form of value, list and reducing state.
-#[derive(Clone)]
-pub(crate) struct Single<V>(pub V);
-
-/// Stored form of map state.
-#[derive(Clone)]
-pub(crate) struct MapEntries<UK, UV>(pub FxHashMap<UK, UV>);
-
 impl<K: Key, V: StateValue> ValueState<K, V> {
-    pub(crate) fn new(id: usize) -> Self {
-        Self {
-            id,
-            _t: PhantomData,
-        }
+    pub(crate) fn new(id: StateId) -> Self {
+        Self { id, _t: PhantomData }
     }
 
     /// The value of the current key.
-    pub fn get<'c>(&self, ctx: &'c KeyedContext<'_, K>) -> Option<&'c V> {
-        ctx.backend
-            .get::<K, Single<V>>(self.id, ctx.kg_index, ctx.key)
-            .map(|s| &s.0)
+    pub fn get(&self, ctx: &KeyedContext<'_, K>) -> Result<Option<V>> {
+        ctx.backend.value_get::<K, V>(self.id, &ctx.cur)
     }
 
     /// Sets the value of the current key.
-    pub fn update(&self, ctx: &mut KeyedContext<'_, K>, value: V) {
-        let (idx, key) = (ctx.kg_index, ctx.key);
-        match ctx.backend.get_mut::<K, Single<V>>(self.id, idx, key) {
-            Some(slot) => slot.0 = value,
-            None => ctx.backend.insert(self.id, idx, key.clone(), Single(value)),
-        }
+    pub fn update(&self, ctx: &mut KeyedContext<'_, K>, value: V) -> Result<()> {
+        ctx.backend.value_put::<K, V>(self.id, &ctx.cur, value)
     }
 
-    /// Changes the value of the current key in place, starting from `default` when absent.
+    /// Changes the value of the current key, starting from `default` when absent.
     pub fn update_with(
         &self,
         ctx: &mut KeyedContext<'_, K>,
         default: impl FnOnce() -> V,
         f: impl FnOnce(&mut V),
-    ) {
-        let (idx, key) = (ctx.kg_index, ctx.key);
-        match ctx.backend.get_mut::<K, Single<V>>(self.id, idx, key) {
-            Some(slot) => f(&mut slot.0),
-            None => {
-                let mut v = default();
-                f(&mut v);
-                ctx.backend.insert(self.id, idx, key.clone(), Single(v));
-            }
-        }
+    ) -> Result<()> {
+        ctx.backend.value_update::<K, V>(self.id, &ctx.cur, default, f)
     }
 
     /// Removes the value of the current key.
-    pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) {
-        ctx.backend
-            .remove::<K, Single<V>>(self.id, ctx.kg_index, ctx.key);
+    pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
+        ctx.backend.value_remove::<K, V>(self.id, &ctx.cur)
     }
 
     /// Every (key, value) of this subtask, e.g. to emit results at the end of input.
-    pub fn entries<'b>(
-        &self,
-        backend: &'b KeyedBackend,
-    ) -> impl Iterator<Item = (&'b K, &'b V)> + 'b {
-        backend
-            .iter::<K, Single<V>>(self.id)
-            .map(|(k, v)| (k, &v.0))
+    pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, V)>> {
+        backend.value_entries::<K, V>(self.id)
     }
 }
 
 impl<K: Key, V: StateValue> ListState<K, V> {
-    pub(crate) fn new(id: usize) -> Self {
-        Self {
-            id,
-            _t: PhantomData,
-        }
+    pub(crate) fn new(id: StateId) -> Self {
+        Self { id, _t: PhantomData }
     }
 
     /// The list of the current key (empty when absent).
-    pub fn get<'c>(&self, ctx: &'c KeyedContext<'_, K>) -> &'c [V] {
-        ctx.backend
-            .get::<K, Single<Vec<V>>>(self.id, ctx.kg_index, ctx.key)
-            .map(|s| s.0.as_slice())
-            .unwrap_or(&[])
+    pub fn get(&self, ctx: &KeyedContext<'_, K>) -> Result<Vec<V>> {
+        Ok(ctx
+            .backend
+            .value_get::<K, Vec<V>>(self.id, &ctx.cur)?
+            .unwrap_or_default())
     }
 
     /// Appends to the list of the current key.
-    pub fn add(&self, ctx: &mut KeyedContext<'_, K>, value: V) {
-        let (idx, key) = (ctx.kg_index, ctx.key);
-        match ctx.backend.get_mut::<K, Single<Vec<V>>>(self.id, idx, key) {
-            Some(slot) => slot.0.push(value),
-            None => ctx
-                .backend
-                .insert(self.id, idx, key.clone(), Single(vec![value])),
-        }
+    pub fn add(&self, ctx: &mut KeyedContext<'_, K>, value: V) -> Result<()> {
+        ctx.backend
+            .value_update::<K, Vec<V>>(self.id, &ctx.cur, Vec::new, |l| l.push(value))
     }
 
     /// Replaces the list of the current key.
-    pub fn update(&self, ctx: &mut KeyedContext<'_, K>, values: Vec<V>) {
+    pub fn update(&self, ctx: &mut KeyedContext<'_, K>, values: Vec<V>) -> Result<()> {
         if values.is_empty() {
             return self.clear(ctx);
         }
-        ctx.backend
-            .insert(self.id, ctx.kg_index, ctx.key.clone(), Single(values));
+        ctx.backend.value_put::<K, Vec<V>>(self.id, &ctx.cur, values)
     }
 
     /// Removes the list of the current key.
-    pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) {
-        ctx.backend
-            .remove::<K, Single<Vec<V>>>(self.id, ctx.kg_index, ctx.key);
+    pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
+        ctx.backend.value_remove::<K, Vec<V>>(self.id, &ctx.cur)
     }
 
     /// Every (key, list) of this subtask.
-    pub fn entries<'b>(
-        &self,
-        backend: &'b KeyedBackend,
-    ) -> impl Iterator<Item = (&'b K, &'b [V])> + 'b {
-        backend
-            .iter::<K, Single<Vec<V>>>(self.id)
-            .map(|(k, v)| (k, v.0.as_slice()))
+    pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, Vec<V>)>> {
+        backend.value_entries::<K, Vec<V>>(self.id)
     }
 }
 
 impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
-    pub(crate) fn new(id: usize) -> Self {
-        Self {
-            id,
-            _t: PhantomData,
-        }
+    pub(crate) fn new(id: StateId) -> Self {
+        Self { id, _t: PhantomData }
     }
 
     /// The value under `user_key` for the current key.
-    pub fn get<'c>(&self, ctx: &'c KeyedContext<'_, K>, user_key: &UK) -> Option<&'c UV> {
-        ctx.backend
-            .get::<K, MapEntries<UK, UV>>(self.id, ctx.kg_index, ctx.key)
-            .and_then(|m| m.0.get(user_key))
+    pub fn get(&self, ctx: &KeyedContext<'_, K>, user_key: &UK) -> Result<Option<UV>> {
+        ctx.backend.map_get::<K, UK, UV>(self.id, &ctx.cur, user_key)
     }
 
     /// Puts `user_key -> value` for the current key.
-    pub fn put(&self, ctx: &mut KeyedContext<'_, K>, user_key: UK, value: UV) {
-        let (idx, key) = (ctx.kg_index, ctx.key);
-        match ctx
-            .backend
-            .get_mut::<K, MapEntries<UK, UV>>(self.id, idx, key)
-        {
-            Some(m) => {
-                m.0.insert(user_key, value);
-            }
-            None => {
-                let mut m = FxHashMap::default();
-                m.insert(user_key, value);
-                ctx.backend.insert(self.id, idx, key.clone(), MapEntries(m));
-            }
-        }
+    pub fn put(&self, ctx: &mut KeyedContext<'_, K>, user_key: UK, value: UV) -> Result<()> {
+        ctx.backend.map_put::<K, UK, UV>(self.id, &ctx.cur, user_key, value)
     }
 
     /// Removes `user_key` for the current key.
-    pub fn remove(&self, ctx: &mut KeyedContext<'_, K>, user_key: &UK) {
-        let (idx, key) = (ctx.kg_index, ctx.key);
-        let now_empty = match ctx
-            .backend
-            .get_mut::<K, MapEntries<UK, UV>>(self.id, idx, key)
-        {
-            Some(m) => {
-                m.0.remove(user_key);
-                m.0.is_empty()
-            }
-            None => false,
-        };
-        if now_empty {
-            ctx.backend
-                .remove::<K, MapEntries<UK, UV>>(self.id, idx, key);
-        }
+    pub fn remove(&self, ctx: &mut KeyedContext<'_, K>, user_key: &UK) -> Result<()> {
+        ctx.backend.map_remove::<K, UK, UV>(self.id, &ctx.cur, user_key)
     }
 
     /// The current key's entries, in no particular order.
-    pub fn iter<'c>(
-        &self,
-        ctx: &'c KeyedContext<'_, K>,
-    ) -> impl Iterator<Item = (&'c UK, &'c UV)> + 'c {
-        ctx.backend
-            .get::<K, MapEntries<UK, UV>>(self.id, ctx.kg_index, ctx.key)
-            .into_iter()
-            .flat_map(|m| m.0.iter())
+    pub fn entries(&self, ctx: &KeyedContext<'_, K>) -> Result<Vec<(UK, UV)>> {
+        ctx.backend.map_entries::<K, UK, UV>(self.id, &ctx.cur)
     }
 
     /// Removes the whole map of the current key.
-    pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) {
-        ctx.backend
-            .remove::<K, MapEntries<UK, UV>>(self.id, ctx.kg_index, ctx.key);
+    pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
+        ctx.backend.map_clear::<K, UK, UV>(self.id, &ctx.cur)
+    }
+
+    /// Every (key, user key, value) of this subtask.
+    pub fn all_entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, UK, UV)>> {
+        backend.map_all::<K, UK, UV>(self.id)
     }
 }
 
 impl<K: Key, V: StateValue> ReducingState<K, V> {
-    pub(crate) fn new(id: usize, reduce: ReduceFn<V>) -> Self {
+    pub(crate) fn new(id: StateId, reduce: ReduceFn<V>) -> Self {
         Self {
             id,
             reduce,
@@ -296,34 +463,26 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
     }
 
     /// The reduced value of the current key.
-    pub fn get<'c>(&self, ctx: &'c KeyedContext<'_, K>) -> Option<&'c V> {
-        ctx.backend
-            .get::<K, Single<V>>(self.id, ctx.kg_index, ctx.key)
-            .map(|s| &s.0)
+    pub fn get(&self, ctx: &KeyedContext<'_, K>) -> Result<Option<V>> {
+        ctx.backend.value_get::<K, V>(self.id, &ctx.cur)
     }
 
     /// Folds `value` into the current key's value.
-    pub fn add(&self, ctx: &mut KeyedContext<'_, K>, value: V) {
-        let (idx, key) = (ctx.kg_index, ctx.key);
-        match ctx.backend.get_mut::<K, Single<V>>(self.id, idx, key) {
-            Some(slot) => slot.0 = (self.reduce)(&slot.0, &value),
-            None => ctx.backend.insert(self.id, idx, key.clone(), Single(value)),
-        }
+    pub fn add(&self, ctx: &mut KeyedContext<'_, K>, value: V) -> Result<()> {
+        let folded = match ctx.backend.value_get::<K, V>(self.id, &ctx.cur)? {
+            Some(old) => (self.reduce)(&old, &value),
+            None => value,
+        };
+        ctx.backend.value_put::<K, V>(self.id, &ctx.cur, folded)
     }
 
     /// Removes the current key's value.
-    pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) {
-        ctx.backend
-            .remove::<K, Single<V>>(self.id, ctx.kg_index, ctx.key);
+    pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
+        ctx.backend.value_remove::<K, V>(self.id, &ctx.cur)
     }
 
     /// Every (key, value) of this subtask.
-    pub fn entries<'b>(
-        &self,
-        backend: &'b KeyedBackend,
-    ) -> impl Iterator<Item = (&'b K, &'b V)> + 'b {
-        backend
-            .iter::<K, Single<V>>(self.id)
-            .map(|(k, v)| (k, &v.0))
+    pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, V)>> {
+        backend.value_entries::<K, V>(self.id)
     }
 }

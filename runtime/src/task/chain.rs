@@ -18,11 +18,7 @@ pub(crate) trait ChainInput<T>: Send {
     fn process(&mut self, batch: Vec<T>) -> Result<()>;
     fn watermark(&mut self, watermark: Timestamp) -> Result<()>;
     /// Snapshot this link, then pass the barrier on.
-    fn barrier(
-        &mut self,
-        barrier: CheckpointBarrier,
-        snapshots: &mut Vec<PendingSnapshot>,
-    ) -> Result<()>;
+    fn barrier(&mut self, barrier: CheckpointBarrier, snapshots: &mut Vec<PendingSnapshot>) -> Result<()>;
     fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()>;
     fn end_of_input(&mut self) -> Result<()>;
     /// Push partially filled output batches downstream (the input went idle).
@@ -63,11 +59,7 @@ impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
         self.next.watermark(watermark)
     }
 
-    fn barrier(
-        &mut self,
-        barrier: CheckpointBarrier,
-        snapshots: &mut Vec<PendingSnapshot>,
-    ) -> Result<()> {
+    fn barrier(&mut self, barrier: CheckpointBarrier, snapshots: &mut Vec<PendingSnapshot>) -> Result<()> {
         let snapshot = self.op.snapshot(barrier.id)?;
         if !snapshot.is_empty() {
             snapshots.push(PendingSnapshot {
@@ -139,9 +131,7 @@ impl<T: Data> ChainInput<T> for FanOut<T> {
         self.outputs.iter_mut().try_for_each(|o| o.barrier(b, s))
     }
     fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()> {
-        self.outputs
-            .iter_mut()
-            .try_for_each(|o| o.checkpoint_complete(id))
+        self.outputs.iter_mut().try_for_each(|o| o.checkpoint_complete(id))
     }
     fn end_of_input(&mut self) -> Result<()> {
         self.outputs.iter_mut().try_for_each(|o| o.end_of_input())

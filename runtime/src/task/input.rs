@@ -82,15 +82,10 @@ impl<T> InputGate<T> {
         Ok(None)
     }
 
-    fn block(
-        &mut self,
-        control: &Receiver<TaskCommand>,
-    ) -> Result<Result<(usize, StreamElement<T>), TaskCommand>> {
+    fn block(&mut self, control: &Receiver<TaskCommand>) -> Result<Result<(usize, StreamElement<T>), TaskCommand>> {
         let mut sel = Select::new();
         sel.recv(control);
-        let channels: Vec<usize> = (0..self.inputs.len())
-            .filter(|c| self.readable(*c))
-            .collect();
+        let channels: Vec<usize> = (0..self.inputs.len()).filter(|c| self.readable(*c)).collect();
         for ch in &channels {
             sel.recv(&self.inputs[*ch]);
         }
@@ -160,10 +155,7 @@ impl<T> InputGate<T> {
                         if let AlignOutcome::Aligned(b) = *then {
                             self.pending.push_back(GateEvent::Barrier(b));
                         }
-                        return Ok(GateEvent::Declined(
-                            abandoned,
-                            "subsumed by a newer checkpoint",
-                        ));
+                        return Ok(GateEvent::Declined(abandoned, "subsumed by a newer checkpoint"));
                     }
                     _ => {}
                 },

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::operator::{OperatorSnapshot, SourceFunction, SourcePoll};
 use crate::protocol::{AckedState, TaskCommand, TaskEvent, TaskId};
 use crate::snapshot::{StateFileWriter, StateHandle};
+use crate::state::KeyedSnapshot;
 use crate::storage::{CheckpointPaths, Storage};
 use chain::{Chain, PendingSnapshot};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -37,6 +38,10 @@ pub(crate) struct AttemptShared {
     pub cancel: Arc<AtomicBool>,
     /// Records emitted by sources, for throughput figures.
     pub source_records: Arc<AtomicU64>,
+    /// Restart count of this attempt.
+    pub attempt: u32,
+    /// Longest an upload may take; then it fails (and the checkpoint is declined).
+    pub upload_timeout: std::time::Duration,
 }
 
 /// Everything a task needs besides its operators: its identity, its command channel, the
@@ -88,39 +93,30 @@ impl TaskRuntime {
 
     /// Uploads the snapshots taken for `barrier` asynchronously, then acknowledges (or declines
     /// with the storage error).
-    pub fn upload(
-        &mut self,
-        barrier: CheckpointBarrier,
-        snapshots: Vec<PendingSnapshot>,
-        sync_started: Instant,
-    ) {
+    pub fn upload(&mut self, barrier: CheckpointBarrier, snapshots: Vec<PendingSnapshot>, sync_started: Instant) {
         let id = barrier.id;
         if !self.undecided(id) {
             return;
         }
         self.decided = Some(id);
         let sync_micros = sync_started.elapsed().as_micros() as u64;
-        let (storage, events, task) = (
-            self.shared.storage.clone(),
-            self.shared.events.clone(),
-            self.task,
-        );
-        let dir = self.shared.paths.checkpoint_dir(id);
+        let (events, task) = (self.shared.events.clone(), self.task);
+        let target = PersistTarget {
+            storage: self.shared.storage.clone(),
+            job_dir: self.shared.paths.job_dir(),
+            chk_dir: self.shared.paths.checkpoint_dir(id),
+            subtask: task.subtask,
+            attempt: self.shared.attempt,
+            timeout: self.shared.upload_timeout,
+        };
         let job = async move {
             let started = Instant::now();
             let mut states = Vec::with_capacity(snapshots.len());
             let mut bytes = 0u64;
             for s in snapshots {
-                let rel = CheckpointPaths::state_file_relative(&s.uid, task.subtask);
-                let path = format!("{dir}{rel}");
-                let (data, mut handle) =
-                    tokio::task::spawn_blocking(move || encode_state_file(&s.snapshot))
-                        .await
-                        .map_err(|e| Error::User(format!("snapshot encoding panicked: {e}")))??;
-                handle.path = rel;
-                bytes += data.len() as u64;
-                storage.write(&path, data).await?;
-                states.push(AckedState { uid: s.uid, handle });
+                let (state, n) = persist(s, &target).await?;
+                bytes += n;
+                states.push(state);
             }
             Ok::<_, Error>((states, bytes, started.elapsed().as_micros() as u64))
         };
@@ -184,27 +180,145 @@ impl TaskRuntime {
     }
 }
 
-/// Serializes one operator's snapshot into a state file.
-fn encode_state_file(s: &OperatorSnapshot) -> Result<(Vec<u8>, StateHandle)> {
+/// Where one task's snapshot files go.
+#[derive(Clone)]
+pub(crate) struct PersistTarget {
+    pub storage: Storage,
+    pub job_dir: String,
+    pub chk_dir: String,
+    pub subtask: usize,
+    pub attempt: u32,
+    pub timeout: std::time::Duration,
+}
+
+/// Persists one operator's snapshot: its state file and, for RocksDB, the SST files no
+/// completed checkpoint holds yet. On failure the files it wrote are deleted again.
+pub(crate) async fn persist(s: PendingSnapshot, t: &PersistTarget) -> Result<(AckedState, u64)> {
+    let mut written: Vec<String> = Vec::new();
+    // Bounded, so that a hung store cannot hold a task's termination (and a failover) forever.
+    let result = match tokio::time::timeout(t.timeout, persist_inner(s, t, &mut written)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::User(format!("snapshot upload took longer than {:?}", t.timeout))),
+    };
+    if result.is_err() {
+        for path in written {
+            let _ = t.storage.delete(&path).await;
+        }
+    }
+    result
+}
+
+async fn persist_inner(s: PendingSnapshot, t: &PersistTarget, written: &mut Vec<String>) -> Result<(AckedState, u64)> {
+    let rel = CheckpointPaths::state_file_relative(&s.uid, t.subtask);
     let mut w = StateFileWriter::new();
-    let key_groups = s.keyed.as_ref().map(|k| k.write(&mut w)).transpose()?;
-    let operator_state = if s.operator.is_empty() {
+    let mut key_groups = None;
+    let mut rocksdb = None;
+    let mut new_shared = Vec::new();
+    let mut bytes = 0u64;
+    match s.snapshot.keyed {
+        None => {}
+        Some(KeyedSnapshot::Memory(m)) => {
+            let (back, index) = blocking(move || {
+                let index = m.write(&mut w)?;
+                Ok((w, index))
+            })
+            .await?;
+            w = back;
+            key_groups = Some(index);
+        }
+        #[cfg(feature = "rocksdb")]
+        Some(KeyedSnapshot::RocksDb(r)) => {
+            let (r, files) = blocking(move || {
+                let files = r.local_files()?;
+                Ok((r, files))
+            })
+            .await?;
+            let mut ssts = Vec::with_capacity(files.ssts.len());
+            for (name, path, size) in files.ssts {
+                if r.incremental() {
+                    if let Some(stored) = r.already_stored(&name, size) {
+                        ssts.push(stored.clone());
+                        continue;
+                    }
+                }
+                let data = tokio::fs::read(&path)
+                    .await
+                    .map_err(|e| Error::User(format!("cannot read {}: {e}", path.display())))?;
+                let crc32 = crc32fast::hash(&data);
+                let (stored_path, full) = if r.incremental() {
+                    let p = CheckpointPaths::shared_sst_relative(&s.uid, t.subtask, t.attempt, &name);
+                    (p.clone(), format!("{}{p}", t.job_dir))
+                } else {
+                    let p = CheckpointPaths::exclusive_sst_relative(&s.uid, t.subtask, &name);
+                    (p.clone(), format!("{}{p}", t.chk_dir))
+                };
+                bytes += data.len() as u64;
+                written.push(full.clone());
+                t.storage.write(&full, data).await?;
+                if r.incremental() {
+                    new_shared.push(stored_path.clone());
+                }
+                ssts.push(crate::snapshot::RocksFile {
+                    name,
+                    path: stored_path,
+                    size,
+                    crc32,
+                    shared: r.incremental(),
+                });
+            }
+            r.record(ssts.clone());
+            let small_files_block = w.begin_block();
+            w.payload().extend_from_slice(&postcard::to_allocvec(&files.small)?);
+            w.end_block();
+            rocksdb = Some(crate::snapshot::RocksDbHandle {
+                range: r.range(),
+                sst_files: ssts,
+                small_files_block,
+            });
+            // Dropping the snapshot removes its local hard links.
+            blocking(move || {
+                drop(r);
+                Ok(())
+            })
+            .await?;
+        }
+    }
+    let operator_state = if s.snapshot.operator.is_empty() {
         None
     } else {
         let at = w.begin_block();
-        let bytes = postcard::to_allocvec(&s.operator)?;
-        w.payload().extend_from_slice(&bytes);
+        w.payload()
+            .extend_from_slice(&postcard::to_allocvec(&s.snapshot.operator)?);
         w.end_block();
         Some(at)
     };
     let data = w.finish();
     let handle = StateHandle {
-        path: String::new(),
+        path: rel.clone(),
         size: data.len() as u64,
         key_groups,
         operator_state,
+        rocksdb,
     };
-    Ok((data, handle))
+    bytes += data.len() as u64;
+    let full = format!("{}{rel}", t.chk_dir);
+    written.push(full.clone());
+    t.storage.write(&full, data).await?;
+    Ok((
+        AckedState {
+            uid: s.uid,
+            handle,
+            new_shared,
+        },
+        bytes,
+    ))
+}
+
+/// Runs CPU-bound or blocking work off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::User(format!("snapshot work panicked: {e}")))?
 }
 
 /// Runs a source: polls it, and between two polls takes commands (a trigger snapshots the
@@ -225,10 +339,7 @@ impl<S: SourceFunction> SourceDriver<S> {
                 if !operator.is_empty() {
                     snapshots.push(PendingSnapshot {
                         uid: self.uid.clone(),
-                        snapshot: OperatorSnapshot {
-                            keyed: None,
-                            operator,
-                        },
+                        snapshot: OperatorSnapshot { keyed: None, operator },
                     });
                 }
                 self.chain.barrier(barrier, &mut snapshots)?;
