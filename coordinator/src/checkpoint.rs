@@ -8,7 +8,7 @@
 
 use crate::retention::{CompletedCheckpoints, Removed};
 use sluice_runtime::config::CheckpointConfig;
-use sluice_runtime::executor::{CommandSender, Deployment};
+use sluice_runtime::executor::{CommandSender, Deployment, SavepointTarget, SavepointTargets};
 use sluice_runtime::graph::JobGraph;
 use sluice_runtime::protocol::{AckedState, TaskCommand, TaskEvent, TaskId, TaskOutcome};
 use sluice_runtime::snapshot::{CheckpointMetadata, OperatorSnapshotMeta, FORMAT_VERSION};
@@ -27,8 +27,10 @@ pub struct CheckpointStats {
     pub id: CheckpointId,
     /// Trigger to `_metadata` written.
     pub duration: Duration,
-    /// Bytes of state files.
+    /// Bytes uploaded for this checkpoint.
     pub bytes: u64,
+    /// Bytes of all the state the checkpoint references (uploaded now or earlier).
+    pub state_bytes: u64,
     /// Longest synchronous part at any task, microseconds.
     pub max_sync_micros: u64,
     /// Longest asynchronous upload at any task, microseconds.
@@ -46,6 +48,29 @@ pub(crate) enum AttemptEnd {
     },
 }
 
+/// A request to the job master, from a [`crate::master::JobHandle`].
+pub enum MasterCommand {
+    /// Take a savepoint under `target`; the reply carries its URL or why it failed.
+    Savepoint {
+        /// Base URL; the savepoint goes to `<target>/savepoint-<job>-<n>/`.
+        target: String,
+        /// Where the outcome goes.
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// A savepoint asked for and not yet triggered.
+struct SavepointRequest {
+    storage: Storage,
+    reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
+/// A savepoint in flight: where its files go, and who waits for it.
+struct SavepointInFlight {
+    target: SavepointTarget,
+    reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+}
+
 struct Pending {
     barrier: CheckpointBarrier,
     started: Instant,
@@ -54,12 +79,15 @@ struct Pending {
     bytes: u64,
     max_sync: u64,
     max_async: u64,
+    savepoint: Option<SavepointInFlight>,
 }
 
 /// An aborted checkpoint whose directory is deleted when no task can write to it any more.
 struct Draining {
     id: CheckpointId,
     awaiting: BTreeSet<TaskId>,
+    /// A savepoint's directory; `None` for the checkpoint's own.
+    location: Option<SavepointTarget>,
 }
 
 pub(crate) struct CheckpointCoordinator {
@@ -74,6 +102,11 @@ pub(crate) struct CheckpointCoordinator {
     failed_total: u64,
     consecutive_failures: u32,
     source_records: u64,
+    savepoints: SavepointTargets,
+    savepoint_queue: std::collections::VecDeque<SavepointRequest>,
+    restore_times: Vec<Duration>,
+    /// A restored job directory to claim once every task has restored (url, retained).
+    claim: Option<(String, usize)>,
 }
 
 /// State of one attempt's event loop.
@@ -87,6 +120,7 @@ struct Attempt {
     pending: Option<Pending>,
     draining: Vec<Draining>,
     next_trigger: Option<Instant>,
+    deployed: Instant,
 }
 
 impl Attempt {
@@ -132,7 +166,26 @@ impl CheckpointCoordinator {
             failed_total: 0,
             consecutive_failures: 0,
             source_records: 0,
+            savepoints: Default::default(),
+            savepoint_queue: Default::default(),
+            restore_times: Vec::new(),
+            claim: None,
         }
+    }
+
+    /// Where tasks look up savepoint targets (shared with every deployment).
+    pub(crate) fn savepoint_targets(&self) -> SavepointTargets {
+        self.savepoints.clone()
+    }
+
+    /// Claims the directory of the job `url` belongs to, once the first restore has succeeded.
+    pub(crate) fn claim_after_restore(&mut self, url: String, retained: usize) {
+        self.claim = Some((url, retained));
+    }
+
+    /// Per attempt, the time from deployment until every task had restored and was running.
+    pub(crate) fn restore_times(&self) -> &[Duration] {
+        &self.restore_times
     }
 
     pub(crate) fn stats(&self) -> &[CheckpointStats] {
@@ -153,6 +206,7 @@ impl CheckpointCoordinator {
         &mut self,
         mut deployment: Deployment,
         mut events: UnboundedReceiver<TaskEvent>,
+        commands: &mut UnboundedReceiver<MasterCommand>,
         completed: &mut CompletedCheckpoints,
     ) -> AttemptEnd {
         let mut a = Attempt {
@@ -165,6 +219,7 @@ impl CheckpointCoordinator {
             pending: None,
             draining: Vec::new(),
             next_trigger: None,
+            deployed: Instant::now(),
         };
         let mut end = loop {
             let deadline = match &a.pending {
@@ -172,17 +227,19 @@ impl CheckpointCoordinator {
                 None if !a.any_finished => a.next_trigger,
                 None => None,
             };
-            let event = match deadline {
-                Some(d) => tokio::select! {
-                    e = events.recv() => e,
-                    _ = tokio::time::sleep_until(d.into()) => {
-                        if let Some(end) = self.on_timer(&mut a, completed).await {
-                            break end;
-                        }
-                        continue;
+            let far = Instant::now() + Duration::from_secs(3600);
+            let event = tokio::select! {
+                e = events.recv() => e,
+                Some(cmd) = commands.recv() => {
+                    self.on_command(&mut a, cmd);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far).into()), if deadline.is_some() => {
+                    if let Some(end) = self.on_timer(&mut a, completed).await {
+                        break end;
                     }
-                },
-                None => events.recv().await,
+                    continue;
+                }
             };
             let Some(event) = event else {
                 break AttemptEnd::Failed {
@@ -226,14 +283,24 @@ impl CheckpointCoordinator {
         self.source_records += deployment.source_records();
         let _ = tokio::task::spawn_blocking(move || deployment.join()).await;
         // No task can write any more: remove every checkpoint that did not complete.
-        let leftovers = a
-            .pending
-            .take()
-            .map(|p| p.barrier.id)
-            .into_iter()
-            .chain(a.draining.iter().map(|d| d.id));
-        for id in leftovers.collect::<Vec<_>>() {
-            self.delete_checkpoint(id).await;
+        if let Some(p) = a.pending.take() {
+            let location = p.savepoint.map(|sp| {
+                let _ = sp
+                    .reply
+                    .send(Err("the job stopped before the savepoint completed".into()));
+                sp.target
+            });
+            self.delete_location(p.barrier.id, location.as_ref()).await;
+        }
+        for d in std::mem::take(&mut a.draining) {
+            self.delete_location(d.id, d.location.as_ref()).await;
+        }
+        if matches!(end, AttemptEnd::Finished) {
+            for r in self.savepoint_queue.drain(..) {
+                let _ = r
+                    .reply
+                    .send(Err("the job finished before the savepoint could be taken".into()));
+            }
         }
         end
     }
@@ -247,18 +314,60 @@ impl CheckpointCoordinator {
             return None;
         }
         if a.next_trigger.is_some_and(|t| Instant::now() >= t) {
-            self.trigger(a);
+            self.trigger(a, None);
         }
         None
     }
 
-    fn trigger(&mut self, a: &mut Attempt) {
+    fn on_command(&mut self, a: &mut Attempt, cmd: MasterCommand) {
+        match cmd {
+            MasterCommand::Savepoint { target, reply } => match Storage::open(&target) {
+                Ok(storage) => {
+                    self.savepoint_queue.push_back(SavepointRequest { storage, reply });
+                    self.maybe_trigger_savepoint(a);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            },
+        }
+    }
+
+    /// A requested savepoint goes next, as soon as no checkpoint is in flight.
+    fn maybe_trigger_savepoint(&mut self, a: &mut Attempt) {
+        let ready = a.pending.is_none() && a.running.len() == a.all.len() && !a.any_finished;
+        if ready {
+            if let Some(request) = self.savepoint_queue.pop_front() {
+                self.trigger(a, Some(request));
+            }
+        }
+    }
+
+    fn trigger(&mut self, a: &mut Attempt, savepoint: Option<SavepointRequest>) {
+        let id = CheckpointId(self.next_id);
+        let kind = match savepoint {
+            Some(_) => CheckpointKind::Savepoint,
+            None => CheckpointKind::Checkpoint,
+        };
         let barrier = CheckpointBarrier {
-            id: CheckpointId(self.next_id),
+            id,
             timestamp_ms: now_ms(),
-            kind: CheckpointKind::Checkpoint,
+            kind,
         };
         self.next_id += 1;
+        let savepoint = savepoint.map(|r| {
+            let job = self.paths.job_dir();
+            let short: String = job.chars().take(8).collect();
+            let target = SavepointTarget {
+                storage: r.storage,
+                dir: format!("savepoint-{short}-{}/", id.0),
+            };
+            self.savepoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, target.clone());
+            SavepointInFlight { target, reply: r.reply }
+        });
         debug!(checkpoint = barrier.id.0, "triggering checkpoint");
         for s in &a.sources {
             a.send(*s, TaskCommand::TriggerCheckpoint(barrier));
@@ -271,6 +380,7 @@ impl CheckpointCoordinator {
             bytes: 0,
             max_sync: 0,
             max_async: 0,
+            savepoint,
         });
         a.next_trigger = None;
     }
@@ -292,7 +402,12 @@ impl CheckpointCoordinator {
             TaskEvent::Running { task } => {
                 a.running.insert(task);
                 if a.running.len() == a.all.len() {
+                    self.restore_times.push(a.deployed.elapsed());
+                    if let Some((url, retained)) = self.claim.take() {
+                        crate::master::claim_restored_job_dir(&url, retained).await;
+                    }
                     self.schedule_next(a, Instant::now());
+                    self.maybe_trigger_savepoint(a);
                 }
                 None
             }
@@ -381,18 +496,17 @@ impl CheckpointCoordinator {
     /// A task can no longer write into an aborted checkpoint (it reported on `checkpoint`, or
     /// terminated when `None`): delete the checkpoint's directory once no task can.
     async fn drained(&mut self, a: &mut Attempt, task: TaskId, checkpoint: Option<CheckpointId>) {
-        let mut done = Vec::new();
         for d in &mut a.draining {
             if checkpoint.is_none_or(|c| c == d.id) {
                 d.awaiting.remove(&task);
             }
-            if d.awaiting.is_empty() {
-                done.push(d.id);
-            }
         }
-        a.draining.retain(|d| !d.awaiting.is_empty());
-        for id in done {
-            self.delete_checkpoint(id).await;
+        let (done, still): (Vec<Draining>, Vec<Draining>) = std::mem::take(&mut a.draining)
+            .into_iter()
+            .partition(|d| d.awaiting.is_empty());
+        a.draining = still;
+        for d in done {
+            self.delete_location(d.id, d.location.as_ref()).await;
         }
     }
 
@@ -413,14 +527,21 @@ impl CheckpointCoordinator {
         self.delete_unreferenced_shared(new_shared, completed).await;
         warn!(checkpoint = id.0, %reason, "checkpoint aborted");
         a.broadcast(TaskCommand::AbortCheckpoint(id));
+        let is_savepoint = p.savepoint.is_some();
+        let location = p.savepoint.map(|sp| {
+            let _ = sp.reply.send(Err(format!("savepoint {} failed: {reason}", id.0)));
+            sp.target
+        });
         let awaiting: BTreeSet<TaskId> = p.awaiting.difference(&a.terminated).copied().collect();
         if awaiting.is_empty() {
-            self.delete_checkpoint(id).await;
+            self.delete_location(id, location.as_ref()).await;
         } else {
-            a.draining.push(Draining { id, awaiting });
+            a.draining.push(Draining { id, awaiting, location });
         }
         self.schedule_next(a, p.started);
-        if !counts {
+        self.maybe_trigger_savepoint(a);
+        // A failed savepoint is the user's to retry; it does not fail the job over.
+        if !counts || is_savepoint {
             return None;
         }
         self.failed_total += 1;
@@ -438,7 +559,7 @@ impl CheckpointCoordinator {
     async fn complete(
         &mut self,
         a: &mut Attempt,
-        p: Pending,
+        mut p: Pending,
         completed: &mut CompletedCheckpoints,
     ) -> Option<AttemptEnd> {
         let id = p.barrier.id;
@@ -473,6 +594,9 @@ impl CheckpointCoordinator {
             max_parallelism: self.graph.max_parallelism(),
             operators,
         };
+        if let Some(sp) = p.savepoint.take() {
+            return self.complete_savepoint(a, p, sp, metadata).await;
+        }
         // Never commit a reference to a shared file that retention may already have deleted
         // (a task that had not yet seen the previous completion may reference stale files).
         let shared: Vec<String> = metadata.shared_files().map(str::to_string).collect();
@@ -502,10 +626,13 @@ impl CheckpointCoordinator {
             bytes = p.bytes,
             "checkpoint completed"
         );
+        let state_bytes = metadata.referenced_files().map(|h| h.size).sum::<u64>()
+            + metadata.sst_files().map(|f| f.size).sum::<u64>();
         self.stats.push(CheckpointStats {
             id,
             duration,
             bytes: p.bytes,
+            state_bytes,
             max_sync_micros: p.max_sync,
             max_async_micros: p.max_async,
         });
@@ -514,7 +641,49 @@ impl CheckpointCoordinator {
         let removed = completed.add(id, shared);
         self.delete_removed(removed).await;
         self.schedule_next(a, p.started);
+        self.maybe_trigger_savepoint(a);
         None
+    }
+
+    /// Commits a savepoint: its `_metadata` goes into its own directory; it does not join the
+    /// retained checkpoints.
+    async fn complete_savepoint(
+        &mut self,
+        a: &mut Attempt,
+        p: Pending,
+        sp: SavepointInFlight,
+        metadata: CheckpointMetadata,
+    ) -> Option<AttemptEnd> {
+        let id = p.barrier.id;
+        let path = format!("{}{}", sp.target.dir, sluice_runtime::storage::METADATA_FILE);
+        if let Err(e) = sp.target.storage.write_atomic(&path, metadata.encode()).await {
+            let _ = sp
+                .reply
+                .send(Err(format!("writing the savepoint's _metadata failed: {e}")));
+            self.delete_location(id, Some(&sp.target)).await;
+        } else {
+            let url = sp.target.storage.location(sp.target.dir.trim_end_matches('/'));
+            info!(savepoint = id.0, %url, duration_ms = p.started.elapsed().as_secs_f64() * 1e3, "savepoint completed");
+            let _ = sp.reply.send(Ok(url));
+            a.broadcast(TaskCommand::CheckpointComplete(id));
+        }
+        self.savepoints.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.schedule_next(a, p.started);
+        self.maybe_trigger_savepoint(a);
+        None
+    }
+
+    /// Deletes the directory of checkpoint `id`, or of a savepoint at `location`.
+    async fn delete_location(&self, id: CheckpointId, location: Option<&SavepointTarget>) {
+        match location {
+            None => self.delete_checkpoint(id).await,
+            Some(t) => {
+                self.savepoints.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                if let Err(e) = t.storage.delete_dir(&t.dir).await {
+                    warn!(savepoint = id.0, error = %e, "cannot delete a failed savepoint");
+                }
+            }
+        }
     }
 
     /// Deletes subsumed checkpoints and the shared files only they referenced.

@@ -65,9 +65,10 @@ struct JobFlags {
     /// Default parallelism of every operator
     #[arg(long, default_value_t = 1)]
     parallelism: usize,
-    /// Number of key groups (the upper bound of any future parallelism)
-    #[arg(long, default_value_t = sluice_runtime::keygroup::DEFAULT_MAX_PARALLELISM)]
-    max_parallelism: u16,
+    /// Number of key groups, the upper bound of any future parallelism (default 128, or the
+    /// snapshot's when restoring)
+    #[arg(long)]
+    max_parallelism: Option<u16>,
     /// Keyed state backend: memory or rocksdb
     #[arg(long, default_value = "memory")]
     state_backend: String,
@@ -145,7 +146,10 @@ impl JobFlags {
         }
         let mut c = JobConfig {
             parallelism: self.parallelism,
-            max_parallelism: self.max_parallelism,
+            max_parallelism: self
+                .max_parallelism
+                .unwrap_or(sluice_runtime::keygroup::DEFAULT_MAX_PARALLELISM),
+            max_parallelism_from_snapshot: self.max_parallelism.is_none(),
             state_backend,
             checkpoint_dir: self.checkpoint_dir.clone(),
             from_savepoint: self.from_savepoint.clone(),
@@ -271,6 +275,8 @@ fn print_report(r: &JobReport) {
     durations.sort_by(f64::total_cmp);
     let mut sizes: Vec<f64> = r.checkpoints.iter().map(|c| c.bytes as f64).collect();
     sizes.sort_by(f64::total_cmp);
+    let mut state: Vec<f64> = r.checkpoints.iter().map(|c| c.state_bytes as f64).collect();
+    state.sort_by(f64::total_cmp);
     let max_sync = r.checkpoints.iter().map(|c| c.max_sync_micros).max().unwrap_or(0);
     println!(
         "  checkpoints: {} completed, {} failed; duration p50 {:.1} ms, max {:.1} ms; size p50 {:.0} bytes; \
@@ -282,6 +288,17 @@ fn print_report(r: &JobReport) {
         percentile(&sizes, 0.5),
         max_sync as f64 / 1e3
     );
+    if !r.checkpoints.is_empty() {
+        println!(
+            "  uploaded per checkpoint: p50 {:.0} bytes, max {:.0} bytes; state referenced p50 {:.0} bytes",
+            percentile(&sizes, 0.5),
+            sizes.last().copied().unwrap_or(0.0),
+            percentile(&state, 0.5)
+        );
+    }
+    if let Some(first) = r.restore_times.first() {
+        println!("  restore (deploy to running): {:.1} ms", first.as_secs_f64() * 1e3);
+    }
     let retained: Vec<String> = r.retained.iter().map(|id| format!("chk-{id}")).collect();
     println!(
         "  retained: {}",

@@ -10,4 +10,4 @@ pub mod cli;
 pub mod master;
 pub mod retention;
 
-pub use master::{run_job, JobOutcome, JobReport, JobSubmission, RestartRecord, RestoredFrom};
+pub use master::{run_job, spawn_job, JobHandle, JobOutcome, JobReport, JobSubmission, RestartRecord, RestoredFrom};

@@ -2,7 +2,7 @@
 //! fails over. The checkpoint coordinator lives in [`crate::checkpoint`]; this module owns the
 //! attempt lifecycle and the restart strategy.
 
-use crate::checkpoint::{AttemptEnd, CheckpointCoordinator, CheckpointStats};
+use crate::checkpoint::{AttemptEnd, CheckpointCoordinator, CheckpointStats, MasterCommand};
 use crate::retention::CompletedCheckpoints;
 use sluice_runtime::config::JobConfig;
 use sluice_runtime::executor::{deploy, DeployConfig};
@@ -77,6 +77,8 @@ pub struct JobReport {
     pub retained: Vec<CheckpointId>,
     /// Records the sources emitted (replays included).
     pub source_records: u64,
+    /// Per attempt, deployment until every task had restored its state and was running.
+    pub restore_times: Vec<Duration>,
     /// From the first deployment to the end.
     pub elapsed: Duration,
 }
@@ -117,14 +119,84 @@ pub async fn open_savepoint(url: &str, job: &str, graph: &JobGraph, config: &Job
 /// processed (bad configuration, storage, snapshot); a job that runs and fails returns a report
 /// with [`JobOutcome::Failed`].
 pub fn run_job(sub: JobSubmission) -> Result<JobReport> {
+    spawn_job(sub)?.wait()
+}
+
+/// A job running in this process, on its own threads.
+pub struct JobHandle {
+    job_id: String,
+    commands: tokio::sync::mpsc::UnboundedSender<MasterCommand>,
+    thread: std::thread::JoinHandle<Result<JobReport>>,
+}
+
+impl JobHandle {
+    /// The job's id.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
+    /// Takes a savepoint under `target` (a storage URL) and returns its URL once its
+    /// `_metadata` is written. The savepoint is canonical and self-contained: it restores into
+    /// either state backend.
+    pub fn savepoint(&self, target: &str) -> Result<String> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(MasterCommand::Savepoint {
+                target: target.to_string(),
+                reply,
+            })
+            .map_err(|_| Error::Config(format!("job {} is no longer running", self.job_id)))?;
+        match outcome.blocking_recv() {
+            Ok(Ok(url)) => Ok(url),
+            Ok(Err(e)) => Err(Error::Config(e)),
+            Err(_) => Err(Error::Config(format!(
+                "job {} ended before the savepoint completed",
+                self.job_id
+            ))),
+        }
+    }
+
+    /// Waits for the job to end.
+    pub fn wait(self) -> Result<JobReport> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::User("the job master panicked".into())))
+    }
+}
+
+/// Starts a job in this process; configuration and snapshot problems are reported before any
+/// thread starts.
+pub fn spawn_job(mut sub: JobSubmission) -> Result<JobHandle> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sluice-io")
         .enable_all()
         .build()
         .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
-    let handle = runtime.handle().clone();
-    runtime.block_on(JobMaster::start(sub, handle)?.run())
+    if let (Some(url), true) = (&sub.config.from_savepoint, sub.config.max_parallelism_from_snapshot) {
+        // Max parallelism is fixed for the life of the state: take the snapshot's.
+        let snapshot = runtime.block_on(RestoreSource::open_url(url))?;
+        let m = snapshot.metadata().max_parallelism;
+        if sub.config.parallelism > m as usize {
+            return Err(Error::Config(format!(
+                "parallelism {} is above the max parallelism {m} of {url}; max parallelism cannot change",
+                sub.config.parallelism
+            )));
+        }
+        sub.config.max_parallelism = m;
+    }
+    let master = JobMaster::start(sub, runtime.handle().clone())?;
+    let job_id = master.job_id.clone();
+    let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let thread = std::thread::Builder::new()
+        .name("sluice-master".into())
+        .spawn(move || runtime.block_on(master.run(receiver)))
+        .map_err(|e| Error::Config(format!("cannot start the job master: {e}")))?;
+    Ok(JobHandle {
+        job_id,
+        commands,
+        thread,
+    })
 }
 
 struct JobMaster {
@@ -151,13 +223,12 @@ impl JobMaster {
         })
     }
 
-    async fn run(self) -> Result<JobReport> {
+    async fn run(self, mut commands: tokio::sync::mpsc::UnboundedReceiver<MasterCommand>) -> Result<JobReport> {
         self.storage.check_writable(&self.paths.job_dir()).await?;
         let cfg = &self.sub.config;
         let initial = match &cfg.from_savepoint {
             Some(url) => {
                 let source = open_savepoint(url, self.sub.job.name, &self.graph, cfg).await?;
-                claim_restored_job_dir(url, cfg.checkpoint.retained).await;
                 Some(Arc::new(source))
             }
             None => None,
@@ -177,6 +248,10 @@ impl JobMaster {
             self.sub.job.name,
             self.sub.params.to_map(),
         );
+        if let Some(url) = &cfg.from_savepoint {
+            // Only once the restore has worked: a refused snapshot changes nothing on disk.
+            coordinator.claim_after_restore(url.clone(), cfg.checkpoint.retained);
+        }
         let mut restarts: Vec<RestartRecord> = Vec::new();
         let mut attempt = 0u32;
         let mut next_restore = RestoreChoice::Initial;
@@ -202,10 +277,13 @@ impl JobMaster {
                 state_backend: cfg.state_backend,
                 data_dir: cfg.data_dir.clone(),
                 upload_timeout: cfg.checkpoint.timeout,
+                savepoints: coordinator.savepoint_targets(),
             };
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let deployment = deploy(&self.graph, &dcfg, tx, self.handle.clone())?;
-            let end = coordinator.run_attempt(deployment, rx, &mut completed).await;
+            let end = coordinator
+                .run_attempt(deployment, rx, &mut commands, &mut completed)
+                .await;
             match end {
                 AttemptEnd::Finished => {
                     return Ok(self.report(
@@ -319,6 +397,7 @@ impl JobMaster {
             failed_checkpoints: coordinator.failed_total(),
             retained: completed.ids().collect(),
             source_records: coordinator.source_records(),
+            restore_times: coordinator.restore_times().to_vec(),
             elapsed: started.elapsed(),
         }
     }
@@ -333,7 +412,7 @@ enum RestoreChoice {
 /// mode does: the job is over, so its checkpoints without `_metadata` can never complete, and
 /// completed ones beyond the newest `retained` were subsumed (a crash can land between a commit
 /// and retention's delete). Both are deleted; the retained ones and the one being restored stay.
-async fn claim_restored_job_dir(url: &str, retained: usize) {
+pub(crate) async fn claim_restored_job_dir(url: &str, retained: usize) {
     let trimmed = url.trim_end_matches('/');
     let Some((parent, last)) = trimmed.rsplit_once('/') else {
         return;

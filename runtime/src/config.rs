@@ -81,6 +81,8 @@ pub struct JobConfig {
     pub parallelism: usize,
     /// Number of key groups; fixed for the life of the job's state.
     pub max_parallelism: u16,
+    /// When restoring, take the max parallelism stored in the snapshot instead (it cannot change).
+    pub max_parallelism_from_snapshot: bool,
     /// Keyed state backend.
     pub state_backend: StateBackendKind,
     /// Base URL of checkpoints.
@@ -108,6 +110,7 @@ impl Default for JobConfig {
         Self {
             parallelism: 1,
             max_parallelism: DEFAULT_MAX_PARALLELISM,
+            max_parallelism_from_snapshot: false,
             state_backend: StateBackendKind::Memory,
             checkpoint_dir: "./checkpoints".into(),
             checkpoint: CheckpointConfig::default(),

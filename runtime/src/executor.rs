@@ -84,7 +84,21 @@ pub struct DeployConfig {
     pub data_dir: std::path::PathBuf,
     /// Longest a task's snapshot upload may take before it is given up (declined).
     pub upload_timeout: std::time::Duration,
+    /// Where savepoints go.
+    pub savepoints: SavepointTargets,
 }
+
+/// Where the files of a savepoint go: its storage and directory (ending in `/`).
+#[derive(Clone, Debug)]
+pub struct SavepointTarget {
+    /// The savepoint's storage.
+    pub storage: Storage,
+    /// Its directory inside that storage.
+    pub dir: String,
+}
+
+/// Savepoint targets by checkpoint id, registered by the coordinator before it triggers one.
+pub type SavepointTargets = Arc<std::sync::Mutex<HashMap<crate::CheckpointId, SavepointTarget>>>;
 
 /// Where a task's commands go.
 pub type CommandSender = Sender<TaskCommand>;
@@ -174,6 +188,7 @@ pub fn deploy(
         source_records: source_records.clone(),
         attempt: cfg.attempt,
         upload_timeout: cfg.upload_timeout,
+        savepoints: cfg.savepoints.clone(),
     };
     let mut tasks = Vec::new();
     for (c, chain) in chains.iter().enumerate() {

@@ -16,6 +16,16 @@ use crate::storage::{Storage, METADATA_FILE};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// The old subtasks whose key-group range overlaps `range`: the only state a new subtask owning
+/// `range` reads. Old subtasks without keyed state are never read for keyed state.
+pub fn overlapping_subtasks(old: &[Option<KeyGroupRange>], range: KeyGroupRange) -> Vec<usize> {
+    old.iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_some_and(|r| !r.intersect(&range).is_empty()))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// A completed checkpoint or savepoint opened for restore.
 #[derive(Debug, Clone)]
 pub struct RestoreSource {
@@ -219,11 +229,21 @@ impl RestoreSource {
         };
         let mut files: HashMap<usize, Vec<u8>> = HashMap::new();
         let mut keyed = RestoredKeyGroups::default();
-        for (old, h) in op.subtasks.iter().enumerate() {
-            let Some(h) = h else { continue };
-            let overlaps = |r: &KeyGroupRange| !r.intersect(&range).is_empty();
+        let keyed_ranges: Vec<Option<KeyGroupRange>> = op
+            .subtasks
+            .iter()
+            .map(|h| {
+                let h = h.as_ref()?;
+                h.key_groups
+                    .as_ref()
+                    .map(|i| i.range)
+                    .or(h.rocksdb.as_ref().map(|r| r.range))
+            })
+            .collect();
+        for old in overlapping_subtasks(&keyed_ranges, range) {
+            let h = op.subtasks[old].as_ref().expect("only subtasks with state overlap");
             let location = self.storage.location(&h.path);
-            if let Some(index) = h.key_groups.as_ref().filter(|i| overlaps(&i.range)) {
+            if let Some(index) = &h.key_groups {
                 let file = self.read_file(h).await?;
                 for kg in index.range.intersect(&range).iter() {
                     let offset = *index
@@ -237,7 +257,7 @@ impl RestoreSource {
                 }
                 files.insert(old, file);
             }
-            if let Some(r) = h.rocksdb.as_ref().filter(|r| overlaps(&r.range)) {
+            if let Some(r) = &h.rocksdb {
                 let file = self.read_file(h).await?;
                 let dir = info.local_dir.join(format!("restore-{old}"));
                 self.download_rocksdb(r, &file, &location, &dir).await?;
@@ -292,5 +312,42 @@ impl RestoreSource {
             }
         }
         Ok(Some(RestoredState { keyed, operator }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keygroup::{range_for_subtask, subtask_for_key_group, KeyGroup};
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn each_new_subtask_reads_exactly_the_old_state_overlapping_its_range(
+            m in 1u16..=1024, p_seed in 1usize..=1024, q_seed in 1usize..=1024,
+        ) {
+            let (p, q) = (1 + p_seed % m as usize, 1 + q_seed % m as usize);
+            let old: Vec<Option<KeyGroupRange>> = (0..p).map(|i| Some(range_for_subtask(m, p, i))).collect();
+            let mut owner = vec![usize::MAX; m as usize];
+            for j in 0..q {
+                let range = range_for_subtask(m, q, j);
+                for kg in range.iter() {
+                    prop_assert_eq!(owner[kg.0 as usize], usize::MAX, "key group owned twice");
+                    owner[kg.0 as usize] = j;
+                }
+                let read = overlapping_subtasks(&old, range);
+                // Every key group of the new range is found in what is read...
+                for kg in range.iter() {
+                    prop_assert!(read.contains(&subtask_for_key_group(m, p, kg)));
+                }
+                // ...and nothing is read that does not overlap it.
+                for i in &read {
+                    prop_assert!(!old[*i].unwrap().intersect(&range).is_empty());
+                }
+                prop_assert!(read.len() <= p);
+            }
+            prop_assert!(owner.iter().all(|o| *o != usize::MAX), "every key group has an owner");
+            let _ = KeyGroup(0);
+        }
     }
 }

@@ -41,10 +41,20 @@ impl Storage {
                         .map_err(|e| Error::Config(format!("cannot resolve '{url}': {e}")))?
                         .join(path)
                 };
-                let root = abs.to_string_lossy().to_string();
-                let op = Operator::new(services::Fs::default().root(&root))
+                // Rooted at `/` with the path as prefix: opendal creates its root directory when
+                // built, and opening storage (e.g. to restore) must not touch the disk.
+                let op = Operator::new(services::Fs::default().root("/"))
                     .map_err(|e| Error::Config(format!("cannot open storage '{url}': {e}")))?;
-                (op, String::new())
+                let path = abs.to_string_lossy();
+                let path = path.trim_matches('/');
+                (
+                    op,
+                    if path.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{path}/")
+                    },
+                )
             }
             "memory" => memory_operator(rest),
             other => {

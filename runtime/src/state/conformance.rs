@@ -198,6 +198,7 @@ fn try_checkpoint_and_restore(
         subtask: 0,
         attempt: 0,
         timeout: std::time::Duration::from_secs(60),
+        canonical: false,
     };
     let pending = PendingSnapshot {
         uid: "op".into(),
@@ -442,6 +443,7 @@ fn an_incremental_checkpoint_uploads_only_what_changed() {
             subtask: 0,
             attempt: 0,
             timeout: std::time::Duration::from_secs(60),
+            canonical: false,
         };
         let pending = PendingSnapshot {
             uid: "op".into(),

@@ -42,6 +42,8 @@ pub(crate) struct AttemptShared {
     pub attempt: u32,
     /// Longest an upload may take; then it fails (and the checkpoint is declined).
     pub upload_timeout: std::time::Duration,
+    /// Where savepoints go.
+    pub savepoints: crate::executor::SavepointTargets,
 }
 
 /// Everything a task needs besides its operators: its identity, its command channel, the
@@ -101,14 +103,36 @@ impl TaskRuntime {
         self.decided = Some(id);
         let sync_micros = sync_started.elapsed().as_micros() as u64;
         let (events, task) = (self.shared.events.clone(), self.task);
-        let target = PersistTarget {
+        let mut target = PersistTarget {
             storage: self.shared.storage.clone(),
             job_dir: self.shared.paths.job_dir(),
             chk_dir: self.shared.paths.checkpoint_dir(id),
             subtask: task.subtask,
             attempt: self.shared.attempt,
             timeout: self.shared.upload_timeout,
+            canonical: false,
         };
+        if barrier.kind == crate::CheckpointKind::Savepoint {
+            // Savepoints are self-contained and canonical, in the directory the user chose.
+            let registered = self
+                .shared
+                .savepoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned();
+            let Some(sp) = registered else {
+                self.emit(TaskEvent::Decline {
+                    task,
+                    checkpoint: id,
+                    reason: "no target is registered for this savepoint".into(),
+                });
+                return;
+            };
+            target.storage = sp.storage;
+            target.chk_dir = sp.dir;
+            target.canonical = true;
+        }
         let job = async move {
             let started = Instant::now();
             let mut states = Vec::with_capacity(snapshots.len());
@@ -189,6 +213,8 @@ pub(crate) struct PersistTarget {
     pub subtask: usize,
     pub attempt: u32,
     pub timeout: std::time::Duration,
+    /// Write keyed state as canonical key-group blocks (savepoints), whatever the backend.
+    pub canonical: bool,
 }
 
 /// Persists one operator's snapshot: its state file and, for RocksDB, the SST files no
@@ -220,6 +246,16 @@ async fn persist_inner(s: PendingSnapshot, t: &PersistTarget, written: &mut Vec<
         Some(KeyedSnapshot::Memory(m)) => {
             let (back, index) = blocking(move || {
                 let index = m.write(&mut w)?;
+                Ok((w, index))
+            })
+            .await?;
+            w = back;
+            key_groups = Some(index);
+        }
+        #[cfg(feature = "rocksdb")]
+        Some(KeyedSnapshot::RocksDb(r)) if t.canonical => {
+            let (back, index) = blocking(move || {
+                let index = r.write_canonical(&mut w)?;
                 Ok((w, index))
             })
             .await?;
