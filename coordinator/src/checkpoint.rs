@@ -107,6 +107,8 @@ pub(crate) struct CheckpointCoordinator {
     restore_times: Vec<Duration>,
     /// A restored job directory to claim once every task has restored (url, retained).
     claim: Option<(String, usize)>,
+    /// The number of checkpoints completed so far, for whoever watches the job.
+    progress: Option<tokio::sync::watch::Sender<u64>>,
 }
 
 /// State of one attempt's event loop.
@@ -170,12 +172,18 @@ impl CheckpointCoordinator {
             savepoint_queue: Default::default(),
             restore_times: Vec::new(),
             claim: None,
+            progress: None,
         }
     }
 
     /// Where tasks look up savepoint targets (shared with every deployment).
     pub(crate) fn savepoint_targets(&self) -> SavepointTargets {
         self.savepoints.clone()
+    }
+
+    /// Publishes the number of completed checkpoints on `progress`.
+    pub(crate) fn report_progress(&mut self, progress: tokio::sync::watch::Sender<u64>) {
+        self.progress = Some(progress);
     }
 
     /// Claims the directory of the job `url` belongs to, once the first restore has succeeded.
@@ -637,6 +645,9 @@ impl CheckpointCoordinator {
             max_async_micros: p.max_async,
         });
         self.consecutive_failures = 0;
+        if let Some(p) = &self.progress {
+            p.send_replace(self.stats.len() as u64);
+        }
         a.broadcast(TaskCommand::CheckpointComplete(id));
         let removed = completed.add(id, shared);
         self.delete_removed(removed).await;

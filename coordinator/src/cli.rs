@@ -75,6 +75,10 @@ struct JobFlags {
     /// RocksDB: upload every SST file at every checkpoint instead of only new ones
     #[arg(long)]
     full_checkpoints: bool,
+    /// RocksDB restore at a new parallelism: bring in other instances' keys by `ingest`ing SST
+    /// files or by `iterate`-and-write
+    #[arg(long, default_value = "ingest")]
+    rocksdb_rescale: String,
     /// Local working directory (RocksDB instances); default: a directory under the system temp dir
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
@@ -159,6 +163,10 @@ impl JobFlags {
             ..JobConfig::default()
         };
         c.checkpoint.interval = interval;
+        c.rescale_merge = self
+            .rocksdb_rescale
+            .parse()
+            .map_err(|e: sluice_runtime::Error| e.to_string())?;
         if let Some(dir) = &self.data_dir {
             c.data_dir = dir.clone();
         }

@@ -126,6 +126,7 @@ pub fn run_job(sub: JobSubmission) -> Result<JobReport> {
 pub struct JobHandle {
     job_id: String,
     commands: tokio::sync::mpsc::UnboundedSender<MasterCommand>,
+    progress: tokio::sync::watch::Receiver<u64>,
     thread: std::thread::JoinHandle<Result<JobReport>>,
 }
 
@@ -154,6 +155,15 @@ impl JobHandle {
                 self.job_id
             ))),
         }
+    }
+
+    /// Blocks until `n` checkpoints have completed; false if the job ended first.
+    pub fn wait_for_checkpoints(&self, n: u64) -> bool {
+        let mut progress = self.progress.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().build();
+        let Ok(rt) = rt else { return false };
+        let reached = rt.block_on(progress.wait_for(|done| *done >= n)).is_ok();
+        reached
     }
 
     /// Waits for the job to end.
@@ -188,13 +198,15 @@ pub fn spawn_job(mut sub: JobSubmission) -> Result<JobHandle> {
     let master = JobMaster::start(sub, runtime.handle().clone())?;
     let job_id = master.job_id.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let (progress_tx, progress) = tokio::sync::watch::channel(0);
     let thread = std::thread::Builder::new()
         .name("sluice-master".into())
-        .spawn(move || runtime.block_on(master.run(receiver)))
+        .spawn(move || runtime.block_on(master.run(receiver, progress_tx)))
         .map_err(|e| Error::Config(format!("cannot start the job master: {e}")))?;
     Ok(JobHandle {
         job_id,
         commands,
+        progress,
         thread,
     })
 }
@@ -223,7 +235,11 @@ impl JobMaster {
         })
     }
 
-    async fn run(self, mut commands: tokio::sync::mpsc::UnboundedReceiver<MasterCommand>) -> Result<JobReport> {
+    async fn run(
+        self,
+        mut commands: tokio::sync::mpsc::UnboundedReceiver<MasterCommand>,
+        progress: tokio::sync::watch::Sender<u64>,
+    ) -> Result<JobReport> {
         self.storage.check_writable(&self.paths.job_dir()).await?;
         let cfg = &self.sub.config;
         let initial = match &cfg.from_savepoint {
@@ -248,6 +264,7 @@ impl JobMaster {
             self.sub.job.name,
             self.sub.params.to_map(),
         );
+        coordinator.report_progress(progress);
         if let Some(url) = &cfg.from_savepoint {
             // Only once the restore has worked: a refused snapshot changes nothing on disk.
             coordinator.claim_after_restore(url.clone(), cfg.checkpoint.retained);
@@ -278,6 +295,7 @@ impl JobMaster {
                 data_dir: cfg.data_dir.clone(),
                 upload_timeout: cfg.checkpoint.timeout,
                 savepoints: coordinator.savepoint_targets(),
+                rescale_merge: cfg.rescale_merge,
             };
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let deployment = deploy(&self.graph, &dcfg, tx, self.handle.clone())?;

@@ -101,7 +101,11 @@ fn savepoint_chain(backends: [StateBackendKind; 4]) {
         let last = step == 3;
         let rate = if last { 0 } else { 100_000 };
         let handle = spawn_job(submission(d, &name, p, backend, rate, from.as_deref())).unwrap();
-        let savepoint = (!last).then(|| handle.savepoint(d.join("savepoints").to_str().unwrap()).unwrap());
+        let savepoint = (!last).then(|| {
+            // Mid-run: after two checkpoints, records have flowed.
+            assert!(handle.wait_for_checkpoints(2));
+            handle.savepoint(d.join("savepoints").to_str().unwrap()).unwrap()
+        });
         let report = handle.wait().unwrap();
         assert_eq!(report.outcome, JobOutcome::Finished, "step {step}");
         assert_exact(d, &name);
@@ -186,4 +190,53 @@ fn refused_rescales_say_why_and_change_nothing_on_disk() {
     for name in ["too-wide", "other-max", "missing"] {
         assert!(!d.join(format!("{name}.csv")).exists());
     }
+}
+
+/// `transactions` whose totals operator got a new uid: the old totals have no home.
+fn renamed_totals(p: &sluice_runtime::JobParams, env: &mut sluice_runtime::StreamEnv) -> sluice_runtime::Result<()> {
+    use sluice_examples::transactions::{transaction, RunningTotals, Transaction};
+    let (events, users, seed) = (p.get::<u64>("events")?, p.get::<u64>("users")?, p.get::<u64>("seed")?);
+    let generator = sluice_operators::generator::LaneGenerator::new(events, p.get("lanes")?, 0, move |i| {
+        transaction(seed, users, i)
+    });
+    env.source("transactions", generator)
+        .uid("transactions-source")
+        .key_by(|t: &Transaction| t.user)
+        .process("running-totals", RunningTotals::new(0))
+        .uid("totals-v2")
+        .sink(
+            "totals-output",
+            sluice_operators::sorted_sink::SortedFileSink::new(None),
+        )
+        .uid("totals-output")
+        .parallelism(1);
+    Ok(())
+}
+
+#[test]
+fn state_of_a_removed_operator_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_eq!(
+        run_job(submission(d, "first", 2, MEMORY, 200_000, None))
+            .unwrap()
+            .outcome,
+        JobOutcome::Finished
+    );
+    let chk = earliest_checkpoint(&d.join("ck-first"));
+    let renamed = |allow: bool| {
+        let mut sub = submission(d, "renamed", 2, MEMORY, 0, Some(chk.to_str().unwrap()));
+        sub.job.build = renamed_totals;
+        sub.config.allow_non_restored_state = allow;
+        sub
+    };
+    let e = run_job(renamed(false)).err().unwrap().to_string();
+    assert!(
+        e.contains("state for operator uid 'running-totals'") && e.contains("--allow-non-restored-state"),
+        "{e}"
+    );
+    let report = run_job(renamed(true)).unwrap();
+    assert_eq!(report.outcome, JobOutcome::Finished);
+    // The source positions were restored (their uid is unchanged); the old totals were dropped.
+    assert!(report.source_records < EVENTS);
 }

@@ -40,6 +40,8 @@ fn savepoint_moves_between_backends(from: StateBackendKind, to: StateBackendKind
     let first_out = dir.path().join("first.csv");
     // Rate-limited so that the savepoint is taken mid-run.
     let handle = spawn_job(submission(dir.path(), from, &first_out, &["rate=100000".into()])).unwrap();
+    // Mid-run: after two checkpoints, records have flowed.
+    assert!(handle.wait_for_checkpoints(2));
     let url = handle
         .savepoint(dir.path().join("savepoints").to_str().unwrap())
         .unwrap();

@@ -154,6 +154,7 @@ mod tests {
             attempt: 0,
             state_backend: sluice_runtime::config::StateBackendKind::Memory,
             local_dir: std::env::temp_dir(),
+            rescale_merge: Default::default(),
         }
     }
 

@@ -74,6 +74,29 @@ impl std::str::FromStr for StateBackendKind {
     }
 }
 
+/// How a RocksDB restore brings in the key groups of a second old instance (after a rescale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RescaleMerge {
+    /// Iterate the old instance's keys in range and write them in batches.
+    Iterate,
+    /// Write them into one SST file per column family and ingest it.
+    #[default]
+    Ingest,
+}
+
+impl std::str::FromStr for RescaleMerge {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "iterate" => Ok(Self::Iterate),
+            "ingest" => Ok(Self::Ingest),
+            other => Err(Error::Config(format!(
+                "unknown rescale merge '{other}' (expected iterate or ingest)"
+            ))),
+        }
+    }
+}
+
 /// Everything a job run needs besides the job itself.
 #[derive(Debug, Clone)]
 pub struct JobConfig {
@@ -103,6 +126,8 @@ pub struct JobConfig {
     pub chaining: bool,
     /// Local working directory (RocksDB instances).
     pub data_dir: std::path::PathBuf,
+    /// How RocksDB merges old instances after a rescale.
+    pub rescale_merge: RescaleMerge,
 }
 
 impl Default for JobConfig {
@@ -121,6 +146,7 @@ impl Default for JobConfig {
             batch_size: 1024,
             chaining: true,
             data_dir: std::env::temp_dir().join("sluice-data"),
+            rescale_merge: RescaleMerge::default(),
         }
     }
 }

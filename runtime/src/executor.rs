@@ -86,6 +86,8 @@ pub struct DeployConfig {
     pub upload_timeout: std::time::Duration,
     /// Where savepoints go.
     pub savepoints: SavepointTargets,
+    /// How RocksDB merges old instances after a rescale.
+    pub rescale_merge: crate::config::RescaleMerge,
 }
 
 /// Where the files of a savepoint go: its storage and directory (ending in `/`).
@@ -286,6 +288,7 @@ impl TaskBuild {
                 max_parallelism: g.max_parallelism(),
                 attempt: self.cfg.attempt,
                 state_backend: self.cfg.state_backend,
+                rescale_merge: self.cfg.rescale_merge,
                 local_dir: self
                     .cfg
                     .data_dir

@@ -41,6 +41,8 @@ pub struct TaskInfo {
     pub state_backend: crate::config::StateBackendKind,
     /// This operator subtask's local working directory (RocksDB instance, downloads).
     pub local_dir: std::path::PathBuf,
+    /// How RocksDB merges old instances after a rescale.
+    pub rescale_merge: crate::config::RescaleMerge,
 }
 
 impl TaskInfo {

@@ -9,8 +9,8 @@ use crate::keygroup::KeyGroupRange;
 use crate::operator::RestoredState;
 use crate::operator::TaskInfo;
 use crate::snapshot::{
-    read_block, CheckpointMetadata, OperatorState, Redistribution, RestoredKeyGroups, RestoredRocks, RocksDbHandle,
-    RocksFile, StateHandle,
+    block_at, read_block, CheckpointMetadata, OperatorState, Redistribution, RestoredKeyGroups, RestoredRocks,
+    RocksDbHandle, RocksFile, StateHandle,
 };
 use crate::storage::{Storage, METADATA_FILE};
 use std::collections::HashMap;
@@ -244,18 +244,46 @@ impl RestoreSource {
             let h = op.subtasks[old].as_ref().expect("only subtasks with state overlap");
             let location = self.storage.location(&h.path);
             if let Some(index) = &h.key_groups {
-                let file = self.read_file(h).await?;
-                for kg in index.range.intersect(&range).iter() {
-                    let offset = *index
+                let wanted = index.range.intersect(&range);
+                let offset_of = |kg: crate::keygroup::KeyGroup| {
+                    index
                         .offsets
                         .get(index.range.index_of(kg))
+                        .copied()
                         .ok_or_else(|| Error::Corrupt {
                             location: location.clone(),
                             reason: format!("no offset recorded for key group {}", kg.0),
-                        })?;
-                    keyed.blocks.push((kg, read_block(&file, offset, &location)?.to_vec()));
+                        })
+                };
+                if wanted == index.range {
+                    let file = self.read_file(h).await?;
+                    for kg in wanted.iter() {
+                        keyed
+                            .blocks
+                            .push((kg, read_block(&file, offset_of(kg)?, &location)?.to_vec()));
+                    }
+                    files.insert(old, file);
+                } else {
+                    // Only the byte range of the key groups this subtask owns (sizes were
+                    // verified before the restore, every block carries its CRC32).
+                    let start = offset_of(crate::keygroup::KeyGroup(wanted.start))?;
+                    let last = index.range.index_of(crate::keygroup::KeyGroup(wanted.end));
+                    let end = index
+                        .offsets
+                        .get(last + 1)
+                        .copied()
+                        .or(h.operator_state)
+                        .unwrap_or(h.size);
+                    let part = self
+                        .storage
+                        .read_range(&h.path, start, end.saturating_sub(start))
+                        .await?;
+                    for kg in wanted.iter() {
+                        keyed
+                            .blocks
+                            .push((kg, block_at(&part, start, offset_of(kg)?, &location)?.to_vec()));
+                    }
                 }
-                files.insert(old, file);
             }
             if let Some(r) = &h.rocksdb {
                 let file = self.read_file(h).await?;

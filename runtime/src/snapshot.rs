@@ -257,14 +257,25 @@ impl StateFileWriter {
 
 /// Reads and verifies the block at `offset` of a state file (whole file in `file`).
 pub fn read_block<'a>(file: &'a [u8], offset: u64, location: &str) -> Result<&'a [u8]> {
+    if file.len() < 4 || &file[..4] != FILE_MAGIC {
+        return Err(Error::Corrupt {
+            location: location.to_string(),
+            reason: "not a sluice state file (bad magic)".into(),
+        });
+    }
+    block_at(file, 0, offset, location)
+}
+
+/// Verifies and returns the block at file offset `offset` from `buf`, the part of a state file
+/// that starts at file offset `base` (a rescaled restore reads only the byte range of the key
+/// groups it owns).
+pub fn block_at<'a>(buf: &'a [u8], base: u64, offset: u64, location: &str) -> Result<&'a [u8]> {
     let corrupt = |reason: String| Error::Corrupt {
         location: location.to_string(),
         reason,
     };
-    if file.len() < 4 || &file[..4] != FILE_MAGIC {
-        return Err(corrupt("not a sluice state file (bad magic)".into()));
-    }
-    let at = usize::try_from(offset).unwrap_or(usize::MAX);
+    let file = buf;
+    let at = usize::try_from(offset.saturating_sub(base)).unwrap_or(usize::MAX);
     let header = file
         .get(at..at.saturating_add(8))
         .ok_or_else(|| corrupt(format!("block at offset {offset} lies past the end of the file")))?;

@@ -95,7 +95,13 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
     fn open(&mut self, info: &TaskInfo, restored: Option<RestoredState>) -> Result<()> {
         self.max_parallelism = info.max_parallelism;
         let restored = restored.map(|r| r.keyed).unwrap_or_default();
-        let mut backend = KeyedBackend::open(info.state_backend, info.key_group_range(), &info.local_dir, restored)?;
+        let mut backend = KeyedBackend::open(
+            info.state_backend,
+            info.key_group_range(),
+            &info.local_dir,
+            restored,
+            info.rescale_merge,
+        )?;
         self.f.open(&mut StateRegistry::new(&mut backend), info)?;
         self.backend = Some(backend);
         Ok(())

@@ -30,7 +30,7 @@ fn full_range() -> KeyGroupRange {
 }
 
 fn open(kind: StateBackendKind, dir: &Path, range: KeyGroupRange, restored: RestoredKeyGroups) -> KeyedBackend {
-    KeyedBackend::open(kind, range, dir, restored).unwrap()
+    KeyedBackend::open(kind, range, dir, restored, Default::default()).unwrap()
 }
 
 /// Everything a backend holds, read through the public handles, in a comparable form.
@@ -243,9 +243,10 @@ fn try_checkpoint_and_restore(
         attempt: 1,
         state_backend: into,
         local_dir: dir.join("restored"),
+        rescale_merge: Default::default(),
     };
     let restored = rt.block_on(source.load(&info, "job")).unwrap().unwrap();
-    KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed)
+    KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed, Default::default())
 }
 
 #[test]
@@ -515,6 +516,7 @@ fn an_incremental_checkpoint_uploads_only_what_changed() {
         attempt: 1,
         state_backend: kind,
         local_dir: dir.path().join("restored"),
+        rescale_merge: Default::default(),
     };
     let restored = rt.block_on(source.load(&info, "job")).unwrap().unwrap();
     let mut r = open(kind, &dir.path().join("restored"), full_range(), restored.keyed);

@@ -113,6 +113,7 @@ impl KeyedBackend {
         range: KeyGroupRange,
         local_dir: &std::path::Path,
         restored: RestoredKeyGroups,
+        merge: crate::config::RescaleMerge,
     ) -> Result<Self> {
         match kind {
             StateBackendKind::Memory => {
@@ -133,10 +134,11 @@ impl KeyedBackend {
                 local_dir,
                 restored,
                 incremental,
+                merge,
             )?))),
             #[cfg(not(feature = "rocksdb"))]
             StateBackendKind::RocksDb { .. } => {
-                let _ = local_dir;
+                let _ = (local_dir, merge);
                 Err(Error::Config(
                     "this binary was built without the rocksdb feature".into(),
                 ))

@@ -86,7 +86,13 @@ pub struct RocksBackend {
 #[allow(clippy::extra_unused_type_parameters)]
 impl RocksBackend {
     /// Opens a fresh instance in `dir` (wiped first), loading restored state.
-    pub fn open(range: KeyGroupRange, dir: &Path, restored: RestoredKeyGroups, incremental: bool) -> Result<Self> {
+    pub fn open(
+        range: KeyGroupRange,
+        dir: &Path,
+        restored: RestoredKeyGroups,
+        incremental: bool,
+        merge: crate::config::RescaleMerge,
+    ) -> Result<Self> {
         let db_path = dir.join("db");
         if db_path.exists() {
             std::fs::remove_dir_all(&db_path).map_err(|e| io_err("cannot clear", &db_path, e))?;
@@ -132,7 +138,10 @@ impl RocksBackend {
             }
         }
         for other in &others {
-            backend.copy_in(&other.dir)?;
+            match merge {
+                crate::config::RescaleMerge::Iterate => backend.copy_in(&other.dir)?,
+                crate::config::RescaleMerge::Ingest => backend.ingest_in(&other.dir)?,
+            }
             let _ = std::fs::remove_dir_all(&other.dir);
         }
         if !restored.blocks.is_empty() {
@@ -193,6 +202,42 @@ impl RocksBackend {
                 batch.put_cf(to, &k, &v);
             }
             self.db.write_opt(batch, &self.write).map_err(|e| db_err("write", e))?;
+        }
+        Ok(())
+    }
+
+    /// Brings in the keys of this range from another restored instance as one SST file per
+    /// column family, ingested (the key-group ranges do not overlap, so RocksDB places them
+    /// without rewriting).
+    fn ingest_in(&mut self, other: &Path) -> Result<()> {
+        let opts = db_options();
+        let cfs = DB::list_cf(&opts, other).map_err(|e| db_err("list column families", e))?;
+        let src = DB::open_cf_for_read_only(&opts, other, &cfs, false).map_err(|e| db_err("open", e))?;
+        for (i, name) in cfs.iter().enumerate() {
+            self.ensure_cf(name)?;
+            let Some(from) = src.cf_handle(name) else { continue };
+            let sst = self.dir.join(format!("ingest-{i}.sst"));
+            let mut writer = rocksdb::SstFileWriter::create(&opts);
+            writer.open(&sst).map_err(|e| db_err("create SST", e))?;
+            let start = KeyGroup(self.range.start).to_be_bytes();
+            let mut any = false;
+            for item in src.iterator_cf(from, IteratorMode::From(&start, rocksdb::Direction::Forward)) {
+                let (k, v) = item.map_err(|e| db_err("iterate", e))?;
+                let (kg, _, _) = split_rocks_key(&k)?;
+                if kg.0 > self.range.end {
+                    break;
+                }
+                writer.put(&k, &v).map_err(|e| db_err("write SST", e))?;
+                any = true;
+            }
+            if any {
+                writer.finish().map_err(|e| db_err("finish SST", e))?;
+                let to = self.db.cf_handle(name).expect("ensured above");
+                self.db
+                    .ingest_external_file_cf(to, vec![&sst])
+                    .map_err(|e| db_err("ingest", e))?;
+            }
+            let _ = std::fs::remove_file(&sst);
         }
         Ok(())
     }
@@ -401,10 +446,8 @@ impl RocksBackend {
 
     /// Flushes and takes a native checkpoint (hard links) on local disk.
     pub fn snapshot(&mut self, id: CheckpointId) -> Result<RocksSnapshot> {
-        let cfs: Vec<&ColumnFamily> = self.names.iter().filter_map(|n| self.db.cf_handle(n)).collect();
-        let mut flush = rocksdb::FlushOptions::default();
-        flush.set_wait(true);
-        self.db.flush_cfs_opt(&cfs, &flush).map_err(|e| db_err("flush", e))?;
+        // `create_checkpoint` flushes every column family first (the WAL is off, so the memtables
+        // must reach SST files to be in the checkpoint).
         let dir = self.dir.join(format!("chk-{}", id.0));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| io_err("cannot clear", &dir, e))?;
