@@ -7,6 +7,7 @@ use crate::checkpoint::{CheckpointId, CheckpointKind};
 use crate::config::StateBackendKind;
 use crate::keygroup::{range_for_subtask, KeyGroupRange};
 use crate::operator::{OperatorSnapshot, TaskInfo};
+use crate::protocol::AckedState;
 use crate::restore::RestoreSource;
 use crate::snapshot::{
     read_block, CheckpointMetadata, OperatorSnapshotMeta, RestoredKeyGroups, StateFileWriter, FORMAT_VERSION,
@@ -170,8 +171,98 @@ fn a_key_outside_the_range_is_refused() {
     }
 }
 
-/// Persists a backend's snapshot through the task uploader, then restores it through
-/// `RestoreSource`, exactly as a checkpoint and a recovery do.
+/// A checkpoint store in memory, written and read exactly as checkpoints and recoveries do:
+/// through the task uploader, `_metadata`, and `RestoreSource`.
+struct TestStore {
+    storage: Storage,
+    paths: CheckpointPaths,
+    rt: tokio::runtime::Runtime,
+}
+
+impl TestStore {
+    fn new(dir: &Path) -> Self {
+        let store = format!("memory://conformance-{}", dir.display().to_string().replace('/', "_"));
+        Self {
+            storage: Storage::open(&store).unwrap(),
+            paths: CheckpointPaths::new("job"),
+            rt: tokio::runtime::Runtime::new().unwrap(),
+        }
+    }
+
+    /// Persists `snapshot` as checkpoint `id`; returns the ack and the bytes uploaded.
+    fn persist(&self, id: u64, snapshot: KeyedSnapshot) -> (AckedState, u64) {
+        let target = PersistTarget {
+            storage: self.storage.clone(),
+            job_dir: self.paths.job_dir(),
+            chk_dir: self.paths.checkpoint_dir(CheckpointId(id)),
+            subtask: 0,
+            attempt: 0,
+            timeout: std::time::Duration::from_secs(60),
+            canonical: false,
+        };
+        let pending = PendingSnapshot {
+            uid: "op".into(),
+            snapshot: OperatorSnapshot {
+                keyed: Some(snapshot),
+                operator: Default::default(),
+            },
+        };
+        self.rt.block_on(persist(pending, &target)).unwrap()
+    }
+
+    /// Commits `acked` as checkpoint `id`, then restores it into `into` for `range`.
+    fn restore(
+        &self,
+        id: u64,
+        acked: AckedState,
+        into: StateBackendKind,
+        range: KeyGroupRange,
+        dir: &Path,
+    ) -> crate::Result<KeyedBackend> {
+        let id = CheckpointId(id);
+        let meta = CheckpointMetadata {
+            format: FORMAT_VERSION,
+            job_id: "job".into(),
+            job_name: "t".into(),
+            params: Default::default(),
+            checkpoint_id: id,
+            kind: CheckpointKind::Checkpoint,
+            timestamp_ms: 0,
+            max_parallelism: M,
+            operators: vec![OperatorSnapshotMeta {
+                uid: "op".into(),
+                name: "op".into(),
+                parallelism: 1,
+                subtasks: vec![Some(acked.handle)],
+            }],
+        };
+        let rt = &self.rt;
+        rt.block_on(self.storage.write(&self.paths.metadata(id), meta.encode()))
+            .unwrap();
+        let source = rt
+            .block_on(RestoreSource::open(
+                self.storage.at(&self.paths.checkpoint_dir(id)),
+                Some(self.storage.at(&self.paths.job_dir())),
+            ))
+            .unwrap();
+        rt.block_on(source.verify_files()).unwrap();
+        let info = TaskInfo {
+            job_id: "job".into(),
+            name: "op".into(),
+            uid: "op".into(),
+            subtask: 0,
+            parallelism: 1,
+            max_parallelism: M,
+            attempt: 1,
+            state_backend: into,
+            local_dir: dir.join("restored"),
+            rescale_merge: Default::default(),
+        };
+        let restored = rt.block_on(source.load(&info, "job")).unwrap().unwrap();
+        KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed, Default::default())
+    }
+}
+
 fn checkpoint_and_restore(
     snapshot: KeyedSnapshot,
     into: StateBackendKind,
@@ -187,66 +278,9 @@ fn try_checkpoint_and_restore(
     range: KeyGroupRange,
     dir: &Path,
 ) -> crate::Result<KeyedBackend> {
-    let store = format!("memory://conformance-{}", dir.display().to_string().replace('/', "_"));
-    let storage = Storage::open(&store).unwrap();
-    let paths = CheckpointPaths::new("job");
-    let id = CheckpointId(1);
-    let target = PersistTarget {
-        storage: storage.clone(),
-        job_dir: paths.job_dir(),
-        chk_dir: paths.checkpoint_dir(id),
-        subtask: 0,
-        attempt: 0,
-        timeout: std::time::Duration::from_secs(60),
-        canonical: false,
-    };
-    let pending = PendingSnapshot {
-        uid: "op".into(),
-        snapshot: OperatorSnapshot {
-            keyed: Some(snapshot),
-            operator: Default::default(),
-        },
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (acked, _) = rt.block_on(persist(pending, &target)).unwrap();
-    let meta = CheckpointMetadata {
-        format: FORMAT_VERSION,
-        job_id: "job".into(),
-        job_name: "t".into(),
-        params: Default::default(),
-        checkpoint_id: id,
-        kind: CheckpointKind::Checkpoint,
-        timestamp_ms: 0,
-        max_parallelism: M,
-        operators: vec![OperatorSnapshotMeta {
-            uid: "op".into(),
-            name: "op".into(),
-            parallelism: 1,
-            subtasks: vec![Some(acked.handle)],
-        }],
-    };
-    rt.block_on(storage.write(&paths.metadata(id), meta.encode())).unwrap();
-    let source = rt
-        .block_on(RestoreSource::open(
-            storage.at(&paths.checkpoint_dir(id)),
-            Some(storage.at(&paths.job_dir())),
-        ))
-        .unwrap();
-    rt.block_on(source.verify_files()).unwrap();
-    let info = TaskInfo {
-        job_id: "job".into(),
-        name: "op".into(),
-        uid: "op".into(),
-        subtask: 0,
-        parallelism: 1,
-        max_parallelism: M,
-        attempt: 1,
-        state_backend: into,
-        local_dir: dir.join("restored"),
-        rescale_merge: Default::default(),
-    };
-    let restored = rt.block_on(source.load(&info, "job")).unwrap().unwrap();
-    KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed, Default::default())
+    let store = TestStore::new(dir);
+    let (acked, _) = store.persist(1, snapshot);
+    store.restore(1, acked, into, range, dir)
 }
 
 #[test]
@@ -428,33 +462,10 @@ fn an_incremental_checkpoint_uploads_only_what_changed() {
     let dir = tempfile::tempdir().unwrap();
     let kind = BACKENDS[1];
     let mut b = open(kind, &dir.path().join("a"), full_range(), Default::default());
-    let storage = Storage::open(&format!(
-        "memory://incremental-{}",
-        dir.path().display().to_string().replace('/', "_")
-    ))
-    .unwrap();
-    let paths = CheckpointPaths::new("job");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let checkpoint = |b: &mut KeyedBackend, n: u64| {
-        let id = CheckpointId(n);
-        let target = PersistTarget {
-            storage: storage.clone(),
-            job_dir: paths.job_dir(),
-            chk_dir: paths.checkpoint_dir(id),
-            subtask: 0,
-            attempt: 0,
-            timeout: std::time::Duration::from_secs(60),
-            canonical: false,
-        };
-        let pending = PendingSnapshot {
-            uid: "op".into(),
-            snapshot: OperatorSnapshot {
-                keyed: Some(b.snapshot(id).unwrap()),
-                operator: Default::default(),
-            },
-        };
-        let (acked, uploaded) = rt.block_on(persist(pending, &target)).unwrap();
-        b.checkpoint_complete(id);
+    let store = TestStore::new(dir.path());
+    let checkpoint = |b: &mut KeyedBackend, id: u64| {
+        let (acked, uploaded) = store.persist(id, b.snapshot(CheckpointId(id)).unwrap());
+        b.checkpoint_complete(CheckpointId(id));
         let total: u64 = acked
             .handle
             .rocksdb
@@ -482,44 +493,7 @@ fn an_incremental_checkpoint_uploads_only_what_changed() {
     );
     assert!(acked.new_shared.len() < acked.handle.rocksdb.as_ref().unwrap().sst_files.len());
     // Restoring from the incremental checkpoint is exact.
-    let meta = CheckpointMetadata {
-        format: FORMAT_VERSION,
-        job_id: "job".into(),
-        job_name: "t".into(),
-        params: Default::default(),
-        checkpoint_id: CheckpointId(2),
-        kind: CheckpointKind::Checkpoint,
-        timestamp_ms: 0,
-        max_parallelism: M,
-        operators: vec![OperatorSnapshotMeta {
-            uid: "op".into(),
-            name: "op".into(),
-            parallelism: 1,
-            subtasks: vec![Some(acked.handle)],
-        }],
-    };
-    rt.block_on(storage.write(&paths.metadata(CheckpointId(2)), meta.encode()))
-        .unwrap();
-    let source = rt
-        .block_on(RestoreSource::open(
-            storage.at(&paths.checkpoint_dir(CheckpointId(2))),
-            Some(storage.at(&paths.job_dir())),
-        ))
-        .unwrap();
-    let info = TaskInfo {
-        job_id: "job".into(),
-        name: "op".into(),
-        uid: "op".into(),
-        subtask: 0,
-        parallelism: 1,
-        max_parallelism: M,
-        attempt: 1,
-        state_backend: kind,
-        local_dir: dir.path().join("restored"),
-        rescale_merge: Default::default(),
-    };
-    let restored = rt.block_on(source.load(&info, "job")).unwrap().unwrap();
-    let mut r = open(kind, &dir.path().join("restored"), full_range(), restored.keyed);
+    let mut r = store.restore(2, acked, kind, full_range(), dir.path()).unwrap();
     let mut want = expected(50_000);
     for k in 0..100u64 {
         want.values.insert(k, format!("changed{k}"));
