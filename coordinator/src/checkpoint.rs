@@ -260,11 +260,16 @@ impl CheckpointCoordinator {
                 break end;
             }
         };
+        // Shared files uploaded for checkpoints that will not complete now.
+        let mut orphans: Vec<String> = Vec::new();
         if let AttemptEnd::Failed { secondary, .. } = &end {
             let mut root_found = !secondary;
             deployment.cancel();
             while a.terminated.len() < a.all.len() {
                 match events.recv().await {
+                    Some(TaskEvent::Ack { states, .. }) => {
+                        orphans.extend(states.into_iter().flat_map(|s| s.new_shared));
+                    }
                     Some(TaskEvent::Terminated { task, outcome }) => {
                         a.terminated.insert(task);
                         if let TaskOutcome::Failed {
@@ -292,6 +297,11 @@ impl CheckpointCoordinator {
         let _ = tokio::task::spawn_blocking(move || deployment.join()).await;
         // No task can write any more: remove every checkpoint that did not complete.
         if let Some(p) = a.pending.take() {
+            orphans.extend(
+                p.acks
+                    .iter()
+                    .flat_map(|(_, states)| states.iter().flat_map(|s| s.new_shared.clone())),
+            );
             let location = p.savepoint.map(|sp| {
                 let _ = sp
                     .reply
@@ -303,6 +313,7 @@ impl CheckpointCoordinator {
         for d in std::mem::take(&mut a.draining) {
             self.delete_location(d.id, d.location.as_ref()).await;
         }
+        self.delete_unreferenced_shared(orphans, completed).await;
         if matches!(end, AttemptEnd::Finished) {
             for r in self.savepoint_queue.drain(..) {
                 let _ = r
@@ -343,7 +354,16 @@ impl CheckpointCoordinator {
 
     /// A requested savepoint goes next, as soon as no checkpoint is in flight.
     fn maybe_trigger_savepoint(&mut self, a: &mut Attempt) {
-        let ready = a.pending.is_none() && a.running.len() == a.all.len() && !a.any_finished;
+        if a.any_finished {
+            // No barrier can pass a finished source any more.
+            for r in self.savepoint_queue.drain(..) {
+                let _ = r
+                    .reply
+                    .send(Err("the job is finishing; no savepoint can be taken any more".into()));
+            }
+            return;
+        }
+        let ready = a.pending.is_none() && a.running.len() == a.all.len();
         if ready {
             if let Some(request) = self.savepoint_queue.pop_front() {
                 self.trigger(a, Some(request));
@@ -468,6 +488,7 @@ impl CheckpointCoordinator {
                 match outcome {
                     TaskOutcome::Finished => {
                         a.any_finished = true;
+                        self.maybe_trigger_savepoint(a);
                         if a.pending.as_ref().is_some_and(|p| p.awaiting.contains(&task)) {
                             if let Some(p) = a.pending.as_mut() {
                                 p.awaiting.remove(&task);

@@ -138,7 +138,7 @@ impl JobHandle {
 
     /// Takes a savepoint under `target` (a storage URL) and returns its URL once its
     /// `_metadata` is written. The savepoint is canonical and self-contained: it restores into
-    /// either state backend.
+    /// either state backend. Blocks: call it from a plain thread, not from async code.
     pub fn savepoint(&self, target: &str) -> Result<String> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         self.commands
@@ -157,7 +157,8 @@ impl JobHandle {
         }
     }
 
-    /// Blocks until `n` checkpoints have completed; false if the job ended first.
+    /// Blocks until `n` checkpoints have completed; false if the job ended first. Call it from a
+    /// plain thread, not from async code.
     pub fn wait_for_checkpoints(&self, n: u64) -> bool {
         let mut progress = self.progress.clone();
         let rt = tokio::runtime::Builder::new_current_thread().build();

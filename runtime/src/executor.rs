@@ -320,9 +320,8 @@ fn run_task(build: TaskBuild, rt: &mut TaskRuntime) {
     let outcome = match result {
         Ok(Ok(())) => TaskOutcome::Finished,
         Ok(Err((_, Error::Cancelled))) => TaskOutcome::Cancelled,
-        // Errors while being torn down are noise, but an unusable snapshot is news: recovery
-        // must fall back past it.
-        Ok(Err((false, _))) if rt.cancelled() => TaskOutcome::Cancelled,
+        // Failures caused by the teardown surface as `Cancelled` (sends) or `Disconnected`
+        // (secondary); any other error is a cause, even if the cancel flag was set meanwhile.
         Ok(Err((unusable, e))) => TaskOutcome::Failed {
             secondary: matches!(e, Error::Disconnected(_)),
             cause: e.to_string(),

@@ -187,7 +187,14 @@ impl RestoreSource {
             tokio::fs::remove_dir_all(dir).await.map_err(io)?;
         }
         tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        let safe = |name: &str| !name.is_empty() && !name.contains(['/', '\\']) && name != "." && name != "..";
         for f in &h.sst_files {
+            if !safe(&f.name) {
+                return Err(Error::Corrupt {
+                    location: state_file.to_string(),
+                    reason: format!("invalid RocksDB file name '{}'", f.name),
+                });
+            }
             let storage = self.sst_storage(f)?;
             let data = storage.read(&f.path).await?;
             let bad = if data.len() as u64 != f.size {
@@ -215,6 +222,12 @@ impl RestoreSource {
             reason: format!("RocksDB file list does not decode: {e}"),
         })?;
         for (name, data) in small {
+            if !safe(&name) {
+                return Err(Error::Corrupt {
+                    location: state_file.to_string(),
+                    reason: format!("invalid RocksDB file name '{name}'"),
+                });
+            }
             tokio::fs::write(dir.join(name), data).await.map_err(io)?;
         }
         Ok(())

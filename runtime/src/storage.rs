@@ -291,10 +291,18 @@ impl CheckpointPaths {
         format!("{}/shared/", self.job_id)
     }
 
-    /// An SST uploaded for incremental checkpoints, relative to the job directory. The attempt
-    /// keeps names unique: a restarted instance numbers its files anew.
-    pub fn shared_sst_relative(uid: &str, subtask: usize, attempt: u32, name: &str) -> String {
-        format!("shared/{}/{subtask}-a{attempt}-{name}", sanitize(uid))
+    /// An SST uploaded for incremental checkpoints, relative to the job directory. Unique per
+    /// upload: a restarted instance numbers its files anew (attempt), and a file uploaded again
+    /// for a later checkpoint (after an abort) must not share a name with the first upload,
+    /// which cleanup may delete (checkpoint).
+    pub fn shared_sst_relative(
+        uid: &str,
+        subtask: usize,
+        attempt: u32,
+        checkpoint: CheckpointId,
+        name: &str,
+    ) -> String {
+        format!("shared/{}/{subtask}-a{attempt}-c{}-{name}", sanitize(uid), checkpoint.0)
     }
 
     /// An SST of a full (non-incremental) checkpoint, relative to the checkpoint directory.

@@ -199,6 +199,7 @@ impl TestStore {
             attempt: 0,
             timeout: std::time::Duration::from_secs(60),
             canonical: false,
+            checkpoint: CheckpointId(id),
         };
         let pending = PendingSnapshot {
             uid: "op".into(),

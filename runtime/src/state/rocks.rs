@@ -58,6 +58,10 @@ fn db_options() -> Options {
     o.create_if_missing(true);
     o.create_missing_column_families(true);
     o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // State is read-modify-written per record: update memtable entries in place (one entry per
+    // key instead of one per update) when the new value fits.
+    o.set_inplace_update_support(true);
+    o.set_allow_concurrent_memtable_write(false);
     o
 }
 
@@ -481,8 +485,15 @@ impl RocksBackend {
 
 impl Drop for RocksBackend {
     fn drop(&mut self) {
-        // The working directory is recreated on every start; leave nothing behind.
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Remove the instance; a native checkpoint still being uploaded removes itself (its
+        // `RocksSnapshot` drop), and whichever goes last removes the emptied directory.
+        let _ = std::fs::remove_dir_all(self.dir.join("db"));
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("restore-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
@@ -594,5 +605,9 @@ impl RocksSnapshot {
 impl Drop for RocksSnapshot {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(parent) = self.dir.parent() {
+            // Succeeds only once the backend is gone and nothing else is left.
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }

@@ -111,6 +111,7 @@ impl TaskRuntime {
             attempt: self.shared.attempt,
             timeout: self.shared.upload_timeout,
             canonical: false,
+            checkpoint: id,
         };
         if barrier.kind == crate::CheckpointKind::Savepoint {
             // Savepoints are self-contained and canonical, in the directory the user chose.
@@ -138,9 +139,20 @@ impl TaskRuntime {
             let mut states = Vec::with_capacity(snapshots.len());
             let mut bytes = 0u64;
             for s in snapshots {
-                let (state, n) = persist(s, &target).await?;
-                bytes += n;
-                states.push(state);
+                match persist(s, &target).await {
+                    Ok((state, n)) => {
+                        bytes += n;
+                        states.push(state);
+                    }
+                    Err(e) => {
+                        // The checkpoint is declined without handles: remove what the chain's
+                        // earlier operators uploaded to the shared directory.
+                        for f in states.iter().flat_map(|s: &AckedState| s.new_shared.iter()) {
+                            let _ = target.storage.delete(&format!("{}{f}", target.job_dir)).await;
+                        }
+                        return Err(e);
+                    }
+                }
             }
             Ok::<_, Error>((states, bytes, started.elapsed().as_micros() as u64))
         };
@@ -215,6 +227,8 @@ pub(crate) struct PersistTarget {
     pub timeout: std::time::Duration,
     /// Write keyed state as canonical key-group blocks (savepoints), whatever the backend.
     pub canonical: bool,
+    /// The checkpoint being persisted.
+    pub checkpoint: CheckpointId,
 }
 
 /// Persists one operator's snapshot: its state file and, for RocksDB, the SST files no
@@ -282,7 +296,7 @@ async fn persist_inner(s: PendingSnapshot, t: &PersistTarget, written: &mut Vec<
                     .map_err(|e| Error::User(format!("cannot read {}: {e}", path.display())))?;
                 let crc32 = crc32fast::hash(&data);
                 let (stored_path, full) = if r.incremental() {
-                    let p = CheckpointPaths::shared_sst_relative(&s.uid, t.subtask, t.attempt, &name);
+                    let p = CheckpointPaths::shared_sst_relative(&s.uid, t.subtask, t.attempt, t.checkpoint, &name);
                     (p.clone(), format!("{}{p}", t.job_dir))
                 } else {
                     let p = CheckpointPaths::exclusive_sst_relative(&s.uid, t.subtask, &name);
