@@ -75,9 +75,9 @@ struct JobFlags {
     /// RocksDB: upload every SST file at every checkpoint instead of only new ones
     #[arg(long)]
     full_checkpoints: bool,
-    /// RocksDB restore at a new parallelism: bring in other instances' keys by `ingest`ing SST
-    /// files or by `iterate`-and-write
-    #[arg(long, default_value = "ingest")]
+    /// RocksDB restore at a new parallelism: bring in other instances' keys by `iterate`-and-write
+    /// or by `ingest`ing SST files
+    #[arg(long, default_value = "iterate")]
     rocksdb_rescale: String,
     /// Local working directory (RocksDB instances); default: a directory under the system temp dir
     #[arg(long)]

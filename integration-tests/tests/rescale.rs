@@ -3,7 +3,7 @@
 
 use sluice_coordinator::{run_job, spawn_job, JobOutcome, JobSubmission, RestoredFrom};
 use sluice_integration_tests::{expected_transactions_output, files_below, single_job_dir};
-use sluice_runtime::config::{JobConfig, StateBackendKind};
+use sluice_runtime::config::{JobConfig, RescaleMerge, StateBackendKind};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,7 +64,7 @@ fn earliest_checkpoint(ck: &Path) -> PathBuf {
     chks.into_iter().next().expect("a retained checkpoint")
 }
 
-fn checkpoint_at_2_restores_at_1_3_and_5(backend: StateBackendKind) {
+fn checkpoint_at_2_restores_at_1_3_and_5(backend: StateBackendKind, merge: RescaleMerge) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let report = run_job(submission(d, "first", 2, backend, 100_000, None)).unwrap();
@@ -73,7 +73,9 @@ fn checkpoint_at_2_restores_at_1_3_and_5(backend: StateBackendKind) {
     let chk = earliest_checkpoint(&d.join("ck-first"));
     for p in [1, 3, 5] {
         let name = format!("at{p}");
-        let report = run_job(submission(d, &name, p, backend, 0, Some(chk.to_str().unwrap()))).unwrap();
+        let mut sub = submission(d, &name, p, backend, 0, Some(chk.to_str().unwrap()));
+        sub.config.rescale_merge = merge;
+        let report = run_job(sub).unwrap();
         assert_eq!(report.outcome, JobOutcome::Finished, "at parallelism {p}");
         assert!(matches!(report.initial_restore, RestoredFrom::Savepoint(_)));
         assert!(report.source_records < EVENTS, "the restore at {p} resumed mid-stream");
@@ -83,12 +85,17 @@ fn checkpoint_at_2_restores_at_1_3_and_5(backend: StateBackendKind) {
 
 #[test]
 fn memory_checkpoint_at_2_restores_at_1_3_and_5() {
-    checkpoint_at_2_restores_at_1_3_and_5(MEMORY);
+    checkpoint_at_2_restores_at_1_3_and_5(MEMORY, RescaleMerge::Iterate);
 }
 
 #[test]
 fn rocksdb_checkpoint_at_2_restores_at_1_3_and_5() {
-    checkpoint_at_2_restores_at_1_3_and_5(ROCKSDB);
+    checkpoint_at_2_restores_at_1_3_and_5(ROCKSDB, RescaleMerge::Iterate);
+}
+
+#[test]
+fn rocksdb_checkpoint_at_2_restores_at_1_3_and_5_by_sst_ingestion() {
+    checkpoint_at_2_restores_at_1_3_and_5(ROCKSDB, RescaleMerge::Ingest);
 }
 
 /// 1 -> 4 -> 3 -> 1 through savepoints taken from running jobs, with the given backends.
