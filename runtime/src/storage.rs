@@ -282,8 +282,10 @@ impl CheckpointPaths {
     }
 
     /// State file of one operator subtask, relative to the checkpoint directory.
+    /// Uids are path segments as they are: the job graph admits only letters, digits, `-`, `_`
+    /// and `.` (not leading), so every uid names a distinct directory inside the checkpoint.
     pub fn state_file_relative(uid: &str, subtask: usize) -> String {
-        format!("{}/{subtask}", sanitize(uid))
+        format!("{uid}/{subtask}")
     }
 
     /// `<job-id>/shared/`
@@ -302,12 +304,12 @@ impl CheckpointPaths {
         checkpoint: CheckpointId,
         name: &str,
     ) -> String {
-        format!("shared/{}/{subtask}-a{attempt}-c{}-{name}", sanitize(uid), checkpoint.0)
+        format!("shared/{uid}/{subtask}-a{attempt}-c{}-{name}", checkpoint.0)
     }
 
     /// An SST of a full (non-incremental) checkpoint, relative to the checkpoint directory.
     pub fn exclusive_sst_relative(uid: &str, subtask: usize, name: &str) -> String {
-        format!("{}/{subtask}-sst/{name}", sanitize(uid))
+        format!("{uid}/{subtask}-sst/{name}")
     }
 
     /// Parses `chk-<n>` (with or without a trailing slash).
@@ -319,19 +321,6 @@ impl CheckpointPaths {
     }
 }
 
-/// Operator uids become path segments: keep them to a safe alphabet.
-fn sanitize(uid: &str) -> String {
-    uid.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,7 +329,7 @@ mod tests {
     fn paths() {
         let p = CheckpointPaths::new("job1");
         assert_eq!(p.metadata(CheckpointId(3)), "job1/chk-3/_metadata");
-        assert_eq!(CheckpointPaths::state_file_relative("a b/c", 2), "a_b_c/2");
+        assert_eq!(CheckpointPaths::state_file_relative("totals-v2", 2), "totals-v2/2");
         assert_eq!(CheckpointPaths::parse_checkpoint_dir("chk-12/"), Some(CheckpointId(12)));
         assert_eq!(CheckpointPaths::parse_checkpoint_dir("shared/"), None);
     }

@@ -301,7 +301,7 @@ fn checkpoint_restore_round_trip_in_each_backend() {
 /// The canonical (savepoint) format: written by one backend, read by the other.
 fn canonical_blocks(snapshot: &KeyedSnapshot) -> RestoredKeyGroups {
     let mut w = StateFileWriter::new();
-    let index = snapshot.write_canonical(&mut w).unwrap().unwrap();
+    let index = snapshot.write_canonical(&mut w).unwrap();
     let file = w.finish();
     let blocks = index
         .range

@@ -77,13 +77,12 @@ pub enum KeyedSnapshot {
 }
 
 impl KeyedSnapshot {
-    /// Writes canonical key-group blocks (memory backend only; RocksDB snapshots are persisted
-    /// by the task's uploader).
-    pub fn write_canonical(&self, w: &mut StateFileWriter) -> Result<Option<KeyGroupIndex>> {
+    /// Writes canonical key-group blocks (savepoints; the memory backend's checkpoints too).
+    pub fn write_canonical(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
         match self {
-            KeyedSnapshot::Memory(m) => m.write(w).map(Some),
+            KeyedSnapshot::Memory(m) => m.write(w),
             #[cfg(feature = "rocksdb")]
-            KeyedSnapshot::RocksDb(r) => r.write_canonical(w).map(Some),
+            KeyedSnapshot::RocksDb(r) => r.write_canonical(w),
         }
     }
 }

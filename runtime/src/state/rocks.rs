@@ -142,10 +142,7 @@ impl RocksBackend {
             }
         }
         for other in &others {
-            match merge {
-                crate::config::RescaleMerge::Iterate => backend.copy_in(&other.dir)?,
-                crate::config::RescaleMerge::Ingest => backend.ingest_in(&other.dir)?,
-            }
+            backend.merge_in(&other.dir, merge)?;
             let _ = std::fs::remove_dir_all(&other.dir);
         }
         if !restored.blocks.is_empty() {
@@ -185,63 +182,55 @@ impl RocksBackend {
         Ok(())
     }
 
-    /// Copies the keys of this range from another restored instance.
-    fn copy_in(&mut self, other: &Path) -> Result<()> {
+    /// Brings in the keys of this range from another restored instance: written in batches
+    /// (`Iterate`), or as one SST file per column family that RocksDB ingests (`Ingest`; the
+    /// key-group ranges do not overlap, so it places them without rewriting).
+    fn merge_in(&mut self, other: &Path, merge: crate::config::RescaleMerge) -> Result<()> {
         let opts = db_options();
         let cfs = DB::list_cf(&opts, other).map_err(|e| db_err("list column families", e))?;
         let src = DB::open_cf_for_read_only(&opts, other, &cfs, false).map_err(|e| db_err("open", e))?;
-        for name in &cfs {
-            self.ensure_cf(name)?;
-            let (Some(from), Some(to)) = (src.cf_handle(name), self.db.cf_handle(name)) else {
-                continue;
-            };
-            let start = KeyGroup(self.range.start).to_be_bytes();
-            let mut batch = WriteBatch::default();
-            for item in src.iterator_cf(from, IteratorMode::From(&start, rocksdb::Direction::Forward)) {
-                let (k, v) = item.map_err(|e| db_err("iterate", e))?;
-                let (kg, _, _) = split_rocks_key(&k)?;
-                if kg.0 > self.range.end {
-                    break;
-                }
-                batch.put_cf(to, &k, &v);
-            }
-            self.db.write_opt(batch, &self.write).map_err(|e| db_err("write", e))?;
-        }
-        Ok(())
-    }
-
-    /// Brings in the keys of this range from another restored instance as one SST file per
-    /// column family, ingested (the key-group ranges do not overlap, so RocksDB places them
-    /// without rewriting).
-    fn ingest_in(&mut self, other: &Path) -> Result<()> {
-        let opts = db_options();
-        let cfs = DB::list_cf(&opts, other).map_err(|e| db_err("list column families", e))?;
-        let src = DB::open_cf_for_read_only(&opts, other, &cfs, false).map_err(|e| db_err("open", e))?;
+        let start = KeyGroup(self.range.start).to_be_bytes();
+        let end = self.range.end;
         for (i, name) in cfs.iter().enumerate() {
             self.ensure_cf(name)?;
             let Some(from) = src.cf_handle(name) else { continue };
-            let sst = self.dir.join(format!("ingest-{i}.sst"));
-            let mut writer = rocksdb::SstFileWriter::create(&opts);
-            writer.open(&sst).map_err(|e| db_err("create SST", e))?;
-            let start = KeyGroup(self.range.start).to_be_bytes();
-            let mut any = false;
-            for item in src.iterator_cf(from, IteratorMode::From(&start, rocksdb::Direction::Forward)) {
-                let (k, v) = item.map_err(|e| db_err("iterate", e))?;
-                let (kg, _, _) = split_rocks_key(&k)?;
-                if kg.0 > self.range.end {
-                    break;
+            let to = self.db.cf_handle(name).expect("ensured above");
+            // The source's keys from the range start on, up to the range end.
+            let rows = src
+                .iterator_cf(from, IteratorMode::From(&start, rocksdb::Direction::Forward))
+                .map(|item| item.map_err(|e| db_err("iterate", e)))
+                .take_while(|item| match item {
+                    Ok((k, _)) => split_rocks_key(k).is_ok_and(|(kg, _, _)| kg.0 <= end),
+                    Err(_) => true,
+                });
+            match merge {
+                crate::config::RescaleMerge::Iterate => {
+                    let mut batch = WriteBatch::default();
+                    for row in rows {
+                        let (k, v) = row?;
+                        batch.put_cf(to, &k, &v);
+                    }
+                    self.db.write_opt(batch, &self.write).map_err(|e| db_err("write", e))?;
                 }
-                writer.put(&k, &v).map_err(|e| db_err("write SST", e))?;
-                any = true;
+                crate::config::RescaleMerge::Ingest => {
+                    let sst = self.dir.join(format!("ingest-{i}.sst"));
+                    let mut writer = rocksdb::SstFileWriter::create(&opts);
+                    writer.open(&sst).map_err(|e| db_err("create SST", e))?;
+                    let mut any = false;
+                    for row in rows {
+                        let (k, v) = row?;
+                        writer.put(&k, &v).map_err(|e| db_err("write SST", e))?;
+                        any = true;
+                    }
+                    if any {
+                        writer.finish().map_err(|e| db_err("finish SST", e))?;
+                        self.db
+                            .ingest_external_file_cf(to, vec![&sst])
+                            .map_err(|e| db_err("ingest", e))?;
+                    }
+                    let _ = std::fs::remove_file(&sst);
+                }
             }
-            if any {
-                writer.finish().map_err(|e| db_err("finish SST", e))?;
-                let to = self.db.cf_handle(name).expect("ensured above");
-                self.db
-                    .ingest_external_file_cf(to, vec![&sst])
-                    .map_err(|e| db_err("ingest", e))?;
-            }
-            let _ = std::fs::remove_file(&sst);
         }
         Ok(())
     }

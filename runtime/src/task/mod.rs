@@ -257,27 +257,8 @@ async fn persist_inner(s: PendingSnapshot, t: &PersistTarget, written: &mut Vec<
     let mut bytes = 0u64;
     match s.snapshot.keyed {
         None => {}
-        Some(KeyedSnapshot::Memory(m)) => {
-            let (back, index) = blocking(move || {
-                let index = m.write(&mut w)?;
-                Ok((w, index))
-            })
-            .await?;
-            w = back;
-            key_groups = Some(index);
-        }
         #[cfg(feature = "rocksdb")]
-        Some(KeyedSnapshot::RocksDb(r)) if t.canonical => {
-            let (back, index) = blocking(move || {
-                let index = r.write_canonical(&mut w)?;
-                Ok((w, index))
-            })
-            .await?;
-            w = back;
-            key_groups = Some(index);
-        }
-        #[cfg(feature = "rocksdb")]
-        Some(KeyedSnapshot::RocksDb(r)) => {
+        Some(KeyedSnapshot::RocksDb(r)) if !t.canonical => {
             let (r, files) = blocking(move || {
                 let files = r.local_files()?;
                 Ok((r, files))
@@ -331,6 +312,16 @@ async fn persist_inner(s: PendingSnapshot, t: &PersistTarget, written: &mut Vec<
                 Ok(())
             })
             .await?;
+        }
+        // Memory checkpoints and every savepoint: canonical key-group blocks.
+        Some(keyed) => {
+            let (back, index) = blocking(move || {
+                let index = keyed.write_canonical(&mut w)?;
+                Ok((w, index))
+            })
+            .await?;
+            w = back;
+            key_groups = Some(index);
         }
     }
     let operator_state = if s.snapshot.operator.is_empty() {
