@@ -13,8 +13,12 @@ use crate::snapshot::{
     RocksDbHandle, RocksFile, StateHandle,
 };
 use crate::storage::{Storage, METADATA_FILE};
+use futures::{StreamExt, TryStreamExt};
 use std::collections::HashMap;
 use std::path::Path;
+
+/// SST files downloaded at once by one restoring subtask.
+const DOWNLOAD_CONCURRENCY: usize = 4;
 
 /// The old subtasks whose key-group range overlaps `range`: the only state a new subtask owning
 /// `range` reads. Old subtasks without keyed state are never read for keyed state.
@@ -181,6 +185,33 @@ impl RestoreSource {
     }
 
     /// Downloads one RocksDB native checkpoint into `dir`, verifying every SST's size and CRC32.
+    /// Downloads one SST into `dir`, verifying its size and CRC32.
+    async fn download_sst(&self, f: &RocksFile, dir: &Path) -> Result<()> {
+        let storage = self.sst_storage(f)?;
+        let data = storage.read(&f.path).await?;
+        let bad = if data.len() as u64 != f.size {
+            Some(format!(
+                "file has {} bytes, the checkpoint recorded {}",
+                data.len(),
+                f.size
+            ))
+        } else if crc32fast::hash(&data) != f.crc32 {
+            Some("checksum mismatch".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = bad {
+            return Err(Error::Corrupt {
+                location: storage.location(&f.path),
+                reason,
+            });
+        }
+        let path = dir.join(&f.name);
+        tokio::fs::write(&path, data)
+            .await
+            .map_err(|e| Error::User(format!("cannot write restored state {}: {e}", path.display())))
+    }
+
     async fn download_rocksdb(&self, h: &RocksDbHandle, file: &[u8], state_file: &str, dir: &Path) -> Result<()> {
         let io = |e: std::io::Error| Error::User(format!("cannot write restored state under {}: {e}", dir.display()));
         if dir.exists() {
@@ -188,34 +219,17 @@ impl RestoreSource {
         }
         tokio::fs::create_dir_all(dir).await.map_err(io)?;
         let safe = |name: &str| !name.is_empty() && !name.contains(['/', '\\']) && name != "." && name != "..";
-        for f in &h.sst_files {
-            if !safe(&f.name) {
-                return Err(Error::Corrupt {
-                    location: state_file.to_string(),
-                    reason: format!("invalid RocksDB file name '{}'", f.name),
-                });
-            }
-            let storage = self.sst_storage(f)?;
-            let data = storage.read(&f.path).await?;
-            let bad = if data.len() as u64 != f.size {
-                Some(format!(
-                    "file has {} bytes, the checkpoint recorded {}",
-                    data.len(),
-                    f.size
-                ))
-            } else if crc32fast::hash(&data) != f.crc32 {
-                Some("checksum mismatch".to_string())
-            } else {
-                None
-            };
-            if let Some(reason) = bad {
-                return Err(Error::Corrupt {
-                    location: storage.location(&f.path),
-                    reason,
-                });
-            }
-            tokio::fs::write(dir.join(&f.name), data).await.map_err(io)?;
+        if let Some(f) = h.sst_files.iter().find(|f| !safe(&f.name)) {
+            return Err(Error::Corrupt {
+                location: state_file.to_string(),
+                reason: format!("invalid RocksDB file name '{}'", f.name),
+            });
         }
+        // Several at a time: on remote stores each download is mostly waiting.
+        futures::stream::iter(h.sst_files.iter().map(|f| self.download_sst(f, dir)))
+            .buffer_unordered(DOWNLOAD_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
         let block = read_block(file, h.small_files_block, state_file)?;
         let small: Vec<(String, Vec<u8>)> = postcard::from_bytes(block).map_err(|e| Error::Corrupt {
             location: state_file.to_string(),

@@ -8,6 +8,8 @@ mod conformance;
 mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
+#[cfg(feature = "rocksdb")]
+mod write_cache;
 
 pub use memory::MemoryBackend;
 #[cfg(feature = "rocksdb")]

@@ -5,10 +5,12 @@
 //! `(key, namespace, value)` form without knowing its types. Values are the same postcard bytes
 //! the memory backend writes, so canonical snapshots move between backends unchanged.
 //!
-//! A checkpoint flushes the memtables and takes a RocksDB native checkpoint (hard links) on the
-//! task thread; the uploader then sends only the SST files that no completed checkpoint already
-//! holds (incremental), or all of them (full mode).
+//! Writes go to a bounded write-back cache first (`write_cache`). At a barrier the task thread
+//! only freezes that cache; a background thread writes it into RocksDB, flushes the memtables
+//! and takes a RocksDB native checkpoint (hard links), and the uploader then sends only the SST
+//! files that no completed checkpoint already holds (incremental), or all of them (full mode).
 
+use super::write_cache::{self, Background, Cached, Entries, WriteCache};
 use super::{CurrentKey, Key, StateId, StateValue};
 use crate::checkpoint::CheckpointId;
 use crate::error::{Error, Result};
@@ -62,7 +64,74 @@ fn db_options() -> Options {
     // key instead of one per update) when the new value fits.
     o.set_inplace_update_support(true);
     o.set_allow_concurrent_memtable_write(false);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    // Most reads are point lookups, many of keys not stored yet: bloom filters spare reading
+    // every level's blocks for them. One block cache serves all instances of the process.
+    table.set_bloom_filter(10.0, false);
+    table.set_block_cache(block_cache());
+    o.set_block_based_table_factory(&table);
     o
+}
+
+/// The process-wide RocksDB block cache.
+fn block_cache() -> &'static rocksdb::Cache {
+    const BLOCK_CACHE_BYTES: usize = 256 << 20;
+    static CACHE: std::sync::OnceLock<rocksdb::Cache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES))
+}
+
+fn write_options() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    // Checkpoints, not the WAL, make state durable.
+    w.disable_wal(true);
+    w
+}
+
+/// Writes cached entries (`names[id]` is state `id`'s column family) in batches.
+fn write_entries(db: &DB, names: &[String], entries: &[Entries], write: &WriteOptions) -> Result<()> {
+    const BATCH_BYTES: usize = 4 << 20;
+    let mut batch = WriteBatch::default();
+    for (id, map) in entries.iter().enumerate() {
+        if map.is_empty() {
+            continue;
+        }
+        let cf = db
+            .cf_handle(&names[id])
+            .ok_or_else(|| Error::User(format!("rocksdb column family {} is missing", names[id])))?;
+        for (k, v) in map {
+            match v {
+                Some(v) => batch.put_cf(cf, k, v),
+                None => batch.delete_cf(cf, k),
+            }
+            if batch.size_in_bytes() >= BATCH_BYTES {
+                db.write_opt(std::mem::take(&mut batch), write)
+                    .map_err(|e| db_err("write", e))?;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        db.write_opt(batch, write).map_err(|e| db_err("write", e))?;
+    }
+    Ok(())
+}
+
+/// Work for a backend's checkpoint thread: move a frozen cache in, take a native checkpoint.
+type MoveJob = Box<dyn FnOnce() + Send>;
+
+/// A stored value: from the write cache or pinned in RocksDB.
+enum Raw<'a> {
+    Cached(&'a [u8]),
+    Stored(rocksdb::DBPinnableSlice<'a>),
+}
+
+impl std::ops::Deref for Raw<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Raw::Cached(v) => v,
+            Raw::Stored(v) => v,
+        }
+    }
 }
 
 fn open_db(path: &Path) -> Result<DB> {
@@ -74,10 +143,14 @@ fn open_db(path: &Path) -> Result<DB> {
 /// Keyed state of one operator subtask in RocksDB.
 pub struct RocksBackend {
     range: KeyGroupRange,
-    db: DB,
+    /// Shared with the background thread that moves a frozen cache into it.
+    db: Arc<DB>,
     dir: PathBuf,
     names: Vec<String>,
     write: WriteOptions,
+    cache: WriteCache,
+    /// Feeds the checkpoint thread; dropping it ends the thread.
+    mover: Option<crossbeam_channel::Sender<MoveJob>>,
     incremental: bool,
     /// SST files held by the latest completed checkpoint: local name -> stored file.
     confirmed: HashMap<String, RocksFile>,
@@ -123,15 +196,12 @@ impl RocksBackend {
         let db = open_db(&db_path)?;
         let mut backend = Self {
             range,
-            db,
+            db: Arc::new(db),
             dir: dir.to_path_buf(),
             names: Vec::new(),
-            write: {
-                let mut w = WriteOptions::default();
-                // Checkpoints, not the WAL, make state durable.
-                w.disable_wal(true);
-                w
-            },
+            write: write_options(),
+            cache: WriteCache::new(write_cache::DEFAULT_LIMIT),
+            mover: None,
             incremental,
             confirmed,
             pending: Default::default(),
@@ -157,7 +227,10 @@ impl RocksBackend {
 
     fn ensure_cf(&mut self, name: &str) -> Result<()> {
         if self.db.cf_handle(name).is_none() {
-            self.db
+            // Creating a column family needs the instance to itself: no move in progress.
+            self.cache.settle()?;
+            Arc::get_mut(&mut self.db)
+                .ok_or_else(|| Error::User(format!("cannot create rocksdb column family {name} now")))?
                 .create_cf(name, &db_options())
                 .map_err(|e| db_err("create column family", e))?;
         }
@@ -271,6 +344,7 @@ impl RocksBackend {
         }
         self.ensure_cf(name)?;
         self.names.push(name.to_string());
+        self.cache.register(self.names.len() - 1);
         Ok(self.names.len() - 1)
     }
 
@@ -288,20 +362,41 @@ impl RocksBackend {
             .expect("registered states have a column family")
     }
 
-    fn get_raw(&self, id: StateId, key: &[u8]) -> Result<Option<rocksdb::DBPinnableSlice<'_>>> {
-        self.db.get_pinned_cf(self.cf(id), key).map_err(|e| db_err("get", e))
+    fn get_raw(&self, id: StateId, key: &[u8]) -> Result<Option<Raw<'_>>> {
+        match self.cache.get(id, key) {
+            Cached::Value(v) => Ok(Some(Raw::Cached(v))),
+            Cached::Deleted => Ok(None),
+            Cached::Miss => Ok(self
+                .db
+                .get_pinned_cf(self.cf(id), key)
+                .map_err(|e| db_err("get", e))?
+                .map(Raw::Stored)),
+        }
     }
 
-    fn put_raw(&self, id: StateId, key: &[u8], value: &[u8]) -> Result<()> {
-        self.db
-            .put_cf_opt(self.cf(id), key, value, &self.write)
-            .map_err(|e| db_err("put", e))
+    fn put_raw(&mut self, id: StateId, key: &[u8], value: Option<Vec<u8>>) -> Result<()> {
+        self.cache.release_moved()?;
+        if self.cache.put(id, key, value) {
+            self.drain()?;
+        }
+        Ok(())
     }
 
-    fn delete_raw(&self, id: StateId, key: &[u8]) -> Result<()> {
-        self.db
-            .delete_cf_opt(self.cf(id), key, &self.write)
-            .map_err(|e| db_err("delete", e))
+    fn delete_raw(&mut self, id: StateId, key: &[u8]) -> Result<()> {
+        self.put_raw(id, key, None)
+    }
+
+    /// Writes the live cache into RocksDB (it outgrew its limit), after any frozen one.
+    fn drain(&mut self) -> Result<()> {
+        self.cache.settle()?;
+        drop(self.cache.take_retired());
+        let live = self.cache.take_live();
+        write_entries(&self.db, &self.names, &live, &self.write)
+    }
+
+    /// Test hook: bounds the write cache (a tiny limit makes every write reach RocksDB soon).
+    pub fn set_write_cache_limit(&mut self, bytes: usize) {
+        self.cache.set_limit(bytes);
     }
 
     pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {
@@ -312,7 +407,11 @@ impl RocksBackend {
     }
 
     pub(crate) fn value_put<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>, v: V) -> Result<()> {
-        self.put_raw(id, &rocks_key(c.key_group, c.bytes, b""), &postcard::to_allocvec(&v)?)
+        self.put_raw(
+            id,
+            &rocks_key(c.key_group, c.bytes, b""),
+            Some(postcard::to_allocvec(&v)?),
+        )
     }
 
     pub(crate) fn value_update<K: Key, V: StateValue>(
@@ -328,14 +427,17 @@ impl RocksBackend {
             None => default(),
         };
         f(&mut v);
-        self.put_raw(id, &key, &postcard::to_allocvec(&v)?)
+        self.put_raw(id, &key, Some(postcard::to_allocvec(&v)?))
     }
 
     pub(crate) fn value_remove<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Result<()> {
         self.delete_raw(id, &rocks_key(c.key_group, c.bytes, b""))
     }
 
+    /// Calls `f` on every entry whose key starts with `prefix`, in key order: the cached
+    /// entries merged over RocksDB's.
     fn scan(&self, id: StateId, prefix: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        let mut cached = self.cache.scan(id, prefix).into_iter().peekable();
         for item in self
             .db
             .iterator_cf(self.cf(id), IteratorMode::From(prefix, rocksdb::Direction::Forward))
@@ -344,7 +446,21 @@ impl RocksBackend {
             if !k.starts_with(prefix) {
                 break;
             }
-            f(&k, &v)?;
+            let mut shadowed = false;
+            while let Some((ck, cv)) = cached.next_if(|(ck, _)| *ck <= &k[..]) {
+                shadowed = ck == &k[..];
+                if let Some(cv) = cv {
+                    f(ck, cv)?;
+                }
+            }
+            if !shadowed {
+                f(&k, &v)?;
+            }
+        }
+        for (ck, cv) in cached {
+            if let Some(cv) = cv {
+                f(ck, cv)?;
+            }
         }
         Ok(())
     }
@@ -380,7 +496,7 @@ impl RocksBackend {
         uv: UV,
     ) -> Result<()> {
         let key = rocks_key(c.key_group, c.bytes, &postcard::to_allocvec(&uk)?);
-        self.put_raw(id, &key, &postcard::to_allocvec(&uv)?)
+        self.put_raw(id, &key, Some(postcard::to_allocvec(&uv)?))
     }
 
     pub(crate) fn map_remove<K: Key, UK: Key, UV: StateValue>(
@@ -416,11 +532,10 @@ impl RocksBackend {
             keys.push(k.to_vec());
             Ok(())
         })?;
-        let mut batch = WriteBatch::default();
         for k in keys {
-            batch.delete_cf(self.cf(id), k);
+            self.delete_raw(id, &k)?;
         }
-        self.db.write_opt(batch, &self.write).map_err(|e| db_err("write", e))
+        Ok(())
     }
 
     pub(crate) fn map_all<K: Key, UK: Key, UV: StateValue>(&self, id: StateId) -> Result<Vec<(K, UK, UV)>> {
@@ -437,17 +552,34 @@ impl RocksBackend {
         Ok(out)
     }
 
-    /// Flushes and takes a native checkpoint (hard links) on local disk.
+    /// Freezes the write cache; a background thread writes it into RocksDB and takes a native
+    /// checkpoint (flush, hard links) on local disk. The task thread writes only to the new
+    /// cache meanwhile, so the checkpoint holds exactly the state of this moment.
     pub fn snapshot(&mut self, id: CheckpointId) -> Result<RocksSnapshot> {
-        // `create_checkpoint` flushes every column family first (the WAL is off, so the memtables
-        // must reach SST files to be in the checkpoint).
+        // One move at a time (a previous one is normally long done).
+        self.cache.settle()?;
         let dir = self.dir.join(format!("chk-{}", id.0));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| io_err("cannot clear", &dir, e))?;
-        }
-        Checkpoint::new(&self.db)
-            .and_then(|c| c.create_checkpoint(&dir))
-            .map_err(|e| db_err("checkpoint", e))?;
+        let frozen = Arc::new(self.cache.take_live());
+        let retired = self.cache.take_retired();
+        let moved = Background::new();
+        let (db, names, entries, worker, target) = (
+            self.db.clone(),
+            self.names.clone(),
+            frozen.clone(),
+            moved.clone(),
+            dir.clone(),
+        );
+        let job: MoveJob = Box::new(move || {
+            let result = checkpoint_into(&db, &names, &entries, &target);
+            // Let go of the instance before reporting, so the task may own it again.
+            drop((db, entries));
+            worker.finish(result.map_err(|e| e.to_string()));
+            drop(retired);
+        });
+        self.mover()?
+            .send(job)
+            .map_err(|_| Error::User("the rocksdb checkpoint thread is gone".into()))?;
+        self.cache.freeze(frozen, moved.clone());
         Ok(RocksSnapshot {
             id,
             dir,
@@ -455,7 +587,27 @@ impl RocksBackend {
             incremental: self.incremental,
             confirmed: self.confirmed.clone(),
             pending: self.pending.clone(),
+            moved,
         })
+    }
+
+    /// The backend's checkpoint thread, started on first use. A thread that lives with the
+    /// backend: starting one at each barrier (stack mapping) occasionally stalled the task
+    /// thread for over 10 ms on a busy machine.
+    fn mover(&mut self) -> Result<&crossbeam_channel::Sender<MoveJob>> {
+        if self.mover.is_none() {
+            let (tx, rx) = crossbeam_channel::unbounded::<MoveJob>();
+            std::thread::Builder::new()
+                .name("rocksdb-checkpoint".into())
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                })
+                .map_err(|e| Error::User(format!("cannot start the rocksdb checkpoint thread: {e}")))?;
+            self.mover = Some(tx);
+        }
+        Ok(self.mover.as_ref().expect("set above"))
     }
 
     /// Checkpoint `id` completed: its SST files may be referenced from now on.
@@ -472,8 +624,23 @@ impl RocksBackend {
     }
 }
 
+/// Writes frozen cache entries into RocksDB and takes a native checkpoint in `dir`.
+fn checkpoint_into(db: &DB, names: &[String], entries: &[Entries], dir: &Path) -> Result<()> {
+    write_entries(db, names, entries, &write_options())?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| io_err("cannot clear", dir, e))?;
+    }
+    // `create_checkpoint` flushes every column family first (the WAL is off, so the memtables
+    // must reach SST files to be in the checkpoint).
+    Checkpoint::new(db)
+        .and_then(|c| c.create_checkpoint(dir))
+        .map_err(|e| db_err("checkpoint", e))
+}
+
 impl Drop for RocksBackend {
     fn drop(&mut self) {
+        // A checkpoint thread may still use the instance.
+        let _ = self.cache.settle();
         // Remove the instance; a native checkpoint still being uploaded removes itself (its
         // `RocksSnapshot` drop), and whichever goes last removes the emptied directory.
         let _ = std::fs::remove_dir_all(self.dir.join("db"));
@@ -494,6 +661,8 @@ pub struct RocksSnapshot {
     incremental: bool,
     confirmed: HashMap<String, RocksFile>,
     pending: Arc<Mutex<BTreeMap<CheckpointId, Vec<RocksFile>>>>,
+    /// Done once the native checkpoint exists in `dir`.
+    moved: Arc<Background>,
 }
 
 /// The local files of a native checkpoint, split into SSTs and the small files.
@@ -521,8 +690,9 @@ impl RocksSnapshot {
         self.confirmed.get(name).filter(|f| f.size == size)
     }
 
-    /// Lists the local files.
+    /// Lists the local files (waiting for the native checkpoint first).
     pub fn local_files(&self) -> Result<RocksLocalFiles> {
+        self.moved.wait()?;
         let mut files = RocksLocalFiles {
             ssts: Vec::new(),
             small: Vec::new(),
@@ -555,6 +725,7 @@ impl RocksSnapshot {
 
     /// Writes canonical key-group blocks from the native checkpoint (for savepoints).
     pub fn write_canonical(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
+        self.moved.wait()?;
         let opts = db_options();
         let cfs = DB::list_cf(&opts, &self.dir).map_err(|e| db_err("list column families", e))?;
         let db = DB::open_cf_for_read_only(&opts, &self.dir, &cfs, false).map_err(|e| db_err("open", e))?;
@@ -593,10 +764,15 @@ impl RocksSnapshot {
 
 impl Drop for RocksSnapshot {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Some(parent) = self.dir.parent() {
-            // Succeeds only once the backend is gone and nothing else is left.
-            let _ = std::fs::remove_dir(parent);
-        }
+        // The checkpoint thread may still be creating the directory: whichever ends last
+        // removes it.
+        let dir = self.dir.clone();
+        self.moved.abandon(move || {
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(parent) = dir.parent() {
+                // Succeeds only once the backend is gone and nothing else is left.
+                let _ = std::fs::remove_dir(parent);
+            }
+        });
     }
 }

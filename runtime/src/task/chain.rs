@@ -11,6 +11,9 @@ use crate::operator::{Data, Operator, OperatorSnapshot};
 pub(crate) struct PendingSnapshot {
     pub uid: String,
     pub snapshot: OperatorSnapshot,
+    /// How long taking it held the task thread (the checkpoint's synchronous part; forwarding
+    /// the barrier, which waits on downstream like any record, is not counted).
+    pub sync: std::time::Duration,
 }
 
 /// The input side of a chain link (or of the output writer at the chain's end).
@@ -60,11 +63,13 @@ impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
     }
 
     fn barrier(&mut self, barrier: CheckpointBarrier, snapshots: &mut Vec<PendingSnapshot>) -> Result<()> {
+        let started = std::time::Instant::now();
         let snapshot = self.op.snapshot(barrier.id)?;
         if !snapshot.is_empty() {
             snapshots.push(PendingSnapshot {
                 uid: self.uid.clone(),
                 snapshot,
+                sync: started.elapsed(),
             });
         }
         self.next.barrier(barrier, snapshots)

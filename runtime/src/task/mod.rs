@@ -95,13 +95,13 @@ impl TaskRuntime {
 
     /// Uploads the snapshots taken for `barrier` asynchronously, then acknowledges (or declines
     /// with the storage error).
-    pub fn upload(&mut self, barrier: CheckpointBarrier, snapshots: Vec<PendingSnapshot>, sync_started: Instant) {
+    pub fn upload(&mut self, barrier: CheckpointBarrier, snapshots: Vec<PendingSnapshot>) {
         let id = barrier.id;
         if !self.undecided(id) {
             return;
         }
         self.decided = Some(id);
-        let sync_micros = sync_started.elapsed().as_micros() as u64;
+        let sync_micros = snapshots.iter().map(|s| s.sync.as_micros() as u64).sum();
         let (events, task) = (self.shared.events.clone(), self.task);
         let mut target = PersistTarget {
             storage: self.shared.storage.clone(),
@@ -381,10 +381,11 @@ impl<S: SourceFunction> SourceDriver<S> {
                     snapshots.push(PendingSnapshot {
                         uid: self.uid.clone(),
                         snapshot: OperatorSnapshot { keyed: None, operator },
+                        sync: started.elapsed(),
                     });
                 }
                 self.chain.barrier(barrier, &mut snapshots)?;
-                rt.upload(barrier, snapshots, started);
+                rt.upload(barrier, snapshots);
                 Ok(())
             }
             other => rt.command(other, &mut self.chain, |_| {}),
@@ -440,10 +441,9 @@ impl<T: Send + 'static> TaskDriver for InputDriver<T> {
                 GateEvent::Data(batch) => self.chain.process(batch)?,
                 GateEvent::Watermark(w) => self.chain.watermark(w)?,
                 GateEvent::Barrier(barrier) => {
-                    let started = Instant::now();
                     let mut snapshots = Vec::new();
                     self.chain.barrier(barrier, &mut snapshots)?;
-                    rt.upload(barrier, snapshots, started);
+                    rt.upload(barrier, snapshots);
                 }
                 GateEvent::Declined(id, reason) => rt.decline(id, reason),
                 GateEvent::Command(cmd) => {

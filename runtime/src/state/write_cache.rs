@@ -1,0 +1,316 @@
+//! The RocksDB backend's write-back cache: the writes since the last checkpoint, kept sorted in
+//! memory in front of RocksDB, and the background step that moves them into RocksDB.
+//!
+//! Why: with the cache, a checkpoint's synchronous part is only "freeze the cache" (a swap).
+//! The frozen writes go into RocksDB, are flushed and hard-linked into a native checkpoint on a
+//! background thread, while the task goes on writing into a fresh cache. RocksDB therefore sees
+//! no task writes between a barrier and its native checkpoint, so the checkpoint holds exactly
+//! the state at the barrier. Hot keys are also read and rewritten in memory instead of RocksDB.
+//!
+//! Reads look in the live cache, then the frozen one, then RocksDB; `None` is a deletion that
+//! shadows RocksDB. The cache is bounded: past its limit it is written to RocksDB on the task
+//! thread (after waiting for a frozen cache still being moved, to keep writes in order).
+
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Cached writes of one state (column family): stored key -> value, or `None` for a deletion.
+pub(crate) type Entries = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Bytes charged per cached entry on top of its key and value (tree node and allocations).
+const ENTRY_OVERHEAD: usize = 48;
+
+/// Default bound of one subtask's live cache.
+pub(crate) const DEFAULT_LIMIT: usize = 64 << 20;
+
+/// What a cache lookup found.
+pub(crate) enum Cached<'a> {
+    /// A value written since the last move into RocksDB.
+    Value(&'a [u8]),
+    /// A deletion since then: RocksDB's value does not count.
+    Deleted,
+    /// Not in the cache: ask RocksDB.
+    Miss,
+}
+
+/// The live and frozen caches of one backend.
+pub(crate) struct WriteCache {
+    live: Vec<Entries>,
+    live_bytes: usize,
+    limit: usize,
+    frozen: Option<Frozen>,
+    /// Frozen caches already in RocksDB, kept until a background thread can free them: freeing
+    /// hundreds of thousands of entries takes milliseconds the task thread should not spend.
+    retired: Vec<Arc<Vec<Entries>>>,
+}
+
+/// Writes frozen at a barrier, readable until they are in RocksDB.
+struct Frozen {
+    entries: Arc<Vec<Entries>>,
+    moved: Arc<Background>,
+}
+
+impl WriteCache {
+    pub(crate) fn new(limit: usize) -> Self {
+        Self {
+            live: Vec::new(),
+            live_bytes: 0,
+            limit,
+            frozen: None,
+            retired: Vec::new(),
+        }
+    }
+
+    pub(crate) fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
+    /// Makes room for state `id`.
+    pub(crate) fn register(&mut self, id: usize) {
+        if self.live.len() <= id {
+            self.live.resize_with(id + 1, Entries::new);
+        }
+    }
+
+    pub(crate) fn get(&self, id: usize, key: &[u8]) -> Cached<'_> {
+        let found = self.live[id]
+            .get(key)
+            .or_else(|| self.frozen.as_ref().and_then(|f| f.entries.get(id)?.get(key)));
+        match found {
+            Some(Some(v)) => Cached::Value(v),
+            Some(None) => Cached::Deleted,
+            None => Cached::Miss,
+        }
+    }
+
+    /// Records a write (`None`: a deletion). Returns whether the cache is now over its limit.
+    pub(crate) fn put(&mut self, id: usize, key: &[u8], value: Option<Vec<u8>>) -> bool {
+        let new_len = value.as_ref().map_or(0, Vec::len);
+        let map = &mut self.live[id];
+        if let Some(slot) = map.get_mut(key) {
+            let old_len = slot.as_ref().map_or(0, Vec::len);
+            self.live_bytes = (self.live_bytes + new_len).saturating_sub(old_len);
+            *slot = value;
+        } else {
+            self.live_bytes += key.len() + new_len + ENTRY_OVERHEAD;
+            map.insert(key.to_vec(), value);
+        }
+        self.live_bytes > self.limit
+    }
+
+    /// The cached entries of state `id` whose keys start with `prefix`, live over frozen, in
+    /// key order (deletions included).
+    pub(crate) fn scan(&self, id: usize, prefix: &[u8]) -> Vec<(&[u8], Option<&[u8]>)> {
+        let live = prefixed(&self.live[id], prefix);
+        match self.frozen.as_ref().and_then(|f| f.entries.get(id)) {
+            Some(frozen) => merge_sorted(live, prefixed(frozen, prefix)),
+            None => live,
+        }
+    }
+
+    /// Takes the live writes out (to freeze them or to write them to RocksDB).
+    pub(crate) fn take_live(&mut self) -> Vec<Entries> {
+        self.live_bytes = 0;
+        let n = self.live.len();
+        std::mem::replace(&mut self.live, (0..n).map(|_| Entries::new()).collect())
+    }
+
+    /// Whether a frozen cache is still being moved into RocksDB.
+    #[cfg(test)]
+    pub(crate) fn moving(&self) -> bool {
+        self.frozen.as_ref().is_some_and(|f| !f.moved.is_done())
+    }
+
+    /// Lets a frozen cache go once it is in RocksDB (without waiting), so reads stop looking
+    /// into it; a failed move is reported.
+    pub(crate) fn release_moved(&mut self) -> Result<()> {
+        if self.frozen.as_ref().is_some_and(|f| f.moved.is_done()) {
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    /// Freezes `entries`; `moved` reports when they are in RocksDB.
+    pub(crate) fn freeze(&mut self, entries: Arc<Vec<Entries>>, moved: Arc<Background>) {
+        debug_assert!(self.frozen.is_none());
+        self.frozen = Some(Frozen { entries, moved });
+    }
+
+    /// Waits until the frozen cache is in RocksDB and lets it go; fails if moving it failed
+    /// (then RocksDB lacks those writes and the task must fail rather than go on).
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        if let Some(f) = &self.frozen {
+            f.moved.wait()?;
+            if let Some(f) = self.frozen.take() {
+                self.retired.push(f.entries);
+            }
+        }
+        Ok(())
+    }
+
+    /// Frozen caches no longer needed, for freeing off the task thread.
+    pub(crate) fn take_retired(&mut self) -> Vec<Arc<Vec<Entries>>> {
+        std::mem::take(&mut self.retired)
+    }
+}
+
+fn prefixed<'a>(map: &'a Entries, prefix: &[u8]) -> Vec<(&'a [u8], Option<&'a [u8]>)> {
+    map.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.as_slice(), v.as_deref()))
+        .collect()
+}
+
+/// Merges two key-ordered runs; where both hold a key, `newer`'s entry wins.
+pub(crate) fn merge_sorted<'a, V: Copy>(newer: Vec<(&'a [u8], V)>, older: Vec<(&'a [u8], V)>) -> Vec<(&'a [u8], V)> {
+    let mut out = Vec::with_capacity(newer.len() + older.len());
+    let mut o = older.into_iter().peekable();
+    for (k, v) in newer {
+        while let Some(&(ok, ov)) = o.peek() {
+            if ok >= k {
+                break;
+            }
+            out.push((ok, ov));
+            o.next();
+        }
+        if o.peek().is_some_and(|&(ok, _)| ok == k) {
+            o.next();
+        }
+        out.push((k, v));
+    }
+    out.extend(o);
+    out
+}
+
+/// Completion of background work that the task thread may have to wait for, and the cleanup
+/// owed by whichever of the worker and the abandoning owner comes last.
+pub(crate) struct Background {
+    state: Mutex<BackgroundState>,
+    done: Condvar,
+    /// Set with `state.result`, readable without the lock on every write.
+    finished: AtomicBool,
+}
+
+#[derive(Default)]
+struct BackgroundState {
+    result: Option<std::result::Result<(), String>>,
+    abandoned: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Background {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(BackgroundState::default()),
+            done: Condvar::new(),
+            finished: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BackgroundState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Called by the worker when it is done; runs the cleanup of an owner that already left.
+    pub(crate) fn finish(&self, result: std::result::Result<(), String>) {
+        let cleanup = {
+            let mut s = self.lock();
+            s.result = Some(result);
+            self.finished.store(true, Ordering::Release);
+            s.abandoned.take()
+        };
+        self.done.notify_all();
+        if let Some(cleanup) = cleanup {
+            cleanup();
+        }
+    }
+
+    /// Blocks until the worker is done; its error, if any.
+    pub(crate) fn wait(&self) -> Result<()> {
+        let mut s = self.lock();
+        while s.result.is_none() {
+            s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        match s.result.as_ref().expect("checked") {
+            Ok(()) => Ok(()),
+            Err(e) => Err(Error::User(e.clone())),
+        }
+    }
+
+    /// The owner leaves: runs `cleanup` now if the worker is done, else when it finishes.
+    pub(crate) fn abandon(&self, cleanup: impl FnOnce() + Send + 'static) {
+        let mut s = self.lock();
+        if s.result.is_some() {
+            drop(s);
+            cleanup();
+        } else {
+            s.abandoned = Some(Box::new(cleanup));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_entries_shadow_older_ones_in_key_order() {
+        let newer = vec![(&b"b"[..], 1), (&b"d"[..], 2)];
+        let older = vec![(&b"a"[..], 10), (&b"b"[..], 11), (&b"c"[..], 12), (&b"e"[..], 13)];
+        let merged: Vec<_> = merge_sorted(newer, older);
+        assert_eq!(
+            merged,
+            vec![
+                (&b"a"[..], 10),
+                (&b"b"[..], 1),
+                (&b"c"[..], 12),
+                (&b"d"[..], 2),
+                (&b"e"[..], 13)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_live_cache_shadows_the_frozen_one_and_reports_its_limit() {
+        let mut c = WriteCache::new(200);
+        c.register(0);
+        assert!(!c.put(0, b"k1", Some(b"old".to_vec())));
+        let frozen = Arc::new(c.take_live());
+        let moved = Background::new();
+        c.freeze(frozen, moved.clone());
+        assert!(c.moving());
+        assert!(matches!(c.get(0, b"k1"), Cached::Value(v) if v == b"old"));
+        c.put(0, b"k1", None);
+        assert!(matches!(c.get(0, b"k1"), Cached::Deleted));
+        assert!(matches!(c.get(0, b"k2"), Cached::Miss));
+        assert_eq!(c.scan(0, b"k"), vec![(&b"k1"[..], None)]);
+        moved.finish(Ok(()));
+        c.settle().unwrap();
+        assert!(!c.moving());
+        let mut over = false;
+        for i in 0..10u8 {
+            over |= c.put(0, &[b'x', i], Some(vec![0; 8]));
+        }
+        assert!(over, "ten entries of about 58 bytes exceed 200 bytes");
+    }
+
+    #[test]
+    fn a_failed_move_fails_the_owner_and_cleanup_runs_once() {
+        let b = Background::new();
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = ran.clone();
+        b.abandon(move || {
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
+        b.finish(Err("disk full".into()));
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(b.wait().unwrap_err().to_string().contains("disk full"));
+    }
+}
