@@ -591,9 +591,8 @@ impl RocksBackend {
         })
     }
 
-    /// The backend's checkpoint thread, started on first use. A thread that lives with the
-    /// backend: starting one at each barrier (stack mapping) occasionally stalled the task
-    /// thread for over 10 ms on a busy machine.
+    /// The backend's checkpoint thread, started on first use and living with the backend (no
+    /// thread created per checkpoint).
     fn mover(&mut self) -> Result<&crossbeam_channel::Sender<MoveJob>> {
         if self.mover.is_none() {
             let (tx, rx) = crossbeam_channel::unbounded::<MoveJob>();
