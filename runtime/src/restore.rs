@@ -184,7 +184,6 @@ impl RestoreSource {
         Ok(bytes)
     }
 
-    /// Downloads one RocksDB native checkpoint into `dir`, verifying every SST's size and CRC32.
     /// Downloads one SST into `dir`, verifying its size and CRC32.
     async fn download_sst(&self, f: &RocksFile, dir: &Path) -> Result<()> {
         let storage = self.sst_storage(f)?;
@@ -212,6 +211,7 @@ impl RestoreSource {
             .map_err(|e| Error::User(format!("cannot write restored state {}: {e}", path.display())))
     }
 
+    /// Downloads one RocksDB native checkpoint into `dir`, verifying every SST's size and CRC32.
     async fn download_rocksdb(&self, h: &RocksDbHandle, file: &[u8], state_file: &str, dir: &Path) -> Result<()> {
         let io = |e: std::io::Error| Error::User(format!("cannot write restored state under {}: {e}", dir.display()));
         if dir.exists() {

@@ -399,11 +399,16 @@ impl RocksBackend {
         self.cache.set_limit(bytes);
     }
 
-    pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {
-        match self.get_raw(id, &rocks_key(c.key_group, c.bytes, b""))? {
+    /// The value stored under `key`, decoded.
+    fn get_decoded<V: StateValue>(&self, id: StateId, key: &[u8]) -> Result<Option<V>> {
+        match self.get_raw(id, key)? {
             Some(v) => Ok(Some(postcard::from_bytes(&v)?)),
             None => Ok(None),
         }
+    }
+
+    pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {
+        self.get_decoded(id, &rocks_key(c.key_group, c.bytes, b""))
     }
 
     pub(crate) fn value_put<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>, v: V) -> Result<()> {
@@ -422,10 +427,7 @@ impl RocksBackend {
         f: impl FnOnce(&mut V),
     ) -> Result<()> {
         let key = rocks_key(c.key_group, c.bytes, b"");
-        let mut v = match self.get_raw(id, &key)? {
-            Some(raw) => postcard::from_bytes(&raw)?,
-            None => default(),
-        };
+        let mut v = self.get_decoded(id, &key)?.unwrap_or_else(default);
         f(&mut v);
         self.put_raw(id, &key, Some(postcard::to_allocvec(&v)?))
     }
@@ -481,11 +483,7 @@ impl RocksBackend {
         c: &CurrentKey<'_, K>,
         uk: &UK,
     ) -> Result<Option<UV>> {
-        let key = rocks_key(c.key_group, c.bytes, &postcard::to_allocvec(uk)?);
-        match self.get_raw(id, &key)? {
-            Some(v) => Ok(Some(postcard::from_bytes(&v)?)),
-            None => Ok(None),
-        }
+        self.get_decoded(id, &rocks_key(c.key_group, c.bytes, &postcard::to_allocvec(uk)?))
     }
 
     pub(crate) fn map_put<K: Key, UK: Key, UV: StateValue>(

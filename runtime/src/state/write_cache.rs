@@ -118,12 +118,6 @@ impl WriteCache {
         std::mem::replace(&mut self.live, (0..n).map(|_| Entries::new()).collect())
     }
 
-    /// Whether a frozen cache is still being moved into RocksDB.
-    #[cfg(test)]
-    pub(crate) fn moving(&self) -> bool {
-        self.frozen.as_ref().is_some_and(|f| !f.moved.is_done())
-    }
-
     /// Lets a frozen cache go once it is in RocksDB (without waiting), so reads stop looking
     /// into it; a failed move is reported.
     pub(crate) fn release_moved(&mut self) -> Result<()> {
@@ -142,12 +136,10 @@ impl WriteCache {
     /// Waits until the frozen cache is in RocksDB and lets it go; fails if moving it failed
     /// (then RocksDB lacks those writes and the task must fail rather than go on).
     pub(crate) fn settle(&mut self) -> Result<()> {
-        if let Some(f) = &self.frozen {
-            f.moved.wait()?;
-            if let Some(f) = self.frozen.take() {
-                self.retired.push(f.entries);
-            }
-        }
+        let Some(f) = &self.frozen else { return Ok(()) };
+        f.moved.wait()?;
+        let f = self.frozen.take().expect("checked above");
+        self.retired.push(f.entries);
         Ok(())
     }
 
@@ -284,7 +276,7 @@ mod tests {
         let frozen = Arc::new(c.take_live());
         let moved = Background::new();
         c.freeze(frozen, moved.clone());
-        assert!(c.moving());
+        assert!(c.frozen.is_some() && !moved.is_done(), "frozen and still moving");
         assert!(matches!(c.get(0, b"k1"), Cached::Value(v) if v == b"old"));
         c.put(0, b"k1", None);
         assert!(matches!(c.get(0, b"k1"), Cached::Deleted));
@@ -292,7 +284,7 @@ mod tests {
         assert_eq!(c.scan(0, b"k"), vec![(&b"k1"[..], None)]);
         moved.finish(Ok(()));
         c.settle().unwrap();
-        assert!(!c.moving());
+        assert!(c.frozen.is_none(), "settled: the frozen cache is let go");
         let mut over = false;
         for i in 0..10u8 {
             over |= c.put(0, &[b'x', i], Some(vec![0; 8]));
