@@ -7,9 +7,9 @@ use sluice_integration_tests::expected_transactions_output;
 use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::config::{JobConfig, StateBackendKind};
+use sluice_runtime::snapshot::OperatorState;
 use sluice_runtime::{
-    JobDefinition, JobParams, KeyedBackend, KeyedContext, KeyedProcessFunction, ParamSpec, Result, StateRegistry,
-    StreamEnv, TaskInfo,
+    CheckpointId, JobDefinition, JobParams, ParamSpec, Result, SinkFunction, StreamEnv, TaskInfo,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,18 +20,25 @@ const EVENTS: u64 = 200_000;
 const USERS: u64 = 3_000;
 const SEED: u64 = 3;
 
-/// What the corrupting operator did: the checkpoint it spared and how many it damaged.
+/// What the damaging sink did: the checkpoint it spared and how many it damaged.
 static SPARED: AtomicU64 = AtomicU64::new(0);
 static DAMAGED: AtomicU64 = AtomicU64::new(0);
 static ONE_TEST: Mutex<()> = Mutex::new(());
 
-/// Running totals that, at record `at` of subtask 0 on the first attempt, damage this subtask's
-/// state file in every checkpoint newer than the oldest completed one, then panic.
+/// The totals sink that, on the first attempt, damages the running totals' state file (subtask 0)
+/// in every completed checkpoint newer than the oldest one, then fails.
+///
+/// It strikes in `snapshot`, once `completions` checkpoints have completed and no checkpoint it
+/// snapshotted is still pending: the checkpoint of this barrier can then never complete (the sink
+/// never acknowledges it), and no older one can complete later, so the set of completed
+/// checkpoints is fixed when it damages them.
 #[derive(Clone)]
 struct DamageThenFail {
-    inner: RunningTotals,
-    at: u64,
-    seen: u64,
+    inner: SortedFileSink<UserTotal>,
+    completions: u64,
+    completed: u64,
+    last_completed: u64,
+    last_snapshot: u64,
     armed: bool,
     dir: PathBuf,
     job_id: String,
@@ -44,25 +51,18 @@ fn chk_id(p: &Path) -> Option<u64> {
 impl DamageThenFail {
     fn damage(&self) {
         let job_dir = self.dir.join(&self.job_id);
-        let mut chks: Vec<(u64, PathBuf)> = std::fs::read_dir(&job_dir)
+        let mut completed: Vec<(u64, PathBuf)> = std::fs::read_dir(&job_dir)
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter_map(|p| chk_id(&p).map(|id| (id, p)))
+            .filter(|(_, p)| p.join("_metadata").exists())
             .collect();
-        chks.sort();
-        let spared = chks
-            .iter()
-            .find(|(_, p)| p.join("_metadata").exists())
-            .expect("a completed checkpoint")
-            .0;
-        SPARED.store(spared, Ordering::SeqCst);
-        let newer: Vec<&(u64, PathBuf)> = chks.iter().filter(|(id, _)| *id > spared).collect();
+        completed.sort();
+        SPARED.store(completed[0].0, Ordering::SeqCst);
+        let newer = &completed[1..];
         for (i, (_, p)) in newer.iter().enumerate() {
-            // Only this subtask's file is sure to exist; without it no newer checkpoint can be used.
             let f = p.join("running-totals/0");
-            let Ok(mut bytes) = std::fs::read(&f) else {
-                continue;
-            };
+            let mut bytes = std::fs::read(&f).unwrap();
             if i + 1 == newer.len() {
                 bytes.truncate(bytes.len() - 3);
             } else {
@@ -75,37 +75,47 @@ impl DamageThenFail {
     }
 }
 
-impl KeyedProcessFunction for DamageThenFail {
-    type Key = u64;
-    type In = Transaction;
-    type Out = UserTotal;
+impl SinkFunction for DamageThenFail {
+    type In = UserTotal;
 
-    fn open(&mut self, state: &mut StateRegistry<'_, u64>, info: &TaskInfo) -> Result<()> {
-        self.armed = info.attempt == 0 && info.subtask == 0;
+    fn open(&mut self, info: &TaskInfo, restored: Option<OperatorState>) -> Result<()> {
+        self.armed = info.attempt == 0;
         self.job_id = info.job_id.clone();
-        self.inner.open(state, info)
+        self.inner.open(info, restored)
     }
 
-    fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, out: &mut Vec<UserTotal>) -> Result<()> {
-        self.seen += 1;
-        if self.armed && self.seen == self.at {
+    fn write(&mut self, batch: Vec<UserTotal>) -> Result<()> {
+        self.inner.write(batch)
+    }
+
+    fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<OperatorState> {
+        if self.armed && self.completed >= self.completions && self.last_completed == self.last_snapshot {
             self.damage();
             panic!("failing after damaging checkpoints");
         }
-        self.inner.process(t, ctx, out)
+        self.last_snapshot = checkpoint.0;
+        self.inner.snapshot(checkpoint)
     }
 
-    fn end_of_input(&mut self, state: &KeyedBackend, out: &mut Vec<UserTotal>) -> Result<()> {
-        self.inner.end_of_input(state, out)
+    fn checkpoint_complete(&mut self, checkpoint: CheckpointId) -> Result<()> {
+        self.completed += 1;
+        self.last_completed = self.last_completed.max(checkpoint.0);
+        self.inner.checkpoint_complete(checkpoint)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.inner.finish()
     }
 }
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     let generator = LaneGenerator::new(EVENTS, 16, 100_000, |i| transaction(SEED, USERS, i));
-    let f = DamageThenFail {
-        inner: RunningTotals::new(0),
-        at: 50_000,
-        seen: 0,
+    let sink = DamageThenFail {
+        inner: SortedFileSink::new(Some(p.raw("output").into())),
+        completions: 4,
+        completed: 0,
+        last_completed: 0,
+        last_snapshot: 0,
         armed: false,
         dir: PathBuf::from(p.raw("dir")),
         job_id: String::new(),
@@ -113,9 +123,9 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     env.source("transactions", generator)
         .uid("transactions-source")
         .key_by(|t: &Transaction| t.user)
-        .process("running-totals", f)
+        .process("running-totals", RunningTotals::new(0))
         .uid("running-totals")
-        .sink("totals-output", SortedFileSink::new(Some(p.raw("output").into())))
+        .sink("totals-output", sink)
         .uid("totals-output")
         .parallelism(1);
     Ok(())
