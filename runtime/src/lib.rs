@@ -49,6 +49,7 @@ pub mod keygroup;
 pub mod operator;
 pub mod protocol;
 pub mod restore;
+pub mod sched;
 pub mod snapshot;
 pub mod state;
 pub mod storage;

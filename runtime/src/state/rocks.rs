@@ -559,24 +559,22 @@ impl RocksBackend {
         let dir = self.dir.join(format!("chk-{}", id.0));
         let frozen = Arc::new(self.cache.take_live());
         let retired = self.cache.take_retired();
-        let moved = Background::new();
-        let (db, names, entries, worker, target) = (
-            self.db.clone(),
-            self.names.clone(),
-            frozen.clone(),
-            moved.clone(),
-            dir.clone(),
-        );
-        let job: MoveJob = Box::new(move || {
-            let result = checkpoint_into(&db, &names, &entries, &target);
-            // Let go of the instance before reporting, so the task may own it again.
-            drop((db, entries));
-            worker.finish(result.map_err(|e| e.to_string()));
-            drop(retired);
-        });
-        self.mover()?
-            .send(job)
-            .map_err(|_| Error::User("the rocksdb checkpoint thread is gone".into()))?;
+        let (db, names, entries, target) = (self.db.clone(), self.names.clone(), frozen.clone(), dir.clone());
+        let mover = self.mover()?.clone();
+        // Started by the upload (or whoever waits first), not here: waking the checkpoint thread
+        // from the task thread hands the scheduler a moment to take the task's core.
+        let moved = Background::deferred(Box::new(move |worker| {
+            let job: MoveJob = Box::new(move || {
+                let result = checkpoint_into(&db, &names, &entries, &target);
+                // Let go of the instance before reporting, so the task may own it again.
+                drop((db, entries));
+                worker.finish(result.map_err(|e| e.to_string()));
+                drop(retired);
+            });
+            mover
+                .send(job)
+                .map_err(|_| "the rocksdb checkpoint thread is gone".to_string())
+        }));
         self.cache.freeze(frozen, moved.clone());
         Ok(RocksSnapshot {
             id,
@@ -597,6 +595,7 @@ impl RocksBackend {
             std::thread::Builder::new()
                 .name("rocksdb-checkpoint".into())
                 .spawn(move || {
+                    crate::sched::run_as_background();
                     for job in rx {
                         job();
                     }

@@ -186,10 +186,16 @@ pub(crate) struct Background {
     finished: AtomicBool,
 }
 
+/// Starts background work that reports to the given `Background`; an error means it could not
+/// be started.
+pub(crate) type Start = Box<dyn FnOnce(Arc<Background>) -> std::result::Result<(), String> + Send>;
+
 #[derive(Default)]
 struct BackgroundState {
     result: Option<std::result::Result<(), String>>,
     abandoned: Option<Box<dyn FnOnce() + Send>>,
+    /// Work not started yet: the first to wait, abandon or call `start` starts it.
+    start: Option<Start>,
 }
 
 impl Background {
@@ -201,8 +207,24 @@ impl Background {
         })
     }
 
+    /// Work that `start` starts later, so that the task thread need not wake the worker (the
+    /// wake-up is where the scheduler takes the core from it).
+    pub(crate) fn deferred(start: Start) -> Arc<Self> {
+        let b = Self::new();
+        b.lock().start = Some(start);
+        b
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BackgroundState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts deferred work if nobody has yet.
+    pub(crate) fn start(self: &Arc<Self>) {
+        let start = self.lock().start.take();
+        if let Some(Err(e)) = start.map(|start| start(self.clone())) {
+            self.finish(Err(e));
+        }
     }
 
     pub(crate) fn is_done(&self) -> bool {
@@ -224,7 +246,8 @@ impl Background {
     }
 
     /// Blocks until the worker is done; its error, if any.
-    pub(crate) fn wait(&self) -> Result<()> {
+    pub(crate) fn wait(self: &Arc<Self>) -> Result<()> {
+        self.start();
         let mut s = self.lock();
         while s.result.is_none() {
             s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -236,7 +259,8 @@ impl Background {
     }
 
     /// The owner leaves: runs `cleanup` now if the worker is done, else when it finishes.
-    pub(crate) fn abandon(&self, cleanup: impl FnOnce() + Send + 'static) {
+    pub(crate) fn abandon(self: &Arc<Self>, cleanup: impl FnOnce() + Send + 'static) {
+        self.start();
         let mut s = self.lock();
         if s.result.is_some() {
             drop(s);
@@ -304,5 +328,34 @@ mod tests {
         b.finish(Err("disk full".into()));
         assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(b.wait().unwrap_err().to_string().contains("disk full"));
+    }
+
+    #[test]
+    fn deferred_work_starts_once_when_first_awaited_or_abandoned_and_a_failed_start_is_an_error() {
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counting = |fail: bool| -> Start {
+            let started = started.clone();
+            Box::new(move |worker: Arc<Background>| {
+                started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if fail {
+                    return Err("no worker".into());
+                }
+                std::thread::spawn(move || worker.finish(Ok(())));
+                Ok(())
+            })
+        };
+        let b = Background::deferred(counting(false));
+        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 0, "not started by creation");
+        b.wait().unwrap();
+        b.start();
+        b.wait().unwrap();
+        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let b = Background::deferred(counting(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        b.abandon(move || tx.send(()).unwrap());
+        rx.recv().unwrap();
+        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 2, "abandoning starts it");
+        let b = Background::deferred(counting(true));
+        assert!(b.wait().unwrap_err().to_string().contains("no worker"));
     }
 }
