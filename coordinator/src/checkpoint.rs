@@ -90,6 +90,17 @@ struct Draining {
     location: Option<SavepointTarget>,
 }
 
+/// What a running job's checkpoints have come to so far.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// Checkpoints completed.
+    pub completed: u64,
+    /// Checkpoints declined, timed out or failed (savepoints excluded).
+    pub failed: u64,
+    /// Why the latest of those failed.
+    pub last_failure: Option<String>,
+}
+
 pub(crate) struct CheckpointCoordinator {
     graph: Arc<JobGraph>,
     storage: Storage,
@@ -108,7 +119,9 @@ pub(crate) struct CheckpointCoordinator {
     /// A restored job directory to claim once every task has restored (url, retained).
     claim: Option<(String, usize)>,
     /// The number of checkpoints completed so far, for whoever watches the job.
-    progress: Option<tokio::sync::watch::Sender<u64>>,
+    progress: Option<tokio::sync::watch::Sender<Progress>>,
+    /// Files and directories whose deletion failed, retried after the next completion.
+    undeleted: std::sync::Mutex<Vec<String>>,
 }
 
 /// State of one attempt's event loop.
@@ -173,6 +186,7 @@ impl CheckpointCoordinator {
             restore_times: Vec::new(),
             claim: None,
             progress: None,
+            undeleted: Default::default(),
         }
     }
 
@@ -181,8 +195,8 @@ impl CheckpointCoordinator {
         self.savepoints.clone()
     }
 
-    /// Publishes the number of completed checkpoints on `progress`.
-    pub(crate) fn report_progress(&mut self, progress: tokio::sync::watch::Sender<u64>) {
+    /// Publishes completed and failed checkpoints on `progress`.
+    pub(crate) fn report_progress(&mut self, progress: tokio::sync::watch::Sender<Progress>) {
         self.progress = Some(progress);
     }
 
@@ -575,6 +589,12 @@ impl CheckpointCoordinator {
         }
         self.failed_total += 1;
         self.consecutive_failures += 1;
+        if let Some(p) = &self.progress {
+            p.send_modify(|p| {
+                p.failed = self.failed_total;
+                p.last_failure = Some(reason.to_string());
+            });
+        }
         (self.consecutive_failures > self.config.tolerable_failures).then(|| AttemptEnd::Failed {
             cause: format!(
                 "{} consecutive checkpoints failed (tolerable: {}); last: {reason}",
@@ -667,11 +687,12 @@ impl CheckpointCoordinator {
         });
         self.consecutive_failures = 0;
         if let Some(p) = &self.progress {
-            p.send_replace(self.stats.len() as u64);
+            p.send_modify(|p| p.completed = self.stats.len() as u64);
         }
         a.broadcast(TaskCommand::CheckpointComplete(id));
         let removed = completed.add(id, shared);
         self.delete_removed(removed).await;
+        self.retry_deletions().await;
         self.schedule_next(a, p.started);
         self.maybe_trigger_savepoint(a);
         None
@@ -735,15 +756,35 @@ impl CheckpointCoordinator {
 
     async fn delete_shared(&self, files: Vec<String>) {
         for f in files {
-            if let Err(e) = self.storage.delete(&format!("{}{f}", self.paths.job_dir())).await {
-                warn!(file = %f, error = %e, "cannot delete a shared file");
-            }
+            self.delete_or_remember(format!("{}{f}", self.paths.job_dir())).await;
         }
     }
 
     async fn delete_checkpoint(&self, id: CheckpointId) {
-        if let Err(e) = self.storage.delete_dir(&self.paths.checkpoint_dir(id)).await {
-            warn!(checkpoint = id.0, error = %e, "cannot delete checkpoint directory");
+        self.delete_or_remember(self.paths.checkpoint_dir(id)).await;
+    }
+
+    /// Deletes a file or a directory (path ending in `/`); one that cannot be deleted now (the
+    /// store is down) is deleted after the next completed checkpoint, so that an outage leaves
+    /// no orphans. Nothing deleted here can become referenced again: aborted checkpoints never
+    /// complete and shared names are unique per upload.
+    async fn delete_or_remember(&self, path: String) {
+        let result = if path.ends_with('/') {
+            self.storage.delete_dir(&path).await
+        } else {
+            self.storage.delete(&path).await
+        };
+        if let Err(e) = result {
+            warn!(%path, error = %e, "cannot delete now; retrying after the next completed checkpoint");
+            self.undeleted.lock().unwrap_or_else(|p| p.into_inner()).push(path);
+        }
+    }
+
+    /// Retries the deletions that failed before (storage has just proven to work).
+    async fn retry_deletions(&self) {
+        let paths = std::mem::take(&mut *self.undeleted.lock().unwrap_or_else(|p| p.into_inner()));
+        for path in paths {
+            self.delete_or_remember(path).await;
         }
     }
 }

@@ -4,6 +4,7 @@
 use crate::master::{run_job, JobOutcome, JobReport, JobSubmission, RestoredFrom};
 use clap::{Args, Parser, Subcommand};
 use sluice_runtime::config::{JobConfig, StateBackendKind};
+use sluice_runtime::storage::{set_s3_options, S3Options};
 use sluice_runtime::JobRegistry;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -82,9 +83,11 @@ struct JobFlags {
     /// Local working directory (RocksDB instances); default: a directory under the system temp dir
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
-    /// Where checkpoints go: a path, file:///abs/path or memory://name
+    /// Where checkpoints go: a path, file:///abs/path, s3://bucket/prefix or memory://name
     #[arg(long, default_value = "./checkpoints")]
     checkpoint_dir: String,
+    #[command(flatten)]
+    s3: S3Flags,
     /// Checkpoint period (e.g. 1s, 200ms), or "off"
     #[arg(long, default_value = "1s")]
     checkpoint_interval: String,
@@ -121,6 +124,49 @@ struct JobFlags {
     /// Run every operator in its own thread
     #[arg(long)]
     no_chaining: bool,
+}
+
+/// Settings of `s3://` storage; each one not given falls back to the standard AWS variable.
+#[derive(Args)]
+struct S3Flags {
+    /// S3 endpoint, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL, else AWS)
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// S3 signing region (default: AWS_REGION, else us-east-1)
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// S3 access key id (default: AWS_ACCESS_KEY_ID)
+    #[arg(long)]
+    s3_access_key_id: Option<String>,
+    /// S3 secret access key (default: AWS_SECRET_ACCESS_KEY; prefer the variable: flags show in ps)
+    #[arg(long)]
+    s3_secret_access_key: Option<String>,
+    /// S3 virtual-hosted-style addressing (bucket.endpoint) instead of path style
+    #[arg(long)]
+    s3_virtual_host_style: bool,
+    /// Attempts per S3 request on transient errors
+    #[arg(long, default_value_t = 4)]
+    s3_max_attempts: usize,
+    /// Timeout of one S3 request
+    #[arg(long, default_value = "30s")]
+    s3_request_timeout: String,
+}
+
+impl S3Flags {
+    fn to_options(&self) -> Result<S3Options, String> {
+        if self.s3_max_attempts == 0 {
+            return Err("--s3-max-attempts must be at least 1".into());
+        }
+        Ok(S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            access_key_id: self.s3_access_key_id.clone(),
+            secret_access_key: self.s3_secret_access_key.clone(),
+            virtual_host_style: self.s3_virtual_host_style,
+            max_attempts: Some(self.s3_max_attempts),
+            request_timeout: Some(duration("--s3-request-timeout", &self.s3_request_timeout)?),
+        })
+    }
 }
 
 fn duration(flag: &str, value: &str) -> Result<Duration, String> {
@@ -211,6 +257,7 @@ fn dispatch(cli: Cli, registry: &JobRegistry) -> Result<ExitCode, String> {
             let definition = registry.get(&job).map_err(|e| e.to_string())?.clone();
             let params = definition.params_from_settings(&flags.set).map_err(|e| e.to_string())?;
             let config = flags.to_config()?;
+            set_s3_options(flags.s3.to_options()?);
             let report = run_job(JobSubmission {
                 job: definition,
                 params,

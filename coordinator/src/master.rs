@@ -2,7 +2,7 @@
 //! fails over. The checkpoint coordinator lives in [`crate::checkpoint`]; this module owns the
 //! attempt lifecycle and the restart strategy.
 
-use crate::checkpoint::{AttemptEnd, CheckpointCoordinator, CheckpointStats, MasterCommand};
+use crate::checkpoint::{AttemptEnd, CheckpointCoordinator, CheckpointStats, MasterCommand, Progress};
 use crate::retention::CompletedCheckpoints;
 use sluice_runtime::config::JobConfig;
 use sluice_runtime::executor::{deploy, DeployConfig};
@@ -126,7 +126,7 @@ pub fn run_job(sub: JobSubmission) -> Result<JobReport> {
 pub struct JobHandle {
     job_id: String,
     commands: tokio::sync::mpsc::UnboundedSender<MasterCommand>,
-    progress: tokio::sync::watch::Receiver<u64>,
+    progress: tokio::sync::watch::Receiver<Progress>,
     thread: std::thread::JoinHandle<Result<JobReport>>,
 }
 
@@ -163,8 +163,20 @@ impl JobHandle {
         let mut progress = self.progress.clone();
         let rt = tokio::runtime::Builder::new_current_thread().build();
         let Ok(rt) = rt else { return false };
-        let reached = rt.block_on(progress.wait_for(|done| *done >= n)).is_ok();
+        let reached = rt.block_on(progress.wait_for(|p| p.completed >= n)).is_ok();
         reached
+    }
+
+    /// Blocks until `n` checkpoints have failed; the reason of the latest, or `None` if the job
+    /// ended first. Call it from a plain thread, not from async code.
+    pub fn wait_for_failed_checkpoints(&self, n: u64) -> Option<String> {
+        let mut progress = self.progress.clone();
+        let rt = tokio::runtime::Builder::new_current_thread().build().ok()?;
+        let reason = rt
+            .block_on(progress.wait_for(|p| p.failed >= n))
+            .ok()
+            .and_then(|p| p.last_failure.clone());
+        reason
     }
 
     /// Waits for the job to end.
@@ -199,7 +211,7 @@ pub fn spawn_job(mut sub: JobSubmission) -> Result<JobHandle> {
     let master = JobMaster::start(sub, runtime.handle().clone())?;
     let job_id = master.job_id.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
-    let (progress_tx, progress) = tokio::sync::watch::channel(0);
+    let (progress_tx, progress) = tokio::sync::watch::channel(Progress::default());
     let thread = std::thread::Builder::new()
         .name("sluice-master".into())
         .spawn(move || runtime.block_on(master.run(receiver, progress_tx)))
@@ -239,7 +251,7 @@ impl JobMaster {
     async fn run(
         self,
         mut commands: tokio::sync::mpsc::UnboundedReceiver<MasterCommand>,
-        progress: tokio::sync::watch::Sender<u64>,
+        progress: tokio::sync::watch::Sender<Progress>,
     ) -> Result<JobReport> {
         self.storage.check_writable(&self.paths.job_dir()).await?;
         let cfg = &self.sub.config;

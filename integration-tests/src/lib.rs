@@ -130,3 +130,168 @@ pub fn single_job_dir(base: &Path) -> PathBuf {
     );
     dirs.into_iter().next().expect("one")
 }
+
+/// A real S3-compatible server (`s3s-fs`: S3 over a local directory, SigV4 enforced) on
+/// 127.0.0.1, started for a test and killed when dropped. `scripts/test` installs the binary;
+/// `SLUICE_S3S_FS` names another one.
+pub struct S3Server {
+    bin: PathBuf,
+    data: tempfile::TempDir,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+/// Credentials the test server accepts.
+pub const S3_ACCESS_KEY: &str = "sluice-test";
+/// Secret of [`S3_ACCESS_KEY`].
+pub const S3_SECRET_KEY: &str = "sluice-test-secret";
+
+impl S3Server {
+    /// Starts a server on a free port, with no buckets yet.
+    pub fn start() -> Self {
+        let bin = std::env::var_os("SLUICE_S3S_FS")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sluice-tools/bin/s3s-fs")))
+            .filter(|b| b.exists())
+            .expect("s3s-fs not found: run scripts/test (it installs it) or set SLUICE_S3S_FS");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut server = Self {
+            bin,
+            data: tempfile::tempdir().expect("temp dir"),
+            port,
+            child: None,
+        };
+        server.resume();
+        server
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Options that reach this server, for [`sluice_runtime::storage::set_s3_options`].
+    pub fn options(&self) -> sluice_runtime::storage::S3Options {
+        sluice_runtime::storage::S3Options {
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(S3_ACCESS_KEY.into()),
+            secret_access_key: Some(S3_SECRET_KEY.into()),
+            max_attempts: Some(3),
+            request_timeout: Some(std::time::Duration::from_secs(5)),
+            ..Default::default()
+        }
+    }
+
+    /// Creates a bucket (a directory of the server's data directory: the S3 service of opendal
+    /// cannot create buckets).
+    pub fn create_bucket(&self, name: &str) {
+        std::fs::create_dir_all(self.data.path().join(name)).expect("bucket directory");
+    }
+
+    /// Kills the server (as a crash would); its data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and data, and waits until it accepts connections.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = std::process::Command::new(&self.bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(self.data.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "s3s-fs did not start listening");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Every object below `url` (a storage URL), relative to it, listed through the store itself.
+pub fn objects_below(url: &str) -> BTreeSet<String> {
+    let storage = sluice_runtime::storage::Storage::open(url).expect("storage URL");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(storage.list_files_recursive(""))
+        .expect("listing")
+        .into_iter()
+        .collect()
+}
+
+/// Asserts that a checkpoint location (any storage URL) holds only completed checkpoints, each
+/// holding exactly the objects its `_metadata` references, and that every object under a job's
+/// `shared/` is referenced by one of its retained checkpoints: no orphan objects. Returns the
+/// retained checkpoint ids per job.
+pub fn assert_no_orphan_objects(url: &str) -> BTreeMap<String, Vec<u64>> {
+    let storage = sluice_runtime::storage::Storage::open(url).expect("storage URL");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let objects = objects_below(url);
+    let mut per_job: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for o in &objects {
+        let (job, rest) = o
+            .split_once('/')
+            .unwrap_or_else(|| panic!("object {o} outside a job directory"));
+        per_job.entry(job.to_string()).or_default().insert(rest.to_string());
+    }
+    let mut jobs = BTreeMap::new();
+    for (job, files) in per_job {
+        let mut expected = BTreeSet::new();
+        let mut ids = Vec::new();
+        let chks: BTreeSet<&str> = files
+            .iter()
+            .filter(|f| !f.starts_with("shared/"))
+            .map(|f| f.split_once('/').map_or(f.as_str(), |(c, _)| c))
+            .collect();
+        for chk in chks {
+            let id: u64 = chk
+                .strip_prefix("chk-")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("orphan object {job}/{chk}"));
+            let meta_path = format!("{job}/{chk}/_metadata");
+            let bytes = rt
+                .block_on(storage.read(&meta_path))
+                .unwrap_or_else(|_| panic!("partial checkpoint without _metadata: {url}/{job}/{chk}"));
+            let meta = CheckpointMetadata::decode(&bytes, &meta_path).expect("valid metadata");
+            expected.insert(format!("{chk}/_metadata"));
+            expected.extend(meta.referenced_files().map(|h| format!("{chk}/{}", h.path)));
+            expected.extend(
+                meta.sst_files()
+                    .filter(|f| !f.shared)
+                    .map(|f| format!("{chk}/{}", f.path)),
+            );
+            expected.extend(meta.shared_files().map(str::to_string));
+            ids.push(id);
+        }
+        assert_eq!(
+            files, expected,
+            "objects of job {job} under {url} vs its retained _metadata"
+        );
+        ids.sort();
+        jobs.insert(job, ids);
+    }
+    jobs
+}

@@ -8,9 +8,7 @@ use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::config::{JobConfig, StateBackendKind};
 use sluice_runtime::snapshot::OperatorState;
-use sluice_runtime::{
-    CheckpointId, JobDefinition, JobParams, ParamSpec, Result, SinkFunction, StreamEnv, TaskInfo,
-};
+use sluice_runtime::{CheckpointId, JobDefinition, JobParams, ParamSpec, Result, SinkFunction, StreamEnv, TaskInfo};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

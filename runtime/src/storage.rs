@@ -1,15 +1,138 @@
 //! Durable storage by URL, through opendal, and the one place that formats checkpoint paths.
 //!
 //! `file:///abs/path` or a bare path opens the local file system, `memory://name` a process-wide
-//! in-memory store (tests). Other schemes arrive with their issues and are refused by name until
-//! then.
+//! in-memory store (tests), `s3://bucket/prefix` any S3-compatible store. Remote stores get
+//! opendal's retry (backoff with jitter on transient errors), timeout and concurrency-limit
+//! layers; large objects go up in parallel multipart uploads. Other schemes are refused by name.
 
 use crate::checkpoint::CheckpointId;
 use crate::error::{Error, Result};
+use opendal::layers::{ConcurrentLimitLayer, RetryLayer, TimeoutLayer};
 use opendal::{services, EntryMode, ErrorKind, Operator};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+/// Objects above this size are uploaded in parts of this size, several at a time.
+const MULTIPART_CHUNK: usize = 8 * 1024 * 1024;
+/// Parts of one object in flight at once.
+const MULTIPART_CONCURRENCY: usize = 4;
+/// Requests in flight at once per remote store (many small uploads at a barrier).
+const MAX_CONCURRENT_REQUESTS: usize = 64;
+
+/// Settings of S3-compatible storage, for every `s3://` URL the process opens. Each one not
+/// given falls back to the standard AWS environment variable.
+#[derive(Clone, Debug, Default)]
+pub struct S3Options {
+    /// Endpoint URL, e.g. `http://127.0.0.1:9000` (`AWS_ENDPOINT_URL`; AWS itself when unset).
+    pub endpoint: Option<String>,
+    /// Signing region (`AWS_REGION`, then `AWS_DEFAULT_REGION`; `us-east-1` when unset).
+    pub region: Option<String>,
+    /// Access key id (`AWS_ACCESS_KEY_ID`).
+    pub access_key_id: Option<String>,
+    /// Secret access key (`AWS_SECRET_ACCESS_KEY`).
+    pub secret_access_key: Option<String>,
+    /// Virtual-hosted-style addressing (`bucket.endpoint/key`) instead of path style
+    /// (`endpoint/bucket/key`, what most self-hosted stores expect).
+    pub virtual_host_style: bool,
+    /// Attempts per request on transient errors (503 SlowDown, timeouts, resets), at least 1.
+    pub max_attempts: Option<usize>,
+    /// Timeout of one request.
+    pub request_timeout: Option<Duration>,
+}
+
+impl S3Options {
+    /// These options with every unset one taken from the environment.
+    pub fn with_env(mut self) -> Self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        self.endpoint = self.endpoint.or_else(|| env("AWS_ENDPOINT_URL"));
+        self.region = self
+            .region
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"));
+        self.access_key_id = self.access_key_id.or_else(|| env("AWS_ACCESS_KEY_ID"));
+        self.secret_access_key = self.secret_access_key.or_else(|| env("AWS_SECRET_ACCESS_KEY"));
+        self
+    }
+}
+
+/// The process's S3 settings: the default, and per-bucket ones that replace it for their bucket.
+static S3_OPTIONS: RwLock<Option<(S3Options, HashMap<String, S3Options>)>> = RwLock::new(None);
+
+fn with_s3_options(f: impl FnOnce(&mut (S3Options, HashMap<String, S3Options>))) {
+    f(S3_OPTIONS
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(Default::default));
+}
+
+/// Sets the S3 settings of this process (from the command line or configuration), as Flink
+/// configures its file systems once per process. Unset ones still fall back to the environment.
+pub fn set_s3_options(options: S3Options) {
+    with_s3_options(|o| o.0 = options);
+}
+
+/// Sets the S3 settings of one bucket, in place of the process's (as Hadoop's per-bucket S3A
+/// configuration does): buckets on different stores or with different credentials.
+pub fn set_s3_bucket_options(bucket: &str, options: S3Options) {
+    with_s3_options(|o| {
+        o.1.insert(bucket.to_string(), options);
+    });
+}
+
+fn s3_options(bucket: &str) -> S3Options {
+    let all = S3_OPTIONS.read().unwrap_or_else(|p| p.into_inner());
+    let options = all
+        .as_ref()
+        .map(|(default, buckets)| buckets.get(bucket).unwrap_or(default));
+    options.cloned().unwrap_or_default().with_env()
+}
+
+/// An operator for `s3://<rest>` rooted at the bucket, and the prefix below it.
+fn s3_operator(url: &str, rest: &str) -> Result<(Operator, String)> {
+    let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::Config(format!("no bucket in storage URL '{url}'")));
+    }
+    // The HTTP transport is installed once per process (idempotent; no constructor does it).
+    opendal::install_default();
+    let o = s3_options(bucket);
+    let mut b = services::S3::default()
+        .bucket(bucket)
+        .root("/")
+        .region(o.region.as_deref().unwrap_or("us-east-1"));
+    if let Some(endpoint) = &o.endpoint {
+        b = b.endpoint(endpoint);
+    }
+    if let (Some(id), Some(secret)) = (&o.access_key_id, &o.secret_access_key) {
+        b = b.access_key_id(id).secret_access_key(secret);
+    }
+    if o.virtual_host_style {
+        b = b.enable_virtual_host_style();
+    }
+    let timeout = o.request_timeout.unwrap_or(Duration::from_secs(30));
+    let op = Operator::new(b)
+        .map_err(|e| Error::Config(format!("cannot open storage '{url}': {e}")))?
+        .layer(TimeoutLayer::new().with_timeout(timeout).with_io_timeout(timeout))
+        .layer(
+            RetryLayer::new()
+                .with_jitter()
+                .with_max_times(o.max_attempts.unwrap_or(4).max(1) - 1)
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(2)),
+        )
+        .layer(ConcurrentLimitLayer::new(MAX_CONCURRENT_REQUESTS));
+    let path = path.trim_matches('/');
+    Ok((
+        op,
+        if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}/")
+        },
+    ))
+}
 
 /// An opened storage location: an opendal operator rooted at the URL.
 #[derive(Clone, Debug)]
@@ -57,9 +180,10 @@ impl Storage {
                 )
             }
             "memory" => memory_operator(rest),
+            "s3" => s3_operator(url, rest)?,
             other => {
                 return Err(Error::Config(format!(
-                    "unsupported storage scheme '{other}' in '{url}' (supported: file, memory)"
+                    "unsupported storage scheme '{other}' in '{url}' (supported: file, s3, memory)"
                 )))
             }
         };
@@ -108,13 +232,18 @@ impl Storage {
         }
     }
 
-    /// Writes a whole object.
+    /// Writes a whole object; a large one in parallel multipart uploads where the store has them.
     pub async fn write(&self, path: &str, bytes: Vec<u8>) -> Result<()> {
-        self.op
-            .write(&self.full(path), bytes)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.err("write", path, e))
+        let written = if bytes.len() > MULTIPART_CHUNK && self.op.info().capability().write_can_multi {
+            self.op
+                .write_with(&self.full(path), bytes)
+                .chunk(MULTIPART_CHUNK)
+                .concurrent(MULTIPART_CONCURRENCY)
+                .await
+        } else {
+            self.op.write(&self.full(path), bytes).await
+        };
+        written.map(|_| ()).map_err(|e| self.err("write", path, e))
     }
 
     /// Writes a whole object so that readers see all of it or nothing: through a temporary
@@ -207,6 +336,16 @@ impl Storage {
 
     /// Proves that the location takes writes, before any record is processed.
     pub async fn check_writable(&self, dir: &str) -> Result<()> {
+        if self.url.starts_with("s3://") {
+            // Listing fails on a missing bucket (some stores create one on the first write).
+            self.op.list_with(&self.full("")).limit(1).await.map_err(|e| {
+                Error::Config(format!(
+                    "checkpoint directory {} cannot be listed: {}",
+                    self.url,
+                    with_causes(&e)
+                ))
+            })?;
+        }
         let probe = format!("{}/.sluice-probe", dir.trim_end_matches('/'));
         self.write(&probe, b"probe".to_vec()).await.map_err(|e| {
             Error::Config(format!(
@@ -221,9 +360,24 @@ impl Storage {
 
 fn source_message(e: &Error) -> String {
     match e {
-        Error::Storage { source, .. } => source.to_string(),
+        Error::Storage { source, .. } => with_causes(source.as_ref()),
         other => other.to_string(),
     }
+}
+
+/// An error and its chain of causes (e.g. "connection refused" below "send http request").
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.contains(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// One operator per `memory://name`, shared by every caller in the process, so that a restore

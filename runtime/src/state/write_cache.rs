@@ -345,7 +345,11 @@ mod tests {
             })
         };
         let b = Background::deferred(counting(false));
-        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 0, "not started by creation");
+        assert_eq!(
+            started.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "not started by creation"
+        );
         b.wait().unwrap();
         b.start();
         b.wait().unwrap();
@@ -354,7 +358,11 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         b.abandon(move || tx.send(()).unwrap());
         rx.recv().unwrap();
-        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 2, "abandoning starts it");
+        assert_eq!(
+            started.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "abandoning starts it"
+        );
         let b = Background::deferred(counting(true));
         assert!(b.wait().unwrap_err().to_string().contains("no worker"));
     }

@@ -1,0 +1,165 @@
+//! Checkpoints and savepoints on a real S3 server (s3s-fs over HTTP on 127.0.0.1, SigV4
+//! signatures checked): exact totals through a failure and through a rescaled restore, no orphan
+//! objects after retention, and bad storage configuration refused at start by the `sluice` CLI.
+
+use sluice_coordinator::{run_job, spawn_job, JobOutcome, JobSubmission, RestoredFrom};
+use sluice_integration_tests::{
+    assert_no_orphan_objects, expected_transactions_output, objects_below, sluice_bin, S3Server, S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+};
+use sluice_runtime::config::{JobConfig, StateBackendKind};
+use std::path::Path;
+use std::time::Duration;
+
+const EVENTS: u64 = 200_000;
+const USERS: u64 = 2_000;
+const SEED: u64 = 11;
+const ROCKSDB: StateBackendKind = StateBackendKind::RocksDb { incremental: true };
+
+/// A server for one test, reached for `buckets` (created), killed when dropped.
+fn server(buckets: &[&str]) -> S3Server {
+    let s = S3Server::start();
+    for b in buckets {
+        s.create_bucket(b);
+        sluice_runtime::storage::set_s3_bucket_options(b, s.options());
+    }
+    s
+}
+
+fn submission(dir: &Path, ck: &str, parallelism: usize, settings: &[String], from: Option<&str>) -> JobSubmission {
+    let job = sluice_examples::transactions::definition();
+    let mut all = vec![
+        format!("events={EVENTS}"),
+        format!("users={USERS}"),
+        format!("seed={SEED}"),
+        format!("output={}", dir.join("totals.csv").display()),
+    ];
+    all.extend_from_slice(settings);
+    let params = job.params_from_settings(&all).unwrap();
+    let mut config = JobConfig {
+        parallelism,
+        state_backend: ROCKSDB,
+        checkpoint_dir: ck.to_string(),
+        data_dir: dir.join("data"),
+        from_savepoint: from.map(str::to_string),
+        max_parallelism_from_snapshot: from.is_some(),
+        ..JobConfig::default()
+    };
+    config.checkpoint.interval = Some(Duration::from_millis(100));
+    config.restart.delay = Duration::from_millis(10);
+    JobSubmission { job, params, config }
+}
+
+fn assert_exact(dir: &Path) {
+    let got = std::fs::read_to_string(dir.join("totals.csv")).unwrap();
+    assert!(
+        got == expected_transactions_output(EVENTS, USERS, SEED),
+        "totals differ"
+    );
+}
+
+#[test]
+fn rocksdb_job_with_checkpoints_on_s3_recovers_from_a_failure_exactly_and_leaves_no_orphans() {
+    let _s3 = server(&["failover"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = "s3://failover/checkpoints";
+    let settings = ["rate=100000".to_string(), "fail_at=35000".to_string()];
+    let report = run_job(submission(dir.path(), ck, 2, &settings, None)).unwrap();
+
+    assert_eq!(report.outcome, JobOutcome::Finished);
+    assert_eq!(report.restarts.len(), 1, "{:?}", report.restarts);
+    assert!(matches!(report.restarts[0].restored_from, RestoredFrom::Checkpoint(_)));
+    assert!(report.source_records > EVENTS, "records were replayed");
+    assert_exact(dir.path());
+    let jobs = assert_no_orphan_objects(ck);
+    let retained: Vec<u64> = report.retained.iter().map(|id| id.0).collect();
+    assert_eq!(jobs.values().next().unwrap(), &retained);
+    assert_eq!(retained.len(), 3);
+    assert!(
+        objects_below(ck).iter().any(|o| o.contains("/shared/")),
+        "incremental RocksDB checkpoints reference shared SSTs on S3"
+    );
+}
+
+#[test]
+fn a_savepoint_on_s3_restores_at_a_new_parallelism_exactly() {
+    let _s3 = server(&["savepoints"]);
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    let handle = spawn_job(submission(
+        &first,
+        "s3://savepoints/ck",
+        2,
+        &["rate=100000".to_string()],
+        None,
+    ))
+    .unwrap();
+    assert!(handle.wait_for_checkpoints(2));
+    let savepoint = handle.savepoint("s3://savepoints/sp").unwrap();
+    assert!(savepoint.starts_with("s3://savepoints/sp/"), "{savepoint}");
+    assert_eq!(handle.wait().unwrap().outcome, JobOutcome::Finished);
+    assert_exact(&first);
+
+    let second = dir.path().join("second");
+    let report = run_job(submission(&second, "s3://savepoints/ck2", 3, &[], Some(&savepoint))).unwrap();
+    assert_eq!(report.outcome, JobOutcome::Finished);
+    assert_eq!(report.restarts.len(), 0);
+    assert!(report.source_records < EVENTS, "resumed mid-stream");
+    assert_exact(&second);
+}
+
+/// `sluice run` with checkpoints on `url` and S3 settings from the environment; its stderr.
+fn cli_refusal(url: &str, endpoint: &str, access_key: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(sluice_bin())
+        .args([
+            "run",
+            "transactions",
+            "--state-backend",
+            "rocksdb",
+            "--checkpoint-dir",
+            url,
+        ])
+        .args(["--s3-max-attempts", "2", "--s3-request-timeout", "2s"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--set", "events=1000"])
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", access_key)
+        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{url}: should fail");
+    assert!(out.stdout.is_empty(), "no report printed: nothing ran");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_storage_configuration_fails_at_start_naming_the_url_and_the_cause() {
+    let s3 = server(&["exists"]);
+    let endpoint = s3.endpoint();
+
+    let e = cli_refusal("s3://no-such-bucket/ck", &endpoint, S3_ACCESS_KEY);
+    assert!(e.contains("s3://no-such-bucket/ck"), "{e}");
+    assert!(e.contains("NoSuchBucket") || e.contains("NotFound"), "{e}");
+
+    let e = cli_refusal("s3://exists/ck", &endpoint, "wrong-key");
+    assert!(e.contains("s3://exists/ck"), "{e}");
+    assert!(e.contains("PermissionDenied") || e.contains("403"), "{e}");
+
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = cli_refusal("s3://exists/ck", &format!("http://{unreachable}"), S3_ACCESS_KEY);
+    assert!(e.contains("s3://exists/ck"), "{e}");
+    let last = e.lines().rev().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(last.to_lowercase().contains("connection refused"), "{e}");
+
+    let e = cli_refusal("gcs://bucket/ck", &endpoint, S3_ACCESS_KEY);
+    assert!(e.contains("unsupported storage scheme 'gcs'"), "{e}");
+
+    let e = cli_refusal("s3:///ck", &endpoint, S3_ACCESS_KEY);
+    assert!(e.contains("no bucket in storage URL 's3:///ck'"), "{e}");
+}
