@@ -3,7 +3,7 @@
 //! `file:///abs/path` or a bare path opens the local file system, `memory://name` a process-wide
 //! in-memory store (tests), `s3://bucket/prefix` any S3-compatible store. Remote stores get
 //! opendal's retry (backoff with jitter on transient errors), timeout and concurrency-limit
-//! layers; large objects go up in parallel multipart uploads. Other schemes are refused by name.
+//! layers. Other schemes are refused by name.
 
 use crate::checkpoint::CheckpointId;
 use crate::error::{Error, Result};
@@ -14,10 +14,6 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-/// Objects above this size are uploaded in parts of this size, several at a time.
-const MULTIPART_CHUNK: usize = 8 * 1024 * 1024;
-/// Parts of one object in flight at once.
-const MULTIPART_CONCURRENCY: usize = 4;
 /// Requests in flight at once per remote store (many small uploads at a barrier).
 const MAX_CONCURRENT_REQUESTS: usize = 64;
 
@@ -232,18 +228,14 @@ impl Storage {
         }
     }
 
-    /// Writes a whole object; a large one in parallel multipart uploads where the store has them.
+    /// Writes a whole object in one request. (opendal's chunked concurrent writer stalled an
+    /// upload for the whole checkpoint timeout on this machine; multipart uploads wait for a fix.)
     pub async fn write(&self, path: &str, bytes: Vec<u8>) -> Result<()> {
-        let written = if bytes.len() > MULTIPART_CHUNK && self.op.info().capability().write_can_multi {
-            self.op
-                .write_with(&self.full(path), bytes)
-                .chunk(MULTIPART_CHUNK)
-                .concurrent(MULTIPART_CONCURRENCY)
-                .await
-        } else {
-            self.op.write(&self.full(path), bytes).await
-        };
-        written.map(|_| ()).map_err(|e| self.err("write", path, e))
+        self.op
+            .write(&self.full(path), bytes)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err("write", path, e))
     }
 
     /// Writes a whole object so that readers see all of it or nothing: through a temporary
