@@ -109,8 +109,6 @@ pub type CommandSender = Sender<TaskCommand>;
 pub struct DeployedTask {
     /// Its id.
     pub id: TaskId,
-    /// Its chain's name.
-    pub name: String,
     /// Whether it starts with a source (checkpoints are triggered there).
     pub is_source: bool,
     /// Where to send commands.
@@ -225,7 +223,6 @@ pub fn deploy(
                 outputs,
                 input,
                 cfg: cfg.clone(),
-                cancel: cancel.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("{}#{subtask}", chain.name))
@@ -233,7 +230,6 @@ pub fn deploy(
                 .map_err(|e| Error::Config(format!("cannot start a task thread: {e}")))?;
             tasks.push(DeployedTask {
                 id,
-                name: chain.name.clone(),
                 is_source: graph.vertices[head].is_source(),
                 control: control_tx,
                 thread: Some(thread),
@@ -254,7 +250,6 @@ struct TaskBuild {
     outputs: Vec<(usize, AnyBox)>,
     input: Option<(usize, AnyBox)>,
     cfg: DeployConfig,
-    cancel: Arc<AtomicBool>,
 }
 
 impl TaskBuild {
@@ -264,7 +259,7 @@ impl TaskBuild {
         let wctx = WriterContext {
             max_parallelism: g.max_parallelism(),
             batch_size: self.cfg.batch_size,
-            cancel: self.cancel.clone(),
+            cancel: rt.shared.cancel.clone(),
         };
         let mut writers: Vec<AnyBox> = self
             .outputs
@@ -296,7 +291,7 @@ impl TaskBuild {
                     .join(format!("{}-{}-a{}", vertex.uid, self.subtask, self.cfg.attempt)),
             };
             let restored = match &self.cfg.restore {
-                Some(r) => rt.shared.handle.block_on(r.load(&info, &self.cfg.job_id))?,
+                Some(r) => rt.shared.handle.block_on(r.load(&info))?,
                 None => None,
             };
             let ctx = NodeContext { info, restored };

@@ -248,8 +248,8 @@ impl RestoreSource {
     }
 
     /// The state of the operator subtask `info` describes; RocksDB native state is downloaded
-    /// below `info.local_dir`. `job_id` is the restoring job's id.
-    pub async fn load(&self, info: &TaskInfo, job_id: &str) -> Result<Option<RestoredState>> {
+    /// below `info.local_dir`.
+    pub async fn load(&self, info: &TaskInfo) -> Result<Option<RestoredState>> {
         let (uid, subtask, parallelism, range) = (&info.uid, info.subtask, info.parallelism, info.key_group_range());
         let Some(op) = self.metadata.operator(uid) else {
             return Ok(None);
@@ -320,7 +320,7 @@ impl RestoreSource {
                     range: r.range,
                     dir,
                     files: r.sst_files.clone(),
-                    own_job: self.metadata.job_id == job_id,
+                    own_job: self.metadata.job_id == info.job_id,
                 });
                 files.insert(old, file);
             }
@@ -333,11 +333,19 @@ impl RestoreSource {
             let Some(offset) = h.operator_state else {
                 continue;
             };
-            if let std::collections::hash_map::Entry::Vacant(e) = files.entry(old) {
-                e.insert(self.read_file(h).await?);
-            }
             let location = self.storage.location(&h.path);
-            let block = read_block(&files[&old], offset, &location)?;
+            // The trailing operator-state block only, unless the whole file is here already.
+            let part;
+            let block = match files.get(&old) {
+                Some(file) => read_block(file, offset, &location)?,
+                None => {
+                    part = self
+                        .storage
+                        .read_range(&h.path, offset, h.size.saturating_sub(offset))
+                        .await?;
+                    block_at(&part, offset, offset, &location)?
+                }
+            };
             let state: OperatorState = postcard::from_bytes(block).map_err(|e| Error::Corrupt {
                 location: location.clone(),
                 reason: format!("operator state does not decode: {e}"),

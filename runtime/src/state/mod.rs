@@ -472,11 +472,18 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
 
     /// Folds `value` into the current key's value.
     pub fn add(&self, ctx: &mut KeyedContext<'_, K>, value: V) -> Result<()> {
-        let folded = match ctx.backend.value_get::<K, V>(self.id, &ctx.cur)? {
-            Some(old) => (self.reduce)(&old, &value),
-            None => value,
-        };
-        ctx.backend.value_put::<K, V>(self.id, &ctx.cur, folded)
+        // One lookup: the value itself when the key has none yet, else folded into the old one.
+        let value = std::cell::Cell::new(Some(value));
+        ctx.backend.value_update::<K, V>(
+            self.id,
+            &ctx.cur,
+            || value.take().expect("taken once"),
+            |old| {
+                if let Some(v) = value.take() {
+                    *old = (self.reduce)(old, &v);
+                }
+            },
+        )
     }
 
     /// Removes the current key's value.

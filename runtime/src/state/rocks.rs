@@ -43,6 +43,11 @@ pub(crate) fn rocks_key(kg: KeyGroup, key: &[u8], namespace: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The stored key of map entry `uk` of the current key: the user key serialized in place.
+fn map_key<K: Key, UK: Key>(c: &CurrentKey<'_, K>, uk: &UK) -> Result<Vec<u8>> {
+    Ok(postcard::to_extend(uk, rocks_key(c.key_group, c.bytes, b""))?)
+}
+
 /// Splits a stored key into (key group, serialized key, namespace).
 pub(crate) fn split_rocks_key(k: &[u8]) -> Result<(KeyGroup, &[u8], &[u8])> {
     if k.len() < 3 {
@@ -87,10 +92,50 @@ fn write_options() -> WriteOptions {
     w
 }
 
+/// Writes into RocksDB in batches of bounded size (a restore or a full cache may hold millions
+/// of entries).
+struct BatchWriter<'a> {
+    db: &'a DB,
+    write: &'a WriteOptions,
+    batch: WriteBatch,
+}
+
+impl<'a> BatchWriter<'a> {
+    const BATCH_BYTES: usize = 4 << 20;
+
+    fn new(db: &'a DB, write: &'a WriteOptions) -> Self {
+        Self {
+            db,
+            write,
+            batch: WriteBatch::default(),
+        }
+    }
+
+    /// Puts `value` under `key` (`None`: deletes it).
+    fn put(&mut self, cf: &ColumnFamily, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        match value {
+            Some(v) => self.batch.put_cf(cf, key, v),
+            None => self.batch.delete_cf(cf, key),
+        }
+        if self.batch.size_in_bytes() >= Self::BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.batch.is_empty() {
+            self.db
+                .write_opt(std::mem::take(&mut self.batch), self.write)
+                .map_err(|e| db_err("write", e))?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes cached entries (`names[id]` is state `id`'s column family) in batches.
 fn write_entries(db: &DB, names: &[String], entries: &[Entries], write: &WriteOptions) -> Result<()> {
-    const BATCH_BYTES: usize = 4 << 20;
-    let mut batch = WriteBatch::default();
+    let mut w = BatchWriter::new(db, write);
     for (id, map) in entries.iter().enumerate() {
         if map.is_empty() {
             continue;
@@ -99,20 +144,10 @@ fn write_entries(db: &DB, names: &[String], entries: &[Entries], write: &WriteOp
             .cf_handle(&names[id])
             .ok_or_else(|| Error::User(format!("rocksdb column family {} is missing", names[id])))?;
         for (k, v) in map {
-            match v {
-                Some(v) => batch.put_cf(cf, k, v),
-                None => batch.delete_cf(cf, k),
-            }
-            if batch.size_in_bytes() >= BATCH_BYTES {
-                db.write_opt(std::mem::take(&mut batch), write)
-                    .map_err(|e| db_err("write", e))?;
-            }
+            w.put(cf, k, v.as_deref())?;
         }
     }
-    if !batch.is_empty() {
-        db.write_opt(batch, write).map_err(|e| db_err("write", e))?;
-    }
-    Ok(())
+    w.flush()
 }
 
 /// Work for a backend's checkpoint thread: move a frozen cache in, take a native checkpoint.
@@ -134,10 +169,23 @@ impl std::ops::Deref for Raw<'_> {
     }
 }
 
-fn open_db(path: &Path) -> Result<DB> {
+/// Opens the instance at `path` with all its column families; their names.
+fn open_db(path: &Path) -> Result<(DB, Vec<String>)> {
     let opts = db_options();
     let cfs = DB::list_cf(&opts, path).unwrap_or_else(|_| vec!["default".to_string()]);
-    DB::open_cf(&opts, path, cfs).map_err(|e| db_err("open", e))
+    let db = DB::open_cf(&opts, path, &cfs).map_err(|e| db_err("open", e))?;
+    Ok((db, cfs))
+}
+
+/// The shared SST files of a checkpoint by local name: what later checkpoints may reference.
+fn shared_by_name(files: impl IntoIterator<Item = RocksFile>) -> Arc<HashMap<String, RocksFile>> {
+    Arc::new(
+        files
+            .into_iter()
+            .filter(|f| f.shared)
+            .map(|f| (f.name.clone(), f))
+            .collect(),
+    )
 }
 
 /// Keyed state of one operator subtask in RocksDB.
@@ -152,8 +200,9 @@ pub struct RocksBackend {
     /// Feeds the checkpoint thread; dropping it ends the thread.
     mover: Option<crossbeam_channel::Sender<MoveJob>>,
     incremental: bool,
-    /// SST files held by the latest completed checkpoint: local name -> stored file.
-    confirmed: HashMap<String, RocksFile>,
+    /// SST files held by the latest completed checkpoint: local name -> stored file (shared
+    /// with every snapshot taken since, not copied at each barrier).
+    confirmed: Arc<HashMap<String, RocksFile>>,
     /// SST files of checkpoints not yet confirmed, filled in by the uploader.
     pending: Arc<Mutex<BTreeMap<CheckpointId, Vec<RocksFile>>>>,
 }
@@ -175,25 +224,20 @@ impl RocksBackend {
             std::fs::remove_dir_all(&db_path).map_err(|e| io_err("cannot clear", &db_path, e))?;
         }
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
-        let mut confirmed = HashMap::new();
+        let mut confirmed = Arc::default();
         // Native instances: the one overlapping most becomes the base; the others' key groups
         // in range are copied in.
         let mut natives = restored.rocksdb;
         natives.sort_by_key(|r| std::cmp::Reverse(r.range.intersect(&range).len()));
-        let mut others = Vec::new();
-        if let Some(base) = natives.first() {
+        let mut others = natives.into_iter();
+        let base = others.next();
+        if let Some(base) = &base {
             std::fs::rename(&base.dir, &db_path).map_err(|e| io_err("cannot move restored instance", &base.dir, e))?;
             if base.own_job && base.range == range {
-                confirmed = base
-                    .files
-                    .iter()
-                    .filter(|f| f.shared)
-                    .map(|f| (f.name.clone(), f.clone()))
-                    .collect();
+                confirmed = shared_by_name(base.files.iter().cloned());
             }
-            others = natives[1..].to_vec();
         }
-        let db = open_db(&db_path)?;
+        let (db, cfs) = open_db(&db_path)?;
         let mut backend = Self {
             range,
             db: Arc::new(db),
@@ -206,12 +250,10 @@ impl RocksBackend {
             confirmed,
             pending: Default::default(),
         };
-        if let Some(base) = natives.first() {
-            if base.range != range {
-                backend.clip_to_range()?;
-            }
+        if base.is_some_and(|b| b.range != range) {
+            backend.clip_to_range(&cfs)?;
         }
-        for other in &others {
+        for other in others {
             backend.merge_in(&other.dir, merge)?;
             let _ = std::fs::remove_dir_all(&other.dir);
         }
@@ -219,10 +261,6 @@ impl RocksBackend {
             backend.load_canonical(&restored.blocks)?;
         }
         Ok(backend)
-    }
-
-    fn cf_names(&self) -> Vec<String> {
-        DB::list_cf(&db_options(), self.dir.join("db")).unwrap_or_default()
     }
 
     fn ensure_cf(&mut self, name: &str) -> Result<()> {
@@ -238,11 +276,11 @@ impl RocksBackend {
     }
 
     /// Deletes every key group outside this backend's range (range deletes, no rewrite).
-    fn clip_to_range(&mut self) -> Result<()> {
+    fn clip_to_range(&mut self, cfs: &[String]) -> Result<()> {
         let start = KeyGroup(self.range.start).to_be_bytes().to_vec();
         let end = (self.range.end as u32 + 1).to_be_bytes()[2..].to_vec();
-        for name in self.cf_names() {
-            let Some(cf) = self.db.cf_handle(&name) else { continue };
+        for name in cfs {
+            let Some(cf) = self.db.cf_handle(name) else { continue };
             self.db
                 .delete_range_cf(cf, &[0u8, 0u8][..], &start[..])
                 .map_err(|e| db_err("delete range", e))?;
@@ -263,27 +301,28 @@ impl RocksBackend {
         let cfs = DB::list_cf(&opts, other).map_err(|e| db_err("list column families", e))?;
         let src = DB::open_cf_for_read_only(&opts, other, &cfs, false).map_err(|e| db_err("open", e))?;
         let start = KeyGroup(self.range.start).to_be_bytes();
-        let end = self.range.end;
+        let end = KeyGroup(self.range.end).to_be_bytes();
         for (i, name) in cfs.iter().enumerate() {
             self.ensure_cf(name)?;
             let Some(from) = src.cf_handle(name) else { continue };
             let to = self.db.cf_handle(name).expect("ensured above");
-            // The source's keys from the range start on, up to the range end.
+            // The source's keys from the range start on, up to the range end (every key starts
+            // with its key group, big-endian).
             let rows = src
                 .iterator_cf(from, IteratorMode::From(&start, rocksdb::Direction::Forward))
                 .map(|item| item.map_err(|e| db_err("iterate", e)))
                 .take_while(|item| match item {
-                    Ok((k, _)) => split_rocks_key(k).is_ok_and(|(kg, _, _)| kg.0 <= end),
+                    Ok((k, _)) => k.get(..2).is_some_and(|kg| kg <= &end[..]),
                     Err(_) => true,
                 });
             match merge {
                 crate::config::RescaleMerge::Iterate => {
-                    let mut batch = WriteBatch::default();
+                    let mut w = BatchWriter::new(&self.db, &self.write);
                     for row in rows {
                         let (k, v) = row?;
-                        batch.put_cf(to, &k, &v);
+                        w.put(to, &k, Some(&v))?;
                     }
-                    self.db.write_opt(batch, &self.write).map_err(|e| db_err("write", e))?;
+                    w.flush()?;
                 }
                 crate::config::RescaleMerge::Ingest => {
                     let sst = self.dir.join(format!("ingest-{i}.sst"));
@@ -317,12 +356,11 @@ impl RocksBackend {
             for name in state_names(payload)? {
                 self.ensure_cf(&name)?;
                 let cf = self.db.cf_handle(&name).expect("created above");
-                let mut batch = WriteBatch::default();
+                let mut w = BatchWriter::new(&self.db, &self.write);
                 for_each_entry(payload, &name, |e| {
-                    batch.put_cf(cf, rocks_key(*kg, e.key, e.namespace), e.value);
-                    Ok(())
+                    w.put(cf, &rocks_key(*kg, e.key, e.namespace), Some(e.value))
                 })?;
-                self.db.write_opt(batch, &self.write).map_err(|e| db_err("write", e))?;
+                w.flush()?;
             }
         }
         Ok(())
@@ -374,7 +412,7 @@ impl RocksBackend {
         }
     }
 
-    fn put_raw(&mut self, id: StateId, key: &[u8], value: Option<Vec<u8>>) -> Result<()> {
+    fn put_raw(&mut self, id: StateId, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<()> {
         self.cache.release_moved()?;
         if self.cache.put(id, key, value) {
             self.drain()?;
@@ -382,7 +420,7 @@ impl RocksBackend {
         Ok(())
     }
 
-    fn delete_raw(&mut self, id: StateId, key: &[u8]) -> Result<()> {
+    fn delete_raw(&mut self, id: StateId, key: Vec<u8>) -> Result<()> {
         self.put_raw(id, key, None)
     }
 
@@ -414,7 +452,7 @@ impl RocksBackend {
     pub(crate) fn value_put<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>, v: V) -> Result<()> {
         self.put_raw(
             id,
-            &rocks_key(c.key_group, c.bytes, b""),
+            rocks_key(c.key_group, c.bytes, b""),
             Some(postcard::to_allocvec(&v)?),
         )
     }
@@ -429,11 +467,11 @@ impl RocksBackend {
         let key = rocks_key(c.key_group, c.bytes, b"");
         let mut v = self.get_decoded(id, &key)?.unwrap_or_else(default);
         f(&mut v);
-        self.put_raw(id, &key, Some(postcard::to_allocvec(&v)?))
+        self.put_raw(id, key, Some(postcard::to_allocvec(&v)?))
     }
 
     pub(crate) fn value_remove<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Result<()> {
-        self.delete_raw(id, &rocks_key(c.key_group, c.bytes, b""))
+        self.delete_raw(id, rocks_key(c.key_group, c.bytes, b""))
     }
 
     /// Calls `f` on every entry whose key starts with `prefix`, in key order: the cached
@@ -483,7 +521,7 @@ impl RocksBackend {
         c: &CurrentKey<'_, K>,
         uk: &UK,
     ) -> Result<Option<UV>> {
-        self.get_decoded(id, &rocks_key(c.key_group, c.bytes, &postcard::to_allocvec(uk)?))
+        self.get_decoded(id, &map_key(c, uk)?)
     }
 
     pub(crate) fn map_put<K: Key, UK: Key, UV: StateValue>(
@@ -493,8 +531,7 @@ impl RocksBackend {
         uk: UK,
         uv: UV,
     ) -> Result<()> {
-        let key = rocks_key(c.key_group, c.bytes, &postcard::to_allocvec(&uk)?);
-        self.put_raw(id, &key, Some(postcard::to_allocvec(&uv)?))
+        self.put_raw(id, map_key(c, &uk)?, Some(postcard::to_allocvec(&uv)?))
     }
 
     pub(crate) fn map_remove<K: Key, UK: Key, UV: StateValue>(
@@ -503,7 +540,7 @@ impl RocksBackend {
         c: &CurrentKey<'_, K>,
         uk: &UK,
     ) -> Result<()> {
-        self.delete_raw(id, &rocks_key(c.key_group, c.bytes, &postcard::to_allocvec(uk)?))
+        self.delete_raw(id, map_key(c, uk)?)
     }
 
     pub(crate) fn map_entries<K: Key, UK: Key, UV: StateValue>(
@@ -531,7 +568,7 @@ impl RocksBackend {
             Ok(())
         })?;
         for k in keys {
-            self.delete_raw(id, &k)?;
+            self.delete_raw(id, k)?;
         }
         Ok(())
     }
@@ -610,11 +647,7 @@ impl RocksBackend {
     pub fn checkpoint_complete(&mut self, id: CheckpointId) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(files) = pending.remove(&id) {
-            self.confirmed = files
-                .into_iter()
-                .filter(|f| f.shared)
-                .map(|f| (f.name.clone(), f))
-                .collect();
+            self.confirmed = shared_by_name(files);
         }
         pending.retain(|k, _| *k > id);
     }
@@ -655,7 +688,7 @@ pub struct RocksSnapshot {
     dir: PathBuf,
     range: KeyGroupRange,
     incremental: bool,
-    confirmed: HashMap<String, RocksFile>,
+    confirmed: Arc<HashMap<String, RocksFile>>,
     pending: Arc<Mutex<BTreeMap<CheckpointId, Vec<RocksFile>>>>,
     /// Done once the native checkpoint exists in `dir`.
     moved: Arc<Background>,

@@ -87,16 +87,18 @@ impl WriteCache {
     }
 
     /// Records a write (`None`: a deletion). Returns whether the cache is now over its limit.
-    pub(crate) fn put(&mut self, id: usize, key: &[u8], value: Option<Vec<u8>>) -> bool {
+    pub(crate) fn put(&mut self, id: usize, key: Vec<u8>, value: Option<Vec<u8>>) -> bool {
         let new_len = value.as_ref().map_or(0, Vec::len);
-        let map = &mut self.live[id];
-        if let Some(slot) = map.get_mut(key) {
-            let old_len = slot.as_ref().map_or(0, Vec::len);
-            self.live_bytes = (self.live_bytes + new_len).saturating_sub(old_len);
-            *slot = value;
-        } else {
-            self.live_bytes += key.len() + new_len + ENTRY_OVERHEAD;
-            map.insert(key.to_vec(), value);
+        match self.live[id].entry(key) {
+            std::collections::btree_map::Entry::Occupied(mut slot) => {
+                let old_len = slot.get().as_ref().map_or(0, Vec::len);
+                self.live_bytes = (self.live_bytes + new_len).saturating_sub(old_len);
+                slot.insert(value);
+            }
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                self.live_bytes += slot.key().len() + new_len + ENTRY_OVERHEAD;
+                slot.insert(value);
+            }
         }
         self.live_bytes > self.limit
     }
@@ -296,13 +298,13 @@ mod tests {
     fn the_live_cache_shadows_the_frozen_one_and_reports_its_limit() {
         let mut c = WriteCache::new(200);
         c.register(0);
-        assert!(!c.put(0, b"k1", Some(b"old".to_vec())));
+        assert!(!c.put(0, b"k1".to_vec(), Some(b"old".to_vec())));
         let frozen = Arc::new(c.take_live());
         let moved = Background::new();
         c.freeze(frozen, moved.clone());
         assert!(c.frozen.is_some() && !moved.is_done(), "frozen and still moving");
         assert!(matches!(c.get(0, b"k1"), Cached::Value(v) if v == b"old"));
-        c.put(0, b"k1", None);
+        c.put(0, b"k1".to_vec(), None);
         assert!(matches!(c.get(0, b"k1"), Cached::Deleted));
         assert!(matches!(c.get(0, b"k2"), Cached::Miss));
         assert_eq!(c.scan(0, b"k"), vec![(&b"k1"[..], None)]);
@@ -311,7 +313,7 @@ mod tests {
         assert!(c.frozen.is_none(), "settled: the frozen cache is let go");
         let mut over = false;
         for i in 0..10u8 {
-            over |= c.put(0, &[b'x', i], Some(vec![0; 8]));
+            over |= c.put(0, vec![b'x', i], Some(vec![0; 8]));
         }
         assert!(over, "ten entries of about 58 bytes exceed 200 bytes");
     }
