@@ -82,6 +82,15 @@ struct Pending {
     savepoint: Option<SavepointInFlight>,
 }
 
+impl Pending {
+    /// Shared files the tasks uploaded for this checkpoint.
+    fn new_shared(&self) -> impl Iterator<Item = &String> {
+        self.acks
+            .iter()
+            .flat_map(|(_, s)| s.iter().flat_map(|s| s.new_shared.iter()))
+    }
+}
+
 /// An aborted checkpoint whose directory is deleted when no task can write to it any more.
 struct Draining {
     id: CheckpointId,
@@ -116,8 +125,9 @@ pub(crate) struct CheckpointCoordinator {
     savepoints: SavepointTargets,
     savepoint_queue: std::collections::VecDeque<SavepointRequest>,
     restore_times: Vec<Duration>,
-    /// A restored job directory to claim once every task has restored (url, retained).
-    claim: Option<(String, usize)>,
+    /// The URL of a restored checkpoint whose job directory to claim once every task has
+    /// restored (keeping `config.retained` checkpoints).
+    claim: Option<String>,
     /// The number of checkpoints completed so far, for whoever watches the job.
     progress: Option<tokio::sync::watch::Sender<Progress>>,
     /// Files and directories whose deletion failed, retried after the next completion.
@@ -201,8 +211,8 @@ impl CheckpointCoordinator {
     }
 
     /// Claims the directory of the job `url` belongs to, once the first restore has succeeded.
-    pub(crate) fn claim_after_restore(&mut self, url: String, retained: usize) {
-        self.claim = Some((url, retained));
+    pub(crate) fn claim_after_restore(&mut self, url: String) {
+        self.claim = Some(url);
     }
 
     /// Per attempt, the time from deployment until every task had restored and was running.
@@ -311,11 +321,7 @@ impl CheckpointCoordinator {
         let _ = tokio::task::spawn_blocking(move || deployment.join()).await;
         // No task can write any more: remove every checkpoint that did not complete.
         if let Some(p) = a.pending.take() {
-            orphans.extend(
-                p.acks
-                    .iter()
-                    .flat_map(|(_, states)| states.iter().flat_map(|s| s.new_shared.clone())),
-            );
+            orphans.extend(p.new_shared().cloned());
             let location = p.savepoint.map(|sp| {
                 let _ = sp
                     .reply
@@ -398,8 +404,7 @@ impl CheckpointCoordinator {
         };
         self.next_id += 1;
         let savepoint = savepoint.map(|r| {
-            let job = self.paths.job_dir();
-            let short: String = job.chars().take(8).collect();
+            let short: String = self.paths.job_id().chars().take(8).collect();
             let target = SavepointTarget {
                 storage: r.storage,
                 dir: format!("savepoint-{short}-{}/", id.0),
@@ -445,8 +450,8 @@ impl CheckpointCoordinator {
                 a.running.insert(task);
                 if a.running.len() == a.all.len() {
                     self.restore_times.push(a.deployed.elapsed());
-                    if let Some((url, retained)) = self.claim.take() {
-                        crate::master::claim_restored_job_dir(&url, retained).await;
+                    if let Some(url) = self.claim.take() {
+                        crate::master::claim_restored_job_dir(&url, self.config.retained).await;
                     }
                     self.schedule_next(a, Instant::now());
                     self.maybe_trigger_savepoint(a);
@@ -562,11 +567,7 @@ impl CheckpointCoordinator {
     ) -> Option<AttemptEnd> {
         let p = a.pending.take()?;
         let id = p.barrier.id;
-        let new_shared: Vec<String> = p
-            .acks
-            .iter()
-            .flat_map(|(_, s)| s.iter().flat_map(|s| s.new_shared.clone()))
-            .collect();
+        let new_shared: Vec<String> = p.new_shared().cloned().collect();
         self.delete_unreferenced_shared(new_shared, completed).await;
         warn!(checkpoint = id.0, %reason, "checkpoint aborted");
         a.broadcast(TaskCommand::AbortCheckpoint(id));
@@ -623,10 +624,9 @@ impl CheckpointCoordinator {
                 subtasks: vec![None; v.parallelism],
             })
             .collect();
-        let mut new_shared = std::collections::HashSet::new();
+        let new_shared: std::collections::HashSet<String> = p.new_shared().cloned().collect();
         for (task, states) in &p.acks {
             for s in states {
-                new_shared.extend(s.new_shared.iter().cloned());
                 if let Some(op) = operators.iter_mut().find(|o| o.uid == s.uid) {
                     op.subtasks[task.subtask] = Some(s.handle.clone());
                 }
@@ -634,7 +634,7 @@ impl CheckpointCoordinator {
         }
         let metadata = CheckpointMetadata {
             format: FORMAT_VERSION,
-            job_id: self.paths.job_dir().trim_end_matches('/').to_string(),
+            job_id: self.paths.job_id().to_string(),
             job_name: self.job_name.clone(),
             params: self.params.clone(),
             checkpoint_id: id,
@@ -756,7 +756,7 @@ impl CheckpointCoordinator {
 
     async fn delete_shared(&self, files: Vec<String>) {
         for f in files {
-            self.delete_or_remember(format!("{}{f}", self.paths.job_dir())).await;
+            self.delete_or_remember(self.paths.in_job_dir(&f)).await;
         }
     }
 

@@ -144,17 +144,17 @@ struct S3Flags {
     /// S3 virtual-hosted-style addressing (bucket.endpoint) instead of path style
     #[arg(long)]
     s3_virtual_host_style: bool,
-    /// Attempts per S3 request on transient errors
-    #[arg(long, default_value_t = 4)]
-    s3_max_attempts: usize,
-    /// Timeout of one S3 request
-    #[arg(long, default_value = "30s")]
-    s3_request_timeout: String,
+    /// Attempts per S3 request on transient errors [default: 4]
+    #[arg(long)]
+    s3_max_attempts: Option<usize>,
+    /// Timeout of one S3 request [default: 30s]
+    #[arg(long)]
+    s3_request_timeout: Option<String>,
 }
 
 impl S3Flags {
     fn to_options(&self) -> Result<S3Options, String> {
-        if self.s3_max_attempts == 0 {
+        if self.s3_max_attempts == Some(0) {
             return Err("--s3-max-attempts must be at least 1".into());
         }
         Ok(S3Options {
@@ -163,8 +163,12 @@ impl S3Flags {
             access_key_id: self.s3_access_key_id.clone(),
             secret_access_key: self.s3_secret_access_key.clone(),
             virtual_host_style: self.s3_virtual_host_style,
-            max_attempts: Some(self.s3_max_attempts),
-            request_timeout: Some(duration("--s3-request-timeout", &self.s3_request_timeout)?),
+            max_attempts: self.s3_max_attempts,
+            request_timeout: self
+                .s3_request_timeout
+                .as_deref()
+                .map(|t| duration("s3-request-timeout", t))
+                .transpose()?,
         })
     }
 }
@@ -336,13 +340,12 @@ fn print_report(r: &JobReport) {
     let mut syncs: Vec<f64> = r.checkpoints.iter().map(|c| c.max_sync_micros as f64 / 1e3).collect();
     syncs.sort_by(f64::total_cmp);
     println!(
-        "  checkpoints: {} completed, {} failed; duration p50 {:.1} ms, max {:.1} ms; size p50 {:.0} bytes; \
+        "  checkpoints: {} completed, {} failed; duration p50 {:.1} ms, max {:.1} ms; \
          synchronous part p50 {:.2} ms, longest synchronous part {:.2} ms",
         r.checkpoints.len(),
         r.failed_checkpoints,
         percentile(&durations, 0.5),
         durations.last().copied().unwrap_or(0.0),
-        percentile(&sizes, 0.5),
         percentile(&syncs, 0.5),
         syncs.last().copied().unwrap_or(0.0)
     );

@@ -107,12 +107,11 @@ pub fn build_graph(job: &JobDefinition, params: &JobParams, config: &JobConfig) 
     env.build(config.parallelism, config.max_parallelism)
 }
 
-/// Opens a user-given snapshot URL and checks that it fits the job.
-pub async fn open_savepoint(url: &str, job: &str, graph: &JobGraph, config: &JobConfig) -> Result<RestoreSource> {
-    let source = RestoreSource::open_url(url).await?;
-    source.verify_files().await?;
+/// Checks that a user-given snapshot fits the job and that its files are all there.
+async fn check_savepoint(source: &RestoreSource, job: &str, graph: &JobGraph, config: &JobConfig) -> Result<()> {
+    // The local check first: a snapshot of another job is refused without a request per file.
     source.check_fits(job, graph, config.state_backend, config.allow_non_restored_state)?;
-    Ok(source)
+    source.verify_files().await
 }
 
 /// Runs a job to its end in this process. Errors are problems found before any record was
@@ -160,23 +159,22 @@ impl JobHandle {
     /// Blocks until `n` checkpoints have completed; false if the job ended first. Call it from a
     /// plain thread, not from async code.
     pub fn wait_for_checkpoints(&self, n: u64) -> bool {
-        let mut progress = self.progress.clone();
-        let rt = tokio::runtime::Builder::new_current_thread().build();
-        let Ok(rt) = rt else { return false };
-        let reached = rt.block_on(progress.wait_for(|p| p.completed >= n)).is_ok();
-        reached
+        self.wait_progress(|p| p.completed >= n).is_some()
     }
 
     /// Blocks until `n` checkpoints have failed; the reason of the latest, or `None` if the job
     /// ended first. Call it from a plain thread, not from async code.
     pub fn wait_for_failed_checkpoints(&self, n: u64) -> Option<String> {
+        self.wait_progress(|p| p.failed >= n)?.last_failure
+    }
+
+    /// Blocks until the job's checkpoint progress satisfies `reached`; `None` if the job ended
+    /// first.
+    fn wait_progress(&self, reached: impl FnMut(&Progress) -> bool) -> Option<Progress> {
         let mut progress = self.progress.clone();
         let rt = tokio::runtime::Builder::new_current_thread().build().ok()?;
-        let reason = rt
-            .block_on(progress.wait_for(|p| p.failed >= n))
-            .ok()
-            .and_then(|p| p.last_failure.clone());
-        reason
+        let result = rt.block_on(progress.wait_for(reached)).ok().map(|p| p.clone());
+        result
     }
 
     /// Waits for the job to end.
@@ -196,10 +194,13 @@ pub fn spawn_job(mut sub: JobSubmission) -> Result<JobHandle> {
         .enable_all()
         .build()
         .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
-    if let (Some(url), true) = (&sub.config.from_savepoint, sub.config.max_parallelism_from_snapshot) {
+    let initial = match &sub.config.from_savepoint {
+        Some(url) => Some(runtime.block_on(RestoreSource::open_url(url))?),
+        None => None,
+    };
+    if let (Some(snapshot), true) = (&initial, sub.config.max_parallelism_from_snapshot) {
         // Max parallelism is fixed for the life of the state: take the snapshot's.
-        let snapshot = runtime.block_on(RestoreSource::open_url(url))?;
-        let m = snapshot.metadata().max_parallelism;
+        let (m, url) = (snapshot.metadata().max_parallelism, snapshot.url());
         if sub.config.parallelism > m as usize {
             return Err(Error::Config(format!(
                 "parallelism {} is above the max parallelism {m} of {url}; max parallelism cannot change",
@@ -208,7 +209,7 @@ pub fn spawn_job(mut sub: JobSubmission) -> Result<JobHandle> {
         }
         sub.config.max_parallelism = m;
     }
-    let master = JobMaster::start(sub, runtime.handle().clone())?;
+    let master = JobMaster::start(sub, initial, runtime.handle().clone())?;
     let job_id = master.job_id.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
     let (progress_tx, progress) = tokio::sync::watch::channel(Progress::default());
@@ -230,11 +231,13 @@ struct JobMaster {
     job_id: String,
     storage: Storage,
     paths: CheckpointPaths,
+    /// The snapshot the job starts from, opened (and its `_metadata` read) once, by `spawn_job`.
+    initial: Option<RestoreSource>,
     handle: tokio::runtime::Handle,
 }
 
 impl JobMaster {
-    fn start(sub: JobSubmission, handle: tokio::runtime::Handle) -> Result<Self> {
+    fn start(sub: JobSubmission, initial: Option<RestoreSource>, handle: tokio::runtime::Handle) -> Result<Self> {
         let graph = Arc::new(build_graph(&sub.job, &sub.params, &sub.config)?);
         let job_id = new_job_id();
         let storage = Storage::open(&sub.config.checkpoint_dir)?;
@@ -244,24 +247,25 @@ impl JobMaster {
             graph,
             job_id,
             storage,
+            initial,
             handle,
         })
     }
 
     async fn run(
-        self,
+        mut self,
         mut commands: tokio::sync::mpsc::UnboundedReceiver<MasterCommand>,
         progress: tokio::sync::watch::Sender<Progress>,
     ) -> Result<JobReport> {
         self.storage.check_writable(&self.paths.job_dir()).await?;
-        let cfg = &self.sub.config;
-        let initial = match &cfg.from_savepoint {
-            Some(url) => {
-                let source = open_savepoint(url, self.sub.job.name, &self.graph, cfg).await?;
+        let initial = match self.initial.take() {
+            Some(source) => {
+                check_savepoint(&source, self.sub.job.name, &self.graph, &self.sub.config).await?;
                 Some(Arc::new(source))
             }
             None => None,
         };
+        let cfg = &self.sub.config;
         let initial_restore = match &initial {
             Some(s) => RestoredFrom::Savepoint(s.url().to_string()),
             None => RestoredFrom::Nothing,
@@ -280,13 +284,16 @@ impl JobMaster {
         coordinator.report_progress(progress);
         if let Some(url) = &cfg.from_savepoint {
             // Only once the restore has worked: a refused snapshot changes nothing on disk.
-            coordinator.claim_after_restore(url.clone(), cfg.checkpoint.retained);
+            coordinator.claim_after_restore(url.clone());
         }
         let mut restarts: Vec<RestartRecord> = Vec::new();
         let mut attempt = 0u32;
         let mut next_restore = RestoreChoice::Initial;
         loop {
-            let (restore, restored_from) = match self.choose_restore(&mut completed, &initial, &next_restore).await? {
+            let (restore, restored_from) = match self
+                .choose_restore(&coordinator, &mut completed, &initial, &next_restore)
+                .await?
+            {
                 Some(x) => x,
                 None => (None, RestoredFrom::Nothing),
             };
@@ -336,7 +343,7 @@ impl JobMaster {
                             RestoredFrom::Checkpoint(id) => {
                                 warn!(job = %self.job_id, checkpoint = id.0, %cause,
                                     "checkpoint is unusable; falling back to the previous completed checkpoint");
-                                self.discard_checkpoint(&mut completed, *id).await;
+                                coordinator.delete_removed(completed.discard(*id)).await;
                                 next_restore = RestoreChoice::Latest;
                                 continue;
                             }
@@ -370,6 +377,7 @@ impl JobMaster {
     /// a warning and the previous one is tried.
     async fn choose_restore(
         &self,
+        coordinator: &CheckpointCoordinator,
         completed: &mut CompletedCheckpoints,
         initial: &Option<Arc<RestoreSource>>,
         choice: &RestoreChoice,
@@ -389,7 +397,7 @@ impl JobMaster {
                     Err(e) => {
                         warn!(job = %self.job_id, checkpoint = id.0, error = %e,
                             "checkpoint is unusable; falling back to the previous completed checkpoint");
-                        self.discard_checkpoint(completed, id).await;
+                        coordinator.delete_removed(completed.discard(id)).await;
                     }
                 }
             }
@@ -397,16 +405,6 @@ impl JobMaster {
         Ok(initial
             .as_ref()
             .map(|s| (Some(s.clone()), RestoredFrom::Savepoint(s.url().to_string()))))
-    }
-
-    async fn discard_checkpoint(&self, completed: &mut CompletedCheckpoints, id: CheckpointId) {
-        let removed = completed.discard(id);
-        for f in removed.shared_files {
-            let _ = self.storage.delete(&format!("{}{f}", self.paths.job_dir())).await;
-        }
-        if let Err(e) = self.storage.delete_dir(&self.paths.checkpoint_dir(id)).await {
-            warn!(job = %self.job_id, checkpoint = id.0, error = %e, "cannot delete an unusable checkpoint");
-        }
     }
 
     fn report(

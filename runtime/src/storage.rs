@@ -14,6 +14,10 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
+/// Attempts per S3 request unless configured.
+pub const DEFAULT_S3_MAX_ATTEMPTS: usize = 4;
+/// Timeout of one S3 request unless configured.
+pub const DEFAULT_S3_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests in flight at once per remote store (many small uploads at a barrier).
 const MAX_CONCURRENT_REQUESTS: usize = 64;
 
@@ -85,7 +89,7 @@ fn s3_options(bucket: &str) -> S3Options {
     options.cloned().unwrap_or_default().with_env()
 }
 
-/// An operator for `s3://<rest>` rooted at the bucket, and the prefix below it.
+/// An operator for `s3://<rest>` rooted at the bucket, and the path below it.
 fn s3_operator(url: &str, rest: &str) -> Result<(Operator, String)> {
     let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
@@ -107,27 +111,29 @@ fn s3_operator(url: &str, rest: &str) -> Result<(Operator, String)> {
     if o.virtual_host_style {
         b = b.enable_virtual_host_style();
     }
-    let timeout = o.request_timeout.unwrap_or(Duration::from_secs(30));
+    let timeout = o.request_timeout.unwrap_or(DEFAULT_S3_REQUEST_TIMEOUT);
     let op = Operator::new(b)
         .map_err(|e| Error::Config(format!("cannot open storage '{url}': {e}")))?
         .layer(TimeoutLayer::new().with_timeout(timeout).with_io_timeout(timeout))
         .layer(
             RetryLayer::new()
                 .with_jitter()
-                .with_max_times(o.max_attempts.unwrap_or(4).max(1) - 1)
+                .with_max_times(o.max_attempts.unwrap_or(DEFAULT_S3_MAX_ATTEMPTS).max(1) - 1)
                 .with_min_delay(Duration::from_millis(100))
                 .with_max_delay(Duration::from_secs(2)),
         )
         .layer(ConcurrentLimitLayer::new(MAX_CONCURRENT_REQUESTS));
+    Ok((op, path.to_string()))
+}
+
+/// `path/` (without outer slashes), or nothing for the root: the prefix of a storage's paths.
+fn dir_prefix(path: &str) -> String {
     let path = path.trim_matches('/');
-    Ok((
-        op,
-        if path.is_empty() {
-            String::new()
-        } else {
-            format!("{path}/")
-        },
-    ))
+    if path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}/")
+    }
 }
 
 /// An opened storage location: an opendal operator rooted at the URL.
@@ -137,6 +143,9 @@ pub struct Storage {
     op: Operator,
     /// Prepended to every path: lets `at()` and `memory://store/sub` share one operator.
     prefix: String,
+    /// An object store that creates a missing bucket on the first write (some do): the start
+    /// check lists it first, so that a wrong bucket name is an error, not a new bucket.
+    list_before_writing: bool,
 }
 
 impl Storage {
@@ -150,7 +159,7 @@ impl Storage {
             Some((s, r)) => (s.to_ascii_lowercase(), r),
             None => ("file".to_string(), url),
         };
-        let (op, prefix) = match scheme.as_str() {
+        let (op, path) = match scheme.as_str() {
             "file" => {
                 let path = Path::new(rest);
                 let abs = if path.is_absolute() {
@@ -164,16 +173,7 @@ impl Storage {
                 // built, and opening storage (e.g. to restore) must not touch the disk.
                 let op = Operator::new(services::Fs::default().root("/"))
                     .map_err(|e| Error::Config(format!("cannot open storage '{url}': {e}")))?;
-                let path = abs.to_string_lossy();
-                let path = path.trim_matches('/');
-                (
-                    op,
-                    if path.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{path}/")
-                    },
-                )
+                (op, abs.to_string_lossy().into_owned())
             }
             "memory" => memory_operator(rest),
             "s3" => s3_operator(url, rest)?,
@@ -188,7 +188,12 @@ impl Storage {
         } else {
             format!("file://{}", Path::new(rest).display())
         };
-        Ok(Self { url, op, prefix })
+        Ok(Self {
+            url,
+            op,
+            prefix: dir_prefix(&path),
+            list_before_writing: scheme == "s3",
+        })
     }
 
     /// A storage rooted at `dir` (a directory path inside this one).
@@ -198,6 +203,7 @@ impl Storage {
             url: format!("{}/{}", self.url_for_join(), dir),
             op: self.op.clone(),
             prefix: format!("{}{}/", self.prefix, dir),
+            list_before_writing: self.list_before_writing,
         }
     }
 
@@ -328,8 +334,7 @@ impl Storage {
 
     /// Proves that the location takes writes, before any record is processed.
     pub async fn check_writable(&self, dir: &str) -> Result<()> {
-        if self.url.starts_with("s3://") {
-            // Listing fails on a missing bucket (some stores create one on the first write).
+        if self.list_before_writing {
             self.op.list_with(&self.full("")).limit(1).await.map_err(|e| {
                 Error::Config(format!(
                     "checkpoint directory {} cannot be listed: {}",
@@ -373,7 +378,7 @@ fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// One operator per `memory://name`, shared by every caller in the process, so that a restore
-/// reads what a checkpoint wrote. Returns the operator and the prefix below it.
+/// reads what a checkpoint wrote. Returns the operator and the path below it.
 fn memory_operator(name: &str) -> (Operator, String) {
     static STORES: OnceLock<Mutex<HashMap<String, Operator>>> = OnceLock::new();
     let (store, sub) = match name.split_once('/') {
@@ -387,8 +392,7 @@ fn memory_operator(name: &str) -> (Operator, String) {
             Operator::new(services::Memory::default()).expect("the memory service takes no configuration")
         })
         .clone();
-    let prefix = if sub.is_empty() { sub } else { format!("{sub}/") };
-    (op, prefix)
+    (op, sub)
 }
 
 /// Formats every path of a job's checkpoint directory:
@@ -412,9 +416,19 @@ impl CheckpointPaths {
         Self { job_id: job_id.into() }
     }
 
+    /// The job's id.
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+
     /// `<job-id>/`
     pub fn job_dir(&self) -> String {
         format!("{}/", self.job_id)
+    }
+
+    /// `<job-id>/<relative>`: a file the job directory holds (e.g. a shared SST).
+    pub fn in_job_dir(&self, relative: &str) -> String {
+        format!("{}/{relative}", self.job_id)
     }
 
     /// `<job-id>/chk-<n>/`
