@@ -51,69 +51,43 @@ pub fn files_below(dir: &Path) -> BTreeSet<String> {
 
 /// Asserts that a checkpoint base directory holds only completed checkpoints, each holding
 /// exactly the files its `_metadata` references, and that every file under a job's `shared/`
-/// is referenced by one of its retained checkpoints; returns the checkpoint ids per job.
+/// is referenced by one of its retained checkpoints; returns the checkpoint ids per job. On
+/// the local disk it also sees what an object listing cannot: empty leftover directories.
 pub fn assert_only_completed_checkpoints(base: &Path) -> BTreeMap<String, Vec<u64>> {
-    let mut jobs = BTreeMap::new();
     for job in std::fs::read_dir(base).expect("checkpoint dir exists") {
         let job = job.expect("entry").path();
-        let name = job.file_name().expect("name").to_string_lossy().into_owned();
         assert!(job.is_dir(), "unexpected file {} in the checkpoint dir", job.display());
-        let mut ids = Vec::new();
-        let mut shared_referenced = BTreeSet::new();
-        for chk in std::fs::read_dir(&job).expect("job dir") {
-            let chk = chk.expect("entry").path();
-            let chk_name = chk.file_name().expect("name").to_string_lossy().into_owned();
-            if chk_name == "shared" {
-                continue;
-            }
-            let id: u64 = chk_name
-                .strip_prefix("chk-")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("orphan entry {} in job dir", chk.display()));
-            let meta_path = chk.join("_metadata");
-            let bytes = std::fs::read(&meta_path)
-                .unwrap_or_else(|_| panic!("partial checkpoint without _metadata: {}", chk.display()));
-            let meta = CheckpointMetadata::decode(&bytes, &meta_path.display().to_string()).expect("valid metadata");
-            let mut referenced: BTreeSet<String> = meta.referenced_files().map(|h| h.path.clone()).collect();
-            referenced.extend(meta.sst_files().filter(|f| !f.shared).map(|f| f.path.clone()));
-            referenced.insert("_metadata".into());
-            assert_eq!(
-                files_below(&chk),
-                referenced,
-                "files of {} vs its _metadata",
-                chk.display()
+        for entry in std::fs::read_dir(&job).expect("job dir") {
+            let entry = entry.expect("entry").path();
+            let name = entry.file_name().expect("name").to_string_lossy().into_owned();
+            assert!(
+                name == "shared" || entry.join("_metadata").exists(),
+                "partial checkpoint or orphan entry: {}",
+                entry.display()
             );
-            shared_referenced.extend(
-                meta.shared_files()
-                    .map(|f| f.strip_prefix("shared/").unwrap_or(f).to_string()),
-            );
-            ids.push(id);
         }
-        let shared = files_below(&job.join("shared"));
-        assert_eq!(
-            shared,
-            shared_referenced,
-            "files under {}/shared vs the retained checkpoints",
-            job.display()
-        );
-        ids.sort();
-        jobs.insert(name, ids);
     }
-    jobs
+    assert_no_orphan_objects(&base.display().to_string())
 }
 
-/// The newest `chk-<n>` directory with a `_metadata` under a job directory.
-pub fn latest_completed_checkpoint(job_dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(job_dir)
-        .ok()?
+/// The completed `chk-<n>` directories (with a `_metadata`) of a job directory, by id.
+pub fn completed_checkpoints(job_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut chks: Vec<(u64, PathBuf)> = std::fs::read_dir(job_dir)
+        .expect("job dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("_metadata").exists())
         .filter_map(|p| {
             let id: u64 = p.file_name()?.to_str()?.strip_prefix("chk-")?.parse().ok()?;
             Some((id, p))
         })
-        .max_by_key(|(id, _)| *id)
-        .map(|(_, p)| p)
+        .collect();
+    chks.sort();
+    chks
+}
+
+/// The newest `chk-<n>` directory with a `_metadata` under a job directory.
+pub fn latest_completed_checkpoint(job_dir: &Path) -> Option<PathBuf> {
+    completed_checkpoints(job_dir).pop().map(|(_, p)| p)
 }
 
 /// The only job directory under a checkpoint base directory.
@@ -165,6 +139,16 @@ impl S3Server {
             child: None,
         };
         server.resume();
+        server
+    }
+
+    /// Starts a server with `buckets`, which this process then reaches on it.
+    pub fn with_buckets(buckets: &[&str]) -> Self {
+        let server = Self::start();
+        for b in buckets {
+            server.create_bucket(b);
+            sluice_runtime::storage::set_s3_bucket_options(b, server.options());
+        }
         server
     }
 
@@ -226,13 +210,23 @@ impl Drop for S3Server {
     }
 }
 
-/// Every object below `url` (a storage URL), relative to it, listed through the store itself.
-pub fn objects_below(url: &str) -> BTreeSet<String> {
+/// Opens a storage URL with a runtime to drive it from a test thread.
+fn open_storage(url: &str) -> (sluice_runtime::storage::Storage, tokio::runtime::Runtime) {
     let storage = sluice_runtime::storage::Storage::open(url).expect("storage URL");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    (storage, rt)
+}
+
+/// Every object below `url` (a storage URL), relative to it, listed through the store itself.
+pub fn objects_below(url: &str) -> BTreeSet<String> {
+    let (storage, rt) = open_storage(url);
+    list_objects(&storage, &rt)
+}
+
+fn list_objects(storage: &sluice_runtime::storage::Storage, rt: &tokio::runtime::Runtime) -> BTreeSet<String> {
     rt.block_on(storage.list_files_recursive(""))
         .expect("listing")
         .into_iter()
@@ -244,12 +238,8 @@ pub fn objects_below(url: &str) -> BTreeSet<String> {
 /// `shared/` is referenced by one of its retained checkpoints: no orphan objects. Returns the
 /// retained checkpoint ids per job.
 pub fn assert_no_orphan_objects(url: &str) -> BTreeMap<String, Vec<u64>> {
-    let storage = sluice_runtime::storage::Storage::open(url).expect("storage URL");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let objects = objects_below(url);
+    let (storage, rt) = open_storage(url);
+    let objects = list_objects(&storage, &rt);
     let mut per_job: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for o in &objects {
         let (job, rest) = o

@@ -2,8 +2,8 @@
 //! retained checkpoint, refused snapshots, and clear errors for bad input.
 
 use sluice_integration_tests::{
-    assert_only_completed_checkpoints, expected_transactions_output, latest_completed_checkpoint, single_job_dir,
-    sluice_bin,
+    assert_only_completed_checkpoints, completed_checkpoints, expected_transactions_output,
+    latest_completed_checkpoint, single_job_dir, sluice_bin,
 };
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -48,12 +48,14 @@ fn job_args<'a>(ck: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
     a
 }
 
-/// Runs a complete job and returns the checkpoint base dir's only job directory.
-fn completed_run(dir: &Path) -> std::path::PathBuf {
+/// Runs a complete job (with `extra` flags) and returns the checkpoint base dir's only job
+/// directory.
+fn completed_run(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
     let ck = dir.join("ck");
     let out = dir.join("first.csv");
-    let args = job_args(ck.to_str().unwrap(), out.to_str().unwrap(), &["--set", "rate=300000"]);
-    let o = Command::new(sluice_bin()).args(&args).output().unwrap();
+    let mut args = job_args(ck.to_str().unwrap(), out.to_str().unwrap(), &["--set", "rate=300000"]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = sluice(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     single_job_dir(&ck)
 }
@@ -113,15 +115,11 @@ fn flip_byte_in_middle(path: &Path) {
 #[test]
 fn corrupt_truncated_or_partial_snapshots_are_refused_explicitly() {
     let dir = tempfile::tempdir().unwrap();
-    let job_dir = completed_run(dir.path());
+    let job_dir = completed_run(dir.path(), &[]);
     let ck = dir.path().join("ck2");
     let out = dir.path().join("out.csv");
     let (ck_s, out_s) = (ck.to_str().unwrap(), out.to_str().unwrap());
-    let mut chks: Vec<_> = std::fs::read_dir(&job_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    chks.sort();
+    let chks: Vec<_> = completed_checkpoints(&job_dir).into_iter().map(|(_, p)| p).collect();
     assert!(chks.len() >= 3, "{chks:?}");
 
     // A flipped byte: the block checksum catches it during restore.
@@ -292,18 +290,8 @@ fn wordcount_counts_words_of_a_directory() {
 
 /// A completed RocksDB run; returns its job directory.
 fn completed_rocksdb_run(dir: &Path) -> std::path::PathBuf {
-    let ck = dir.join("ck");
-    let out = dir.join("first.csv");
-    let mut args = job_args(ck.to_str().unwrap(), out.to_str().unwrap(), &["--set", "rate=300000"]);
-    args.extend([
-        "--state-backend".into(),
-        "rocksdb".into(),
-        "--data-dir".into(),
-        dir.join("data").display().to_string(),
-    ]);
-    let o = Command::new(sluice_bin()).args(&args).output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    single_job_dir(&ck)
+    let data = dir.join("data").display().to_string();
+    completed_run(dir, &["--state-backend", "rocksdb", "--data-dir", &data])
 }
 
 #[test]
@@ -356,14 +344,9 @@ fn missing_or_corrupt_sst_files_are_detected() {
 #[test]
 fn memory_checkpoints_restore_into_rocksdb_and_native_rocksdb_state_is_refused_by_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let job_dir = completed_run(dir.path());
+    let job_dir = completed_run(dir.path(), &[]);
     // The earliest retained checkpoint leaves the most input to the restored run.
-    let mut chks: Vec<_> = std::fs::read_dir(&job_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    chks.sort_by_key(|p| p.file_name().unwrap().to_str().unwrap()[4..].parse::<u64>().unwrap());
-    let earliest = chks[0].clone();
+    let earliest = completed_checkpoints(&job_dir).remove(0).1;
     let ck = dir.path().join("ck2");
     let out = dir.path().join("out.csv");
     let data = dir.path().join("data");

@@ -3,13 +3,13 @@
 
 use sluice_coordinator::{run_job, JobOutcome, JobSubmission, RestoredFrom};
 use sluice_examples::transactions::{transaction, RunningTotals, Transaction, UserTotal};
-use sluice_integration_tests::expected_transactions_output;
+use sluice_integration_tests::{completed_checkpoints, expected_transactions_output};
 use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::config::{JobConfig, StateBackendKind};
 use sluice_runtime::snapshot::OperatorState;
 use sluice_runtime::{CheckpointId, JobDefinition, JobParams, ParamSpec, Result, SinkFunction, StreamEnv, TaskInfo};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -42,20 +42,9 @@ struct DamageThenFail {
     job_id: String,
 }
 
-fn chk_id(p: &Path) -> Option<u64> {
-    p.file_name()?.to_str()?.strip_prefix("chk-")?.parse().ok()
-}
-
 impl DamageThenFail {
     fn damage(&self) {
-        let job_dir = self.dir.join(&self.job_id);
-        let mut completed: Vec<(u64, PathBuf)> = std::fs::read_dir(&job_dir)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter_map(|p| chk_id(&p).map(|id| (id, p)))
-            .filter(|(_, p)| p.join("_metadata").exists())
-            .collect();
-        completed.sort();
+        let completed = completed_checkpoints(&self.dir.join(&self.job_id));
         SPARED.store(completed[0].0, Ordering::SeqCst);
         let newer = &completed[1..];
         for (i, (_, p)) in newer.iter().enumerate() {

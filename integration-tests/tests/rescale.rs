@@ -2,7 +2,7 @@
 //! part of the input is read exactly once, on both backends and across them.
 
 use sluice_coordinator::{run_job, spawn_job, JobOutcome, JobSubmission, RestoredFrom};
-use sluice_integration_tests::{expected_transactions_output, files_below, single_job_dir};
+use sluice_integration_tests::{completed_checkpoints, expected_transactions_output, files_below, single_job_dir};
 use sluice_runtime::config::{JobConfig, RescaleMerge, StateBackendKind};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,14 +54,8 @@ fn assert_exact(dir: &Path, name: &str) {
 
 /// The earliest retained checkpoint of a finished run (the most input left after it).
 fn earliest_checkpoint(ck: &Path) -> PathBuf {
-    let job = single_job_dir(ck);
-    let mut chks: Vec<PathBuf> = std::fs::read_dir(&job)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("_metadata").exists())
-        .collect();
-    chks.sort_by_key(|p| p.file_name().unwrap().to_str().unwrap()[4..].parse::<u64>().unwrap());
-    chks.into_iter().next().expect("a retained checkpoint")
+    let chks = completed_checkpoints(&single_job_dir(ck));
+    chks.into_iter().next().expect("a retained checkpoint").1
 }
 
 fn checkpoint_at_2_restores_at_1_3_and_5(backend: StateBackendKind, merge: RescaleMerge) {

@@ -16,16 +16,6 @@ const USERS: u64 = 2_000;
 const SEED: u64 = 11;
 const ROCKSDB: StateBackendKind = StateBackendKind::RocksDb { incremental: true };
 
-/// A server for one test, reached for `buckets` (created), killed when dropped.
-fn server(buckets: &[&str]) -> S3Server {
-    let s = S3Server::start();
-    for b in buckets {
-        s.create_bucket(b);
-        sluice_runtime::storage::set_s3_bucket_options(b, s.options());
-    }
-    s
-}
-
 fn submission(dir: &Path, ck: &str, parallelism: usize, settings: &[String], from: Option<&str>) -> JobSubmission {
     let job = sluice_examples::transactions::definition();
     let mut all = vec![
@@ -60,7 +50,7 @@ fn assert_exact(dir: &Path) {
 
 #[test]
 fn rocksdb_job_with_checkpoints_on_s3_recovers_from_a_failure_exactly_and_leaves_no_orphans() {
-    let _s3 = server(&["failover"]);
+    let _s3 = S3Server::with_buckets(&["failover"]);
     let dir = tempfile::tempdir().unwrap();
     let ck = "s3://failover/checkpoints";
     let settings = ["rate=100000".to_string(), "fail_at=35000".to_string()];
@@ -83,7 +73,7 @@ fn rocksdb_job_with_checkpoints_on_s3_recovers_from_a_failure_exactly_and_leaves
 
 #[test]
 fn a_savepoint_on_s3_restores_at_a_new_parallelism_exactly() {
-    let _s3 = server(&["savepoints"]);
+    let _s3 = S3Server::with_buckets(&["savepoints"]);
     let dir = tempfile::tempdir().unwrap();
     let first = dir.path().join("first");
     let handle = spawn_job(submission(
@@ -137,7 +127,7 @@ fn cli_refusal(url: &str, endpoint: &str, access_key: &str) -> String {
 
 #[test]
 fn bad_storage_configuration_fails_at_start_naming_the_url_and_the_cause() {
-    let s3 = server(&["exists"]);
+    let s3 = S3Server::with_buckets(&["exists"]);
     let endpoint = s3.endpoint();
 
     let e = cli_refusal("s3://no-such-bucket/ck", &endpoint, S3_ACCESS_KEY);

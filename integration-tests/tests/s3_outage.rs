@@ -9,9 +9,7 @@ use std::time::Duration;
 
 #[test]
 fn checkpoints_declined_while_s3_is_down_leave_nothing_partial_and_later_ones_complete() {
-    let mut s3 = S3Server::start();
-    s3.create_bucket("outage");
-    sluice_runtime::storage::set_s3_bucket_options("outage", s3.options());
+    let mut s3 = S3Server::with_buckets(&["outage"]);
     let ck = "s3://outage/ck";
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("totals.csv");
