@@ -90,6 +90,18 @@ pub fn latest_completed_checkpoint(job_dir: &Path) -> Option<PathBuf> {
     completed_checkpoints(job_dir).pop().map(|(_, p)| p)
 }
 
+/// The shared files (paths relative to the job directory, `shared/...`) that the completed
+/// checkpoint in `chk_dir` references.
+pub fn shared_files_of(chk_dir: &Path) -> Vec<String> {
+    let meta_path = chk_dir.join("_metadata");
+    let bytes = std::fs::read(&meta_path).expect("readable _metadata");
+    CheckpointMetadata::decode(&bytes, &meta_path.display().to_string())
+        .expect("valid metadata")
+        .shared_files()
+        .map(str::to_string)
+        .collect()
+}
+
 /// The only job directory under a checkpoint base directory.
 pub fn single_job_dir(base: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = std::fs::read_dir(base)
