@@ -123,6 +123,8 @@ pub fn single_job_dir(base: &Path) -> PathBuf {
 pub struct S3Server {
     bin: PathBuf,
     data: tempfile::TempDir,
+    /// The server's request log (every request's S3 operation and object key).
+    log: tempfile::NamedTempFile,
     port: u16,
     child: Option<std::process::Child>,
 }
@@ -147,6 +149,7 @@ impl S3Server {
         let mut server = Self {
             bin,
             data: tempfile::tempdir().expect("temp dir"),
+            log: tempfile::NamedTempFile::new().expect("log file"),
             port,
             child: None,
         };
@@ -203,7 +206,15 @@ impl S3Server {
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
             .arg(self.data.path())
-            .stdout(std::process::Stdio::null())
+            // s3s logs each request's resolved operation at debug level.
+            .env("RUST_LOG", "s3s::ops=debug")
+            .env("NO_COLOR", "1")
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(self.log.path())
+                    .expect("log file"),
+            )
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start s3s-fs");
@@ -213,6 +224,33 @@ impl S3Server {
             assert!(std::time::Instant::now() < deadline, "s3s-fs did not start listening");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+}
+
+/// One request the S3 server received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Request {
+    /// The S3 operation, e.g. `PutObject`, `UploadPart`, `ListObjectsV2`.
+    pub op: String,
+    /// The object key, empty for bucket operations.
+    pub key: String,
+}
+
+impl S3Server {
+    /// Every request the server has received so far, in order (across restarts).
+    pub fn requests(&self) -> Vec<S3Request> {
+        let log = std::fs::read_to_string(self.log.path()).expect("server log");
+        log.lines()
+            .filter_map(|l| l.split_once("resolved route, op: ").map(|(_, r)| r))
+            .map(|r| {
+                let op = r.split(',').next().unwrap_or_default().trim().to_string();
+                let key = r
+                    .split_once("key: \"")
+                    .and_then(|(_, k)| k.split_once('"'))
+                    .map_or(String::new(), |(k, _)| k.to_string());
+                S3Request { op, key }
+            })
+            .collect()
     }
 }
 

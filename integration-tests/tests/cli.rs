@@ -53,7 +53,9 @@ fn job_args<'a>(ck: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
 fn completed_run(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
     let ck = dir.join("ck");
     let out = dir.join("first.csv");
-    let mut args = job_args(ck.to_str().unwrap(), out.to_str().unwrap(), &["--set", "rate=300000"]);
+    // About 3 s at 50 ms intervals: enough completed checkpoints to retain 3 even while other
+    // tests load the machine (at 1 s, a loaded run completed only one).
+    let mut args = job_args(ck.to_str().unwrap(), out.to_str().unwrap(), &["--set", "rate=100000"]);
     args.extend(extra.iter().map(|s| s.to_string()));
     let o = sluice(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -344,8 +346,9 @@ fn missing_or_corrupt_sst_files_are_detected() {
 #[test]
 fn memory_checkpoints_restore_into_rocksdb_and_native_rocksdb_state_is_refused_by_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let job_dir = completed_run(dir.path(), &[]);
-    // The earliest retained checkpoint leaves the most input to the restored run.
+    // Every checkpoint retained: the earliest leaves most of the input to the restored run,
+    // which then takes checkpoints of its own.
+    let job_dir = completed_run(dir.path(), &["--retained-checkpoints", "1000"]);
     let earliest = completed_checkpoints(&job_dir).remove(0).1;
     let ck = dir.path().join("ck2");
     let out = dir.path().join("out.csv");

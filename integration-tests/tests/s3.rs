@@ -1,13 +1,15 @@
 //! Checkpoints and savepoints on a real S3 server (s3s-fs over HTTP on 127.0.0.1, SigV4
 //! signatures checked): exact totals through a failure and through a rescaled restore, no orphan
-//! objects after retention, and bad storage configuration refused at start by the `sluice` CLI.
+//! objects after retention, each object uploaded once (large ones in multipart parts), and bad storage configuration refused at start by the `sluice` CLI.
 
 use sluice_coordinator::{run_job, spawn_job, JobOutcome, JobSubmission, RestoredFrom};
 use sluice_integration_tests::{
-    assert_no_orphan_objects, expected_transactions_output, objects_below, sluice_bin, S3Server, S3_ACCESS_KEY,
-    S3_SECRET_KEY,
+    assert_no_orphan_objects, expected_transactions_output, objects_below, sluice_bin, S3Request, S3Server,
+    S3_ACCESS_KEY, S3_SECRET_KEY,
 };
 use sluice_runtime::config::{JobConfig, StateBackendKind};
+use sluice_runtime::storage::{Storage, MULTIPART_CHUNK};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -50,7 +52,7 @@ fn assert_exact(dir: &Path) {
 
 #[test]
 fn rocksdb_job_with_checkpoints_on_s3_recovers_from_a_failure_exactly_and_leaves_no_orphans() {
-    let _s3 = S3Server::with_buckets(&["failover"]);
+    let s3 = S3Server::with_buckets(&["failover"]);
     let dir = tempfile::tempdir().unwrap();
     let ck = "s3://failover/checkpoints";
     let settings = ["rate=100000".to_string(), "fail_at=35000".to_string()];
@@ -69,6 +71,69 @@ fn rocksdb_job_with_checkpoints_on_s3_recovers_from_a_failure_exactly_and_leaves
         objects_below(ck).iter().any(|o| o.contains("/shared/")),
         "incremental RocksDB checkpoints reference shared SSTs on S3"
     );
+    assert_each_object_uploaded_once(&s3.requests(), "checkpoints/");
+}
+
+/// Requests, as the server saw them: every object written went up exactly once (one PUT, or
+/// one multipart upload), and each is a shared SST, a subtask's state file (its RocksDB
+/// MANIFEST, CURRENT and OPTIONS inside), a `_metadata`, or the start probe.
+fn assert_each_object_uploaded_once(requests: &[S3Request], prefix: &str) {
+    let mut uploads: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in requests {
+        if r.op == "PutObject" || r.op == "CreateMultipartUpload" {
+            *uploads.entry(r.key.as_str()).or_default() += 1;
+        }
+    }
+    assert!(!uploads.is_empty(), "the server saw uploads");
+    let (mut ssts, mut state_files, mut metadata) = (0, 0, 0);
+    for (key, n) in &uploads {
+        let rest = key
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("upload outside {prefix}: {key}"));
+        let (_job, rest) = rest.split_once('/').expect("inside a job directory");
+        if rest == ".sluice-probe" {
+            continue;
+        }
+        assert_eq!(*n, 1, "{key} uploaded {n} times");
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            ["shared", _uid, f] if f.ends_with(".sst") => ssts += 1,
+            [chk, "_metadata"] if chk.starts_with("chk-") => metadata += 1,
+            [chk, _uid, subtask] if chk.starts_with("chk-") && subtask.parse::<usize>().is_ok() => state_files += 1,
+            _ => panic!("unexpected upload {key}"),
+        }
+    }
+    assert!(ssts > 0 && state_files > 0 && metadata > 0, "{uploads:?}");
+}
+
+#[test]
+fn large_objects_go_up_in_parallel_multipart_parts() {
+    let s3 = S3Server::with_buckets(&["multipart"]);
+    let storage = Storage::open("s3://multipart/big").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let data: Vec<u8> = (0..2 * MULTIPART_CHUNK as u32 + 12345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    rt.block_on(storage.write("obj.sst", data.clone())).unwrap();
+    assert!(
+        rt.block_on(storage.read("obj.sst")).unwrap() == data,
+        "object read back differs"
+    );
+    let ops: Vec<String> = s3
+        .requests()
+        .into_iter()
+        .filter(|r| r.key == "big/obj.sst")
+        .map(|r| r.op)
+        .collect();
+    let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+    assert_eq!(count("CreateMultipartUpload"), 1, "{ops:?}");
+    assert_eq!(count("UploadPart"), 3, "{ops:?}");
+    assert_eq!(count("CompleteMultipartUpload"), 1, "{ops:?}");
+    assert_eq!(count("PutObject"), 0, "{ops:?}");
 }
 
 #[test]

@@ -323,7 +323,7 @@ fn run_task(build: TaskBuild, rt: &mut TaskRuntime) {
             unusable_snapshot: unusable,
         },
         Err(panic) => TaskOutcome::Failed {
-            cause: panic_message(panic.as_ref()),
+            cause: format!("task panicked: {}", panic_message(panic.as_ref())),
             unusable_snapshot: false,
             secondary: false,
         },
@@ -331,11 +331,10 @@ fn run_task(build: TaskBuild, rt: &mut TaskRuntime) {
     let _ = rt.shared.events.send(TaskEvent::Terminated { task: rt.task, outcome });
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    let msg = p
-        .downcast_ref::<&str>()
+/// The message a panic carried.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    format!("task panicked: {msg}")
+        .unwrap_or_else(|| "unknown panic".into())
 }

@@ -157,7 +157,14 @@ impl TaskRuntime {
             Ok::<_, Error>((states, bytes, started.elapsed().as_micros() as u64))
         };
         let handle = self.shared.handle.spawn(async move {
-            let event = match job.await {
+            // A panic in an upload (ours or a library's) declines the checkpoint at once instead
+            // of leaving the coordinator to wait for its timeout.
+            let job = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(job));
+            let result = job.await.unwrap_or_else(|panic| {
+                let what = crate::executor::panic_message(panic.as_ref());
+                Err(Error::User(format!("the snapshot upload panicked: {what}")))
+            });
+            let event = match result {
                 Ok((states, bytes, async_micros)) => TaskEvent::Ack {
                     task,
                     checkpoint: id,
@@ -231,6 +238,10 @@ pub(crate) struct PersistTarget {
     pub checkpoint: CheckpointId,
 }
 
+/// New SST files of one subtask uploaded at once.
+#[cfg(feature = "rocksdb")]
+const PARALLEL_SST_UPLOADS: usize = 4;
+
 /// Persists one operator's snapshot: its state file and, for RocksDB, the SST files no
 /// completed checkpoint holds yet. On failure the files it wrote are deleted again.
 pub(crate) async fn persist(s: PendingSnapshot, t: &PersistTarget) -> Result<(AckedState, u64)> {
@@ -264,38 +275,56 @@ async fn persist_inner(s: PendingSnapshot, t: &PersistTarget, written: &mut Vec<
                 Ok((r, files))
             })
             .await?;
-            let mut ssts = Vec::with_capacity(files.ssts.len());
+            // Already stored SSTs are referenced; new ones go up several at a time (each large
+            // one in parallel multipart parts), in a stable order for the metadata.
+            let incremental = r.incremental();
+            let mut uploads = Vec::new();
             for (name, path, size) in files.ssts {
-                if r.incremental() {
-                    if let Some(stored) = r.already_stored(&name, size) {
-                        ssts.push(stored.clone());
-                        continue;
-                    }
-                }
-                let data = tokio::fs::read(&path)
-                    .await
-                    .map_err(|e| Error::User(format!("cannot read {}: {e}", path.display())))?;
-                let crc32 = crc32fast::hash(&data);
-                let (stored_path, full) = if r.incremental() {
+                let stored = if incremental {
+                    r.already_stored(&name, size).cloned()
+                } else {
+                    None
+                };
+                let (stored_path, full) = if incremental {
                     let p = CheckpointPaths::shared_sst_relative(&s.uid, t.subtask, t.attempt, t.checkpoint, &name);
                     (p.clone(), format!("{}{p}", t.job_dir))
                 } else {
                     let p = CheckpointPaths::exclusive_sst_relative(&s.uid, t.subtask, &name);
                     (p.clone(), format!("{}{p}", t.chk_dir))
                 };
-                bytes += data.len() as u64;
-                written.push(full.clone());
-                t.storage.write(&full, data).await?;
-                if r.incremental() {
-                    new_shared.push(stored_path.clone());
+                if stored.is_none() {
+                    written.push(full.clone());
+                    if incremental {
+                        new_shared.push(stored_path.clone());
+                    }
                 }
-                ssts.push(crate::snapshot::RocksFile {
-                    name,
-                    path: stored_path,
-                    size,
-                    crc32,
-                    shared: r.incremental(),
+                uploads.push(async move {
+                    if let Some(stored) = stored {
+                        return Ok((stored, 0));
+                    }
+                    let data = tokio::fs::read(&path)
+                        .await
+                        .map_err(|e| Error::User(format!("cannot read {}: {e}", path.display())))?;
+                    let crc32 = crc32fast::hash(&data);
+                    let n = data.len() as u64;
+                    t.storage.write(&full, data).await?;
+                    let file = crate::snapshot::RocksFile {
+                        name,
+                        path: stored_path,
+                        size,
+                        crc32,
+                        shared: incremental,
+                    };
+                    Ok::<_, Error>((file, n))
                 });
+            }
+            use futures::StreamExt;
+            let mut ssts = Vec::with_capacity(uploads.len());
+            let mut done = futures::stream::iter(uploads).buffered(PARALLEL_SST_UPLOADS);
+            while let Some(uploaded) = done.next().await {
+                let (file, n) = uploaded?;
+                bytes += n;
+                ssts.push(file);
             }
             r.record(ssts.clone());
             let small_files_block = w.begin_block();
