@@ -55,7 +55,9 @@ pub mod state;
 pub mod storage;
 pub mod stream;
 mod task;
+pub mod time;
 mod transform;
+pub mod window;
 
 pub use checkpoint::{CheckpointBarrier, CheckpointId, CheckpointKind};
 pub use error::{Error, Result};
@@ -65,4 +67,6 @@ pub use operator::{
     StateRegistry, TaskInfo,
 };
 pub use state::{KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, ValueState};
-pub use stream::{DataStream, KeyedStream, StreamEnv};
+pub use stream::{DataStream, KeyedStream, StreamEnv, WindowedResults, WindowedStream};
+pub use time::WatermarkStrategy;
+pub use window::{AggregateFunction, WindowAssigner, WindowOutput, WindowResult};

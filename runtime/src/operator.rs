@@ -116,6 +116,16 @@ pub trait Operator: Send + 'static {
     fn watermark(&mut self, _watermark: Timestamp, _out: &mut Vec<Self::Out>) -> Result<()> {
         Ok(())
     }
+    /// Whether watermarks reaching this operator pass on downstream. A watermark generator
+    /// says no: it decides event time for everything after it.
+    fn forwards_watermarks(&self) -> bool {
+        true
+    }
+    /// A watermark this operator generated, taken before and after each batch and at the end
+    /// of input.
+    fn take_watermark(&mut self) -> Option<Timestamp> {
+        None
+    }
     /// Snapshots state when the barrier of `checkpoint` has aligned.
     fn snapshot(&mut self, _checkpoint: CheckpointId) -> Result<OperatorSnapshot> {
         Ok(OperatorSnapshot::default())
@@ -128,6 +138,16 @@ pub trait Operator: Send + 'static {
     fn end_of_input(&mut self, _out: &mut Vec<Self::Out>) -> Result<()> {
         Ok(())
     }
+}
+
+/// Names beginning with `__` belong to the runtime (timers).
+fn user_state_name(name: &str) -> Result<&str> {
+    if name.starts_with("__") {
+        return Err(crate::error::Error::Config(format!(
+            "state name '{name}': names beginning with '__' are reserved for the runtime"
+        )));
+    }
+    Ok(name)
 }
 
 /// Registers keyed state while a keyed function opens.
@@ -146,17 +166,23 @@ impl<'a, K: Key> StateRegistry<'a, K> {
 
     /// A value per key.
     pub fn value_state<V: StateValue>(&mut self, name: &str) -> Result<ValueState<K, V>> {
-        Ok(ValueState::new(self.backend.register_value::<K, V>(name)?))
+        Ok(ValueState::new(
+            self.backend.register_value::<K, V>(user_state_name(name)?)?,
+        ))
     }
 
     /// A list per key.
     pub fn list_state<V: StateValue>(&mut self, name: &str) -> Result<ListState<K, V>> {
-        Ok(ListState::new(self.backend.register_value::<K, Vec<V>>(name)?))
+        Ok(ListState::new(
+            self.backend.register_value::<K, Vec<V>>(user_state_name(name)?)?,
+        ))
     }
 
     /// A map per key.
     pub fn map_state<UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<MapState<K, UK, UV>> {
-        Ok(MapState::new(self.backend.register_map::<K, UK, UV>(name)?))
+        Ok(MapState::new(
+            self.backend.register_map::<K, UK, UV>(user_state_name(name)?)?,
+        ))
     }
 
     /// A reduced value per key.
@@ -165,7 +191,7 @@ impl<'a, K: Key> StateRegistry<'a, K> {
         name: &str,
         reduce: impl Fn(&V, &V) -> V + Send + Sync + 'static,
     ) -> Result<ReducingState<K, V>> {
-        let id = self.backend.register_value::<K, V>(name)?;
+        let id = self.backend.register_value::<K, V>(user_state_name(name)?)?;
         Ok(ReducingState::new(id, Arc::new(reduce)))
     }
 }
@@ -187,6 +213,15 @@ pub trait KeyedProcessFunction: Send + Sync + Clone + 'static {
         ctx: &mut KeyedContext<'_, Self::Key>,
         out: &mut Vec<Self::Out>,
     ) -> Result<()>;
+    /// An event-time timer of the key `ctx.key()` fired: the watermark reached `timestamp`.
+    fn on_timer(
+        &mut self,
+        _timestamp: Timestamp,
+        _ctx: &mut KeyedContext<'_, Self::Key>,
+        _out: &mut Vec<Self::Out>,
+    ) -> Result<()> {
+        Ok(())
+    }
     /// Every input has ended; `state` gives access to every key's state.
     fn end_of_input(&mut self, _state: &KeyedBackend, _out: &mut Vec<Self::Out>) -> Result<()> {
         Ok(())

@@ -1,13 +1,14 @@
 //! Durable storage by URL, through opendal, and the one place that formats checkpoint paths.
 //!
 //! `file:///abs/path` or a bare path opens the local file system, `memory://name` a process-wide
-//! in-memory store (tests), `s3://bucket/prefix` any S3-compatible store. Remote stores get
-//! opendal's retry (backoff with jitter on transient errors), timeout and concurrency-limit
-//! layers; large objects go up in parallel multipart uploads. Other schemes are refused by name.
+//! in-memory store (tests), `s3://bucket/prefix` any S3-compatible store, `hdfs://` HDFS (with
+//! the `hdfs` feature). Remote stores get opendal's retry (backoff with jitter on transient
+//! errors), timeout, concurrency-limit and tracing layers; large objects go up in parallel
+//! multipart uploads. Other schemes are refused by name.
 
 use crate::checkpoint::CheckpointId;
 use crate::error::{Error, Result};
-use opendal::layers::{ConcurrentLimitLayer, RetryLayer, TimeoutLayer};
+use opendal::layers::{ConcurrentLimitLayer, RetryLayer, TimeoutLayer, TracingLayer};
 use opendal::{services, EntryMode, ErrorKind, Operator};
 use std::collections::HashMap;
 use std::path::Path;
@@ -126,7 +127,9 @@ fn s3_operator(url: &str, rest: &str) -> Result<(Operator, String)> {
                 .with_min_delay(Duration::from_millis(100))
                 .with_max_delay(Duration::from_secs(2)),
         )
-        .layer(ConcurrentLimitLayer::new(MAX_CONCURRENT_REQUESTS));
+        .layer(ConcurrentLimitLayer::new(MAX_CONCURRENT_REQUESTS))
+        // A span per storage operation (path, operation), under the task's own.
+        .layer(TracingLayer::new());
     Ok((op, path.to_string()))
 }
 
@@ -164,7 +167,8 @@ fn hdfs_operator(url: &str, rest: &str) -> Result<(Operator, String)> {
             .root("/"),
     )
     .map_err(|e| Error::Config(format!("cannot open storage '{url}': {e}")))?
-    .layer(TimeoutLayer::new().with_timeout(DEFAULT_S3_REQUEST_TIMEOUT));
+    .layer(TimeoutLayer::new().with_timeout(DEFAULT_S3_REQUEST_TIMEOUT))
+    .layer(TracingLayer::new());
     Ok((op, path.to_string()))
 }
 

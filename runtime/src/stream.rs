@@ -16,11 +16,14 @@ use crate::operator::{
     Data, KeySelector, KeyedProcessFunction, Operator, SinkFunction, SourceFunction, StateRegistry, TaskInfo,
 };
 use crate::state::{Key, KeyedContext, ReduceFn, ReducingState, StateValue};
+use crate::time::{TimestampFn, WatermarkGenerator, WatermarkStrategy};
 use crate::transform::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, SinkOp};
+use crate::window::{AggregateFunction, WindowAssigner, WindowFunction, WindowOutput, WindowResult};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Default)]
 struct Builder {
@@ -69,6 +72,9 @@ pub struct DataStream<T> {
     inner: Rc<RefCell<Builder>>,
     node: usize,
     partition: Option<PartitionKind>,
+    /// How to read a record's event time, once timestamps were assigned upstream (kept while
+    /// the record type stays the same).
+    timestamps: Option<TimestampFn<T>>,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -78,6 +84,7 @@ impl<T> Clone for DataStream<T> {
             inner: self.inner.clone(),
             node: self.node,
             partition: self.partition,
+            timestamps: self.timestamps.clone(),
             _t: PhantomData,
         }
     }
@@ -89,6 +96,7 @@ impl<T: Data> DataStream<T> {
             inner,
             node,
             partition: None,
+            timestamps: None,
             _t: PhantomData,
         }
     }
@@ -166,7 +174,19 @@ impl<T: Data> DataStream<T> {
     /// Keeps the records for which `f` is true.
     pub fn filter(self, f: impl Fn(&T) -> bool + Send + Sync + 'static) -> DataStream<T> {
         let f: Arc<dyn Fn(&T) -> bool + Send + Sync> = Arc::new(f);
-        self.transform("filter", move || FilterOp { f: f.clone() })
+        let timestamps = self.timestamps.clone();
+        let mut filtered = self.transform("filter", move || FilterOp { f: f.clone() });
+        filtered.timestamps = timestamps;
+        filtered
+    }
+
+    /// Gives records their event time and starts watermarks here (chained behind the source):
+    /// windows and event-time timers downstream follow them.
+    pub fn assign_timestamps_and_watermarks(self, strategy: WatermarkStrategy<T>) -> DataStream<T> {
+        let timestamps = strategy.timestamp.clone();
+        let mut stream = self.transform("watermarks", move || WatermarkGenerator::new(strategy.clone()));
+        stream.timestamps = Some(timestamps);
+        stream
     }
 
     /// Any number of outputs per record.
@@ -202,7 +222,78 @@ pub struct KeyedStream<T, K> {
     key: KeySelector<T, K>,
 }
 
+/// A keyed stream cut into event-time windows (see [`crate::window`]).
+pub struct WindowedStream<T, K> {
+    keyed: KeyedStream<T, K>,
+    assigner: WindowAssigner,
+    lateness: Duration,
+}
+
+impl<T: Data, K: Key> WindowedStream<T, K> {
+    /// Keeps each window's state this long after it fired: later records update and re-fire it.
+    pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
+        self.lateness = lateness;
+        self
+    }
+
+    /// Folds each window's records incrementally with `agg`; fails when the stream has no
+    /// timestamps (`assign_timestamps_and_watermarks` upstream).
+    pub fn aggregate<A: AggregateFunction<In = T>>(self, name: &str, agg: A) -> Result<WindowedResults<K, A::Out, T>>
+    where
+        A::Out: Data,
+    {
+        let Some(timestamps) = self.keyed.stream.timestamps.clone() else {
+            return Err(crate::error::Error::Config(format!(
+                "window '{name}': the stream has no event-time timestamps \
+                 (call assign_timestamps_and_watermarks before key_by)"
+            )));
+        };
+        let f = WindowFunction::new(self.assigner, agg, timestamps, self.lateness);
+        Ok(WindowedResults {
+            stream: self.keyed.process(name, f),
+        })
+    }
+}
+
+/// What a window operator emits: window results and, apart, the records too late for them.
+pub struct WindowedResults<K, R, T> {
+    stream: DataStream<WindowOutput<K, R, T>>,
+}
+
+impl<K: Key, R: Data, T: Data> WindowedResults<K, R, T> {
+    /// Sets the stable id of the window operator.
+    pub fn uid(mut self, uid: &str) -> Self {
+        self.stream = self.stream.uid(uid);
+        self
+    }
+
+    /// Sets the window operator's parallelism.
+    pub fn parallelism(mut self, parallelism: usize) -> Self {
+        self.stream = self.stream.parallelism(parallelism);
+        self
+    }
+
+    /// The fired windows.
+    pub fn results(&self) -> DataStream<WindowResult<K, R>> {
+        self.stream.clone().flat_map(WindowOutput::result)
+    }
+
+    /// The late side output: records that arrived after all their windows had closed.
+    pub fn late(&self) -> DataStream<T> {
+        self.stream.clone().flat_map(WindowOutput::late)
+    }
+}
+
 impl<T: Data, K: Key> KeyedStream<T, K> {
+    /// Cuts the stream into event-time windows per key.
+    pub fn window(self, assigner: WindowAssigner) -> WindowedStream<T, K> {
+        WindowedStream {
+            keyed: self,
+            assigner,
+            lateness: Duration::ZERO,
+        }
+    }
+
     /// Runs a keyed process function with keyed state.
     pub fn process<P: KeyedProcessFunction<Key = K, In = T>>(self, name: &str, f: P) -> DataStream<P::Out> {
         let key = self.key.clone();

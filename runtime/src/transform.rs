@@ -2,13 +2,15 @@
 //! process and sink.
 
 use crate::checkpoint::CheckpointId;
+use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::key_group_for_bytes;
 use crate::operator::{
     Data, KeySelector, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState, SinkFunction, StateRegistry,
     TaskInfo,
 };
-use crate::state::{CurrentKey, KeyedBackend, KeyedContext};
+use crate::snapshot::{OperatorListState, Redistribution};
+use crate::state::{CurrentKey, KeyedBackend, KeyedContext, TimerService};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -68,9 +70,15 @@ pub(crate) struct KeyedProcessOp<P: KeyedProcessFunction> {
     pub f: P,
     pub key: KeySelector<P::In, P::Key>,
     pub backend: Option<KeyedBackend>,
+    timers: Option<TimerService>,
     pub max_parallelism: u16,
     key_bytes: Vec<u8>,
 }
+
+/// The keyed operator's event-time clock, as operator state (union): every subtask had the
+/// same clock at an aligned barrier, and a restored one starts from it, so a record that was
+/// late before a failure is late after it too.
+const WATERMARK_STATE: &str = "watermark";
 
 impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
     pub fn new(f: P, key: KeySelector<P::In, P::Key>) -> Self {
@@ -78,6 +86,7 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
             f,
             key,
             backend: None,
+            timers: None,
             max_parallelism: 1,
             key_bytes: Vec::new(),
         }
@@ -94,7 +103,14 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
 
     fn open(&mut self, info: &TaskInfo, restored: Option<RestoredState>) -> Result<()> {
         self.max_parallelism = info.max_parallelism;
-        let restored = restored.map(|r| r.keyed).unwrap_or_default();
+        let restored = restored.unwrap_or_default();
+        let mut clock: Option<Timestamp> = None;
+        for e in restored.operator.get(WATERMARK_STATE).map_or(&[][..], |s| &s.entries) {
+            let w: Timestamp = postcard::from_bytes(e)
+                .map_err(|err| Error::Incompatible(format!("restored watermark is not readable: {err}")))?;
+            clock = Some(clock.map_or(w, |c| c.min(w)));
+        }
+        let restored = restored.keyed;
         let mut backend = KeyedBackend::open(
             info.state_backend,
             info.key_group_range(),
@@ -102,8 +118,13 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
             restored,
             info.rescale_merge,
         )?;
+        let mut timers = TimerService::open::<P::Key>(&mut backend)?;
+        if let Some(w) = clock {
+            timers.advance(w);
+        }
         self.f.open(&mut StateRegistry::new(&mut backend), info)?;
         self.backend = Some(backend);
+        self.timers = Some(timers);
         Ok(())
     }
 
@@ -129,8 +150,35 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
                     index: range.index_of(kg),
                 },
                 backend,
+                timers: self.timers.as_mut(),
             };
             self.f.process(record, &mut ctx, out)?;
+        }
+        Ok(())
+    }
+
+    fn watermark(&mut self, watermark: Timestamp, out: &mut Vec<P::Out>) -> Result<()> {
+        let (Some(backend), Some(timers)) = (self.backend.as_mut(), self.timers.as_mut()) else {
+            return Ok(());
+        };
+        timers.advance(watermark);
+        let range = backend.range();
+        while let Some((ts, bytes)) = timers.pop_due() {
+            let key: P::Key = postcard::from_bytes(&bytes)?;
+            let kg = key_group_for_bytes(&bytes, self.max_parallelism);
+            let state = timers.state();
+            let mut ctx = KeyedContext {
+                cur: CurrentKey {
+                    key: &key,
+                    bytes: &bytes,
+                    key_group: kg,
+                    index: range.index_of(kg),
+                },
+                backend: &mut *backend,
+                timers: Some(&mut *timers),
+            };
+            ctx.backend.map_remove::<P::Key, Timestamp, ()>(state, &ctx.cur, &ts)?;
+            self.f.on_timer(ts, &mut ctx, out)?;
         }
         Ok(())
     }
@@ -142,10 +190,17 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
         } else {
             Some(backend.snapshot(checkpoint)?)
         };
-        Ok(OperatorSnapshot {
-            keyed,
-            operator: Default::default(),
-        })
+        let mut operator = crate::snapshot::OperatorState::new();
+        if let Some(t) = self.timers.as_ref().filter(|t| t.watermark() > Timestamp::MIN) {
+            operator.insert(
+                WATERMARK_STATE.to_string(),
+                OperatorListState {
+                    mode: Redistribution::Union,
+                    entries: vec![postcard::to_allocvec(&t.watermark())?],
+                },
+            );
+        }
+        Ok(OperatorSnapshot { keyed, operator })
     }
 
     fn checkpoint_complete(&mut self, checkpoint: CheckpointId) -> Result<()> {

@@ -16,6 +16,7 @@ pub use memory::MemoryBackend;
 pub use rocks::{RocksBackend, RocksSnapshot};
 
 use crate::config::StateBackendKind;
+use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::{key_group_for_bytes, KeyGroup, KeyGroupRange};
 use crate::snapshot::{KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
@@ -46,6 +47,8 @@ pub(crate) struct CurrentKey<'a, K> {
 pub struct KeyedContext<'a, K> {
     pub(crate) cur: CurrentKey<'a, K>,
     pub(crate) backend: &'a mut KeyedBackend,
+    /// The operator's timers; `None` outside a keyed operator (tools, tests).
+    pub(crate) timers: Option<&'a mut TimerService>,
 }
 
 impl<K> KeyedContext<'_, K> {
@@ -57,6 +60,88 @@ impl<K> KeyedContext<'_, K> {
     /// Its key group.
     pub fn key_group(&self) -> KeyGroup {
         self.cur.key_group
+    }
+
+    /// The operator's event-time clock: the last watermark it received.
+    pub fn current_watermark(&self) -> Timestamp {
+        self.timers.as_ref().map_or(Timestamp::MIN, |t| t.watermark)
+    }
+}
+
+impl<K: Key> KeyedContext<'_, K> {
+    fn timer_service(&mut self) -> Result<(&mut TimerService, &mut KeyedBackend, &CurrentKey<'_, K>)> {
+        match self.timers.as_deref_mut() {
+            Some(t) => Ok((t, &mut *self.backend, &self.cur)),
+            None => Err(Error::User("timers exist only inside a keyed process function".into())),
+        }
+    }
+
+    /// Calls `on_timer` for the current key once the watermark reaches `timestamp` (once per
+    /// key and timestamp). Timers are keyed state: checkpointed, restored and rescaled with it.
+    pub fn register_event_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
+        let (timers, backend, cur) = self.timer_service()?;
+        if timers.event.insert((timestamp, cur.bytes.to_vec())) {
+            backend.map_put::<K, Timestamp, ()>(timers.state, cur, timestamp, ())?;
+        }
+        Ok(())
+    }
+
+    /// Removes the current key's timer at `timestamp`, if any.
+    pub fn delete_event_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
+        let (timers, backend, cur) = self.timer_service()?;
+        if timers.event.remove(&(timestamp, cur.bytes.to_vec())) {
+            backend.map_remove::<K, Timestamp, ()>(timers.state, cur, &timestamp)?;
+        }
+        Ok(())
+    }
+}
+
+/// Event-time timers of one keyed operator subtask: an ordered index in memory over a map
+/// state (key -> timestamp) that checkpoints, restores and rescales like any keyed state.
+pub struct TimerService {
+    state: StateId,
+    event: std::collections::BTreeSet<(Timestamp, Vec<u8>)>,
+    watermark: Timestamp,
+}
+
+/// The timers' state name: not a name the state registry hands out to functions.
+const TIMER_STATE: &str = "__timers__";
+
+impl TimerService {
+    /// Registers the timer state on `backend` and indexes the timers restored into it.
+    pub(crate) fn open<K: Key>(backend: &mut KeyedBackend) -> Result<Self> {
+        let state = backend.register_map::<K, Timestamp, ()>(TIMER_STATE)?;
+        let mut event = std::collections::BTreeSet::new();
+        for (key, ts, ()) in backend.map_all::<K, Timestamp, ()>(state)? {
+            event.insert((ts, postcard::to_allocvec(&key)?));
+        }
+        Ok(Self {
+            state,
+            event,
+            watermark: Timestamp::MIN,
+        })
+    }
+
+    /// The timer state's id.
+    pub(crate) fn state(&self) -> StateId {
+        self.state
+    }
+
+    /// The clock; never moves back (a restored operator may see older watermarks first).
+    pub(crate) fn advance(&mut self, watermark: Timestamp) {
+        self.watermark = self.watermark.max(watermark);
+    }
+
+    pub(crate) fn watermark(&self) -> Timestamp {
+        self.watermark
+    }
+
+    /// The earliest timer at or before the clock, removed from the index.
+    pub(crate) fn pop_due(&mut self) -> Option<(Timestamp, Vec<u8>)> {
+        match self.event.first() {
+            Some((ts, _)) if *ts <= self.watermark => self.event.pop_first(),
+            _ => None,
+        }
     }
 }
 
@@ -205,6 +290,7 @@ impl KeyedBackend {
                 index: range.index_of(kg),
             },
             backend: self,
+            timers: None,
         };
         Ok(f(&mut ctx))
     }

@@ -48,18 +48,33 @@ impl<O: Operator> OperatorLink<O> {
         let batch = std::mem::replace(&mut self.out, Vec::with_capacity(capacity));
         self.next.process(batch)
     }
+
+    /// Passes on a watermark the operator generated.
+    fn forward_generated(&mut self) -> Result<()> {
+        match self.op.take_watermark() {
+            Some(w) => self.next.watermark(w),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
     fn process(&mut self, batch: Vec<O::In>) -> Result<()> {
+        // A watermark set while opening (restored) goes out before any record.
+        self.forward_generated()?;
         self.op.process(batch, &mut self.out)?;
-        self.push_out()
+        self.push_out()?;
+        self.forward_generated()
     }
 
     fn watermark(&mut self, watermark: Timestamp) -> Result<()> {
         self.op.watermark(watermark, &mut self.out)?;
         self.push_out()?;
-        self.next.watermark(watermark)
+        if self.op.forwards_watermarks() {
+            self.next.watermark(watermark)
+        } else {
+            self.forward_generated()
+        }
     }
 
     fn barrier(&mut self, barrier: CheckpointBarrier, snapshots: &mut Vec<PendingSnapshot>) -> Result<()> {
@@ -83,6 +98,7 @@ impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
     fn end_of_input(&mut self) -> Result<()> {
         self.op.end_of_input(&mut self.out)?;
         self.push_out()?;
+        self.forward_generated()?;
         self.next.end_of_input()
     }
 

@@ -1,0 +1,223 @@
+//! Event time: where records get their timestamps and watermarks start.
+//!
+//! A [`WatermarkStrategy`] says how to read a record's event time and how far out of order
+//! records may arrive. `DataStream::assign_timestamps_and_watermarks` chains a generator behind
+//! the source that emits, in-band after each batch, the watermark `max timestamp seen - bound - 1`
+//! (Flink's bounded out-of-orderness), and `Timestamp::MAX` when its input ends so that every
+//! pending event-time timer fires. Its watermark is operator state (union): a restored or
+//! rescaled generator starts from the smallest watermark any old subtask had reached, so a
+//! restore never moves event time backwards past what a checkpointed result depended on.
+
+use crate::checkpoint::CheckpointId;
+use crate::element::Timestamp;
+use crate::error::{Error, Result};
+use crate::operator::{Data, Operator, OperatorSnapshot, RestoredState, TaskInfo};
+use crate::snapshot::{OperatorListState, Redistribution};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Reads a record's event time (milliseconds).
+pub type TimestampFn<T> = Arc<dyn Fn(&T) -> Timestamp + Send + Sync>;
+
+/// How records get timestamps and how watermarks follow them.
+pub struct WatermarkStrategy<T> {
+    pub(crate) timestamp: TimestampFn<T>,
+    pub(crate) out_of_orderness: Duration,
+}
+
+impl<T> Clone for WatermarkStrategy<T> {
+    fn clone(&self) -> Self {
+        Self {
+            timestamp: self.timestamp.clone(),
+            out_of_orderness: self.out_of_orderness,
+        }
+    }
+}
+
+impl<T> WatermarkStrategy<T> {
+    /// Records arrive at most `bound` later than a record with a larger timestamp.
+    pub fn bounded_out_of_orderness(
+        bound: Duration,
+        timestamp: impl Fn(&T) -> Timestamp + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            timestamp: Arc::new(timestamp),
+            out_of_orderness: bound,
+        }
+    }
+
+    /// Timestamps never decrease.
+    pub fn monotonous(timestamp: impl Fn(&T) -> Timestamp + Send + Sync + 'static) -> Self {
+        Self::bounded_out_of_orderness(Duration::ZERO, timestamp)
+    }
+
+    /// The record's event time.
+    pub fn timestamp_of(&self, record: &T) -> Timestamp {
+        (self.timestamp)(record)
+    }
+}
+
+const WATERMARK_STATE: &str = "watermark";
+
+/// The operator `assign_timestamps_and_watermarks` adds: records pass through unchanged.
+pub(crate) struct WatermarkGenerator<T> {
+    strategy: WatermarkStrategy<T>,
+    bound: i64,
+    max_timestamp: Timestamp,
+    emitted: Timestamp,
+    pending: Option<Timestamp>,
+}
+
+impl<T> WatermarkGenerator<T> {
+    pub fn new(strategy: WatermarkStrategy<T>) -> Self {
+        let bound = i64::try_from(strategy.out_of_orderness.as_millis()).unwrap_or(i64::MAX);
+        Self {
+            strategy,
+            bound,
+            max_timestamp: Timestamp::MIN,
+            emitted: Timestamp::MIN,
+            pending: None,
+        }
+    }
+
+    fn advance_to(&mut self, w: Timestamp) {
+        if w > self.emitted {
+            self.emitted = w;
+            self.pending = Some(w);
+        }
+    }
+}
+
+impl<T: Data> Operator for WatermarkGenerator<T> {
+    type In = T;
+    type Out = T;
+
+    fn open(&mut self, _: &TaskInfo, restored: Option<RestoredState>) -> Result<()> {
+        let entries = restored
+            .as_ref()
+            .and_then(|r| r.operator.get(WATERMARK_STATE))
+            .map(|s| s.entries.as_slice())
+            .unwrap_or_default();
+        let mut restored_min: Option<Timestamp> = None;
+        for e in entries {
+            let w: Timestamp = postcard::from_bytes(e)
+                .map_err(|err| Error::Incompatible(format!("restored watermark is not readable: {err}")))?;
+            restored_min = Some(restored_min.map_or(w, |m| m.min(w)));
+        }
+        if let Some(w) = restored_min {
+            self.max_timestamp = w.saturating_add(self.bound).saturating_add(1);
+            self.advance_to(w);
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, batch: Vec<T>, out: &mut Vec<T>) -> Result<()> {
+        for r in &batch {
+            self.max_timestamp = self.max_timestamp.max(self.strategy.timestamp_of(r));
+        }
+        out.extend(batch);
+        if self.max_timestamp > Timestamp::MIN {
+            let w = self.max_timestamp.saturating_sub(self.bound).saturating_sub(1);
+            self.advance_to(w);
+        }
+        Ok(())
+    }
+
+    fn forwards_watermarks(&self) -> bool {
+        // This operator decides event time for everything downstream of it.
+        false
+    }
+
+    fn take_watermark(&mut self) -> Option<Timestamp> {
+        self.pending.take()
+    }
+
+    fn snapshot(&mut self, _: CheckpointId) -> Result<OperatorSnapshot> {
+        let mut snapshot = OperatorSnapshot::default();
+        if self.emitted > Timestamp::MIN {
+            snapshot.operator.insert(
+                WATERMARK_STATE.to_string(),
+                OperatorListState {
+                    mode: Redistribution::Union,
+                    entries: vec![postcard::to_allocvec(&self.emitted)?],
+                },
+            );
+        }
+        Ok(snapshot)
+    }
+
+    fn end_of_input(&mut self, _: &mut Vec<T>) -> Result<()> {
+        // A bounded input is complete: event time reaches its end and every window fires.
+        self.advance_to(Timestamp::MAX);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> TaskInfo {
+        TaskInfo {
+            job_id: "j".into(),
+            name: "w".into(),
+            uid: "w".into(),
+            subtask: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+            attempt: 0,
+            state_backend: crate::config::StateBackendKind::Memory,
+            local_dir: std::env::temp_dir(),
+            rescale_merge: Default::default(),
+        }
+    }
+
+    #[test]
+    fn watermark_trails_the_largest_timestamp_by_the_bound_and_never_goes_back() {
+        let mut g = WatermarkGenerator::new(WatermarkStrategy::bounded_out_of_orderness(
+            Duration::from_millis(10),
+            |t: &i64| *t,
+        ));
+        g.open(&info(), None).unwrap();
+        let mut out = Vec::new();
+        g.process(vec![100, 90], &mut out).unwrap();
+        assert_eq!(out, vec![100, 90], "records pass through");
+        assert_eq!(g.take_watermark(), Some(89));
+        assert_eq!(g.take_watermark(), None, "emitted once");
+        g.process(vec![95], &mut out).unwrap();
+        assert_eq!(g.take_watermark(), None, "an older record does not move it");
+        g.process(vec![150], &mut out).unwrap();
+        assert_eq!(g.take_watermark(), Some(139));
+        g.end_of_input(&mut out).unwrap();
+        assert_eq!(g.take_watermark(), Some(Timestamp::MAX));
+    }
+
+    #[test]
+    fn a_restored_generator_starts_from_the_smallest_old_watermark() {
+        let mut old = Vec::new();
+        for max in [200i64, 120] {
+            let mut g = WatermarkGenerator::new(WatermarkStrategy::monotonous(|t: &i64| *t));
+            g.open(&info(), None).unwrap();
+            g.process(vec![max], &mut Vec::new()).unwrap();
+            old.push(g.snapshot(CheckpointId(1)).unwrap().operator);
+        }
+        // Union redistribution hands every new subtask every entry.
+        let mut state = old[0].clone();
+        let all = old.iter().flat_map(|o| o[WATERMARK_STATE].entries.clone()).collect();
+        state.get_mut(WATERMARK_STATE).unwrap().entries = all;
+        let mut g = WatermarkGenerator::new(WatermarkStrategy::monotonous(|t: &i64| *t));
+        g.open(
+            &info(),
+            Some(RestoredState {
+                keyed: Default::default(),
+                operator: state,
+            }),
+        )
+        .unwrap();
+        assert_eq!(g.take_watermark(), Some(119));
+        g.process(vec![100], &mut Vec::new()).unwrap();
+        assert_eq!(g.take_watermark(), None);
+        g.process(vec![130], &mut Vec::new()).unwrap();
+        assert_eq!(g.take_watermark(), Some(129));
+    }
+}

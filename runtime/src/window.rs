@@ -1,0 +1,431 @@
+//! Event-time windows over a keyed stream, built on keyed state and event-time timers.
+//!
+//! Tumbling and sliding windows keep one accumulator per key and *pane* (the greatest common
+//! divisor of size and slide): a record updates exactly one pane, whatever size/slide is, and a
+//! window's result merges its panes when the watermark passes its end. Session windows keep the
+//! key's open sessions and merge them as records bridge their gaps. Aggregation is incremental:
+//! records are never buffered, only accumulators. A record that arrives after every window it
+//! belongs to was fired and its allowed lateness passed goes to the late output; one within the
+//! lateness updates the window and fires it again.
+
+use crate::element::Timestamp;
+use crate::error::{Error, Result};
+use crate::operator::{Data, KeyedProcessFunction, StateRegistry, TaskInfo};
+use crate::state::{Key, KeyedContext, MapState, StateValue, ValueState};
+use crate::time::TimestampFn;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Folds records into an accumulator, like Flink's `AggregateFunction`.
+pub trait AggregateFunction: Send + Sync + Clone + 'static {
+    /// Records folded in.
+    type In: Data;
+    /// The accumulator kept in state.
+    type Acc: StateValue;
+    /// The window's result.
+    type Out: Data;
+    /// An empty accumulator.
+    fn create(&self) -> Self::Acc;
+    /// Folds one record in.
+    fn add(&self, acc: &mut Self::Acc, record: &Self::In);
+    /// Folds another accumulator in (panes into windows, sessions into sessions).
+    fn merge(&self, acc: &mut Self::Acc, other: &Self::Acc);
+    /// The result of a window.
+    fn result(&self, acc: &Self::Acc) -> Self::Out;
+}
+
+/// Which windows a record belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowAssigner {
+    /// Fixed-size windows that follow each other: `[n*size, (n+1)*size)`.
+    Tumbling {
+        /// Window length (ms).
+        size: i64,
+    },
+    /// Fixed-size windows starting every `slide`: a record is in `size/slide` of them.
+    Sliding {
+        /// Window length (ms).
+        size: i64,
+        /// Distance between window starts (ms).
+        slide: i64,
+    },
+    /// A key's records closer than `gap` to each other form one window.
+    Session {
+        /// Inactivity that closes a session (ms).
+        gap: i64,
+    },
+}
+
+fn millis(d: Duration, what: &str) -> Result<i64> {
+    match i64::try_from(d.as_millis()) {
+        Ok(ms) if ms > 0 => Ok(ms),
+        _ => Err(Error::Config(format!("{what} must be at least 1 ms, got {d:?}"))),
+    }
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl WindowAssigner {
+    /// Tumbling windows of `size`.
+    pub fn tumbling(size: Duration) -> Result<Self> {
+        Ok(Self::Tumbling {
+            size: millis(size, "window size")?,
+        })
+    }
+
+    /// Windows of `size` starting every `slide` (`slide` at most `size`).
+    pub fn sliding(size: Duration, slide: Duration) -> Result<Self> {
+        let (size, slide) = (millis(size, "window size")?, millis(slide, "window slide")?);
+        if slide > size {
+            return Err(Error::Config(format!(
+                "a sliding window's slide ({slide} ms) must not exceed its size ({size} ms)"
+            )));
+        }
+        Ok(Self::Sliding { size, slide })
+    }
+
+    /// Session windows closed by `gap` of inactivity.
+    pub fn session(gap: Duration) -> Result<Self> {
+        Ok(Self::Session {
+            gap: millis(gap, "session gap")?,
+        })
+    }
+
+    /// (size, slide, pane) of an aligned assigner; `None` for sessions.
+    fn aligned(&self) -> Option<(i64, i64, i64)> {
+        match *self {
+            Self::Tumbling { size } => Some((size, size, size)),
+            Self::Sliding { size, slide } => Some((size, slide, gcd(size, slide))),
+            Self::Session { .. } => None,
+        }
+    }
+}
+
+/// One window's result for one key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WindowResult<K, R> {
+    /// The key.
+    pub key: K,
+    /// First millisecond of the window.
+    pub start: Timestamp,
+    /// End of the window (exclusive).
+    pub end: Timestamp,
+    /// The aggregate.
+    pub value: R,
+}
+
+/// `key,start,end,value`: one CSV line.
+impl<K: std::fmt::Display, R: std::fmt::Display> std::fmt::Display for WindowResult<K, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{},{},{},{}", self.key, self.start, self.end, self.value)
+    }
+}
+
+/// What a window operator emits: results, and records too late for any window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WindowOutput<K, R, T> {
+    /// A fired window.
+    Result(WindowResult<K, R>),
+    /// A record whose windows had all closed (the late side output).
+    Late(T),
+}
+
+impl<K, R, T> WindowOutput<K, R, T> {
+    /// The result, if this is one.
+    pub fn result(self) -> Option<WindowResult<K, R>> {
+        match self {
+            Self::Result(r) => Some(r),
+            Self::Late(_) => None,
+        }
+    }
+
+    /// The late record, if this is one.
+    pub fn late(self) -> Option<T> {
+        match self {
+            Self::Late(t) => Some(t),
+            Self::Result(_) => None,
+        }
+    }
+}
+
+/// One open session of a key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Session<A> {
+    start: Timestamp,
+    /// Exclusive: the last record's time plus the gap.
+    end: Timestamp,
+    acc: A,
+    /// Fired once already (a later firing is an update within the allowed lateness).
+    fired: bool,
+}
+
+/// The keyed function behind `KeyedStream::window(..).aggregate(..)`.
+pub(crate) struct WindowFunction<K, A: AggregateFunction> {
+    pub assigner: WindowAssigner,
+    pub agg: A,
+    pub timestamp: TimestampFn<A::In>,
+    pub lateness: i64,
+    panes: Option<MapState<K, Timestamp, A::Acc>>,
+    sessions: Option<ValueState<K, Vec<Session<A::Acc>>>>,
+}
+
+impl<K, A: AggregateFunction> Clone for WindowFunction<K, A> {
+    fn clone(&self) -> Self {
+        Self {
+            assigner: self.assigner,
+            agg: self.agg.clone(),
+            timestamp: self.timestamp.clone(),
+            lateness: self.lateness,
+            panes: self.panes.clone(),
+            sessions: self.sessions.clone(),
+        }
+    }
+}
+
+impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
+    pub fn new(assigner: WindowAssigner, agg: A, timestamp: TimestampFn<A::In>, lateness: Duration) -> Self {
+        Self {
+            assigner,
+            agg,
+            timestamp,
+            lateness: i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX),
+            panes: None,
+            sessions: None,
+        }
+    }
+
+    /// Emits the window `[start, start + size)` from its panes, if any holds data.
+    fn fire_aligned(
+        &self,
+        ctx: &KeyedContext<'_, K>,
+        start: Timestamp,
+        size: i64,
+        pane: i64,
+        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+    ) -> Result<()> {
+        let panes = self.panes.as_ref().expect("opened");
+        let mut acc: Option<A::Acc> = None;
+        let mut p = start;
+        while p < start + size {
+            if let Some(a) = panes.get(ctx, &p)? {
+                match &mut acc {
+                    Some(acc) => self.agg.merge(acc, &a),
+                    None => acc = Some(a),
+                }
+            }
+            p += pane;
+        }
+        if let Some(acc) = acc {
+            out.push(WindowOutput::Result(WindowResult {
+                key: ctx.key().clone(),
+                start,
+                end: start + size,
+                value: self.agg.result(&acc),
+            }));
+        }
+        Ok(())
+    }
+
+    fn process_aligned(
+        &self,
+        record: A::In,
+        ts: Timestamp,
+        (size, slide, pane): (i64, i64, i64),
+        ctx: &mut KeyedContext<'_, K>,
+        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+    ) -> Result<()> {
+        let wm = ctx.current_watermark();
+        // The last window holding `ts` starts at the last slide boundary at or before it.
+        let last_start = ts.div_euclid(slide) * slide;
+        if last_start + size - 1 + self.lateness <= wm {
+            out.push(WindowOutput::Late(record));
+            return Ok(());
+        }
+        let panes = self.panes.as_ref().expect("opened");
+        let pane_start = ts.div_euclid(pane) * pane;
+        let mut acc = panes.get(ctx, &pane_start)?.unwrap_or_else(|| self.agg.create());
+        self.agg.add(&mut acc, &record);
+        panes.put(ctx, pane_start, acc)?;
+        // Windows holding `ts` that already fired (within the lateness) fire again, updated.
+        let mut start = last_start;
+        while start + size > ts {
+            let end = start + size;
+            if end - 1 <= wm && end - 1 + self.lateness > wm {
+                self.fire_aligned(ctx, start, size, pane, out)?;
+            }
+            start -= slide;
+        }
+        // One timer per record: the first of its windows still to fire; each firing arms the
+        // next window's timer while panes remain.
+        let first_open = {
+            let mut start = last_start;
+            while start - slide + size > ts && start - slide + size - 1 > wm {
+                start -= slide;
+            }
+            start
+        };
+        if first_open + size - 1 > wm {
+            ctx.register_event_time_timer(first_open + size - 1)?;
+        }
+        if self.lateness > 0 {
+            ctx.register_event_time_timer(last_start + size - 1 + self.lateness)?;
+        }
+        Ok(())
+    }
+
+    fn on_timer_aligned(
+        &self,
+        ts: Timestamp,
+        (size, slide, pane): (i64, i64, i64),
+        ctx: &mut KeyedContext<'_, K>,
+        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+    ) -> Result<()> {
+        let end = ts + 1;
+        if end.rem_euclid(slide) == 0 {
+            self.fire_aligned(ctx, end - size, size, pane, out)?;
+        }
+        // Drop panes no open window needs; arm the next window's timer if panes remain for it.
+        let panes = self.panes.as_ref().expect("opened");
+        let mut next_needed = false;
+        for (p, _) in panes.entries(ctx)? {
+            // The last window holding pane `p` ends at (last slide boundary <= p) + size.
+            let last_end = p.div_euclid(slide) * slide + size;
+            if last_end - 1 + self.lateness <= ts {
+                panes.remove(ctx, &p)?;
+            } else if last_end > end {
+                next_needed = true;
+            }
+        }
+        if next_needed && end.rem_euclid(slide) == 0 {
+            ctx.register_event_time_timer(ts + slide)?;
+        }
+        Ok(())
+    }
+
+    fn process_session(
+        &self,
+        record: A::In,
+        ts: Timestamp,
+        gap: i64,
+        ctx: &mut KeyedContext<'_, K>,
+        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+    ) -> Result<()> {
+        let wm = ctx.current_watermark();
+        let state = self.sessions.as_ref().expect("opened");
+        let mut sessions = state.get(ctx)?.unwrap_or_default();
+        let (mut start, mut end) = (ts, ts.saturating_add(gap));
+        let mut acc = self.agg.create();
+        self.agg.add(&mut acc, &record);
+        let mut fired = false;
+        // Merge every session the new one overlaps (it may bridge several).
+        let mut kept = Vec::with_capacity(sessions.len());
+        for s in sessions.drain(..) {
+            if s.start < end && start < s.end {
+                start = start.min(s.start);
+                end = end.max(s.end);
+                let mut merged = s.acc;
+                self.agg.merge(&mut merged, &acc);
+                acc = merged;
+                fired |= s.fired;
+            } else {
+                kept.push(s);
+            }
+        }
+        if end - 1 + self.lateness <= wm {
+            // Its merged window closed for good: the record is late; state stays as it was.
+            out.push(WindowOutput::Late(record));
+            return Ok(());
+        }
+        let mut session = Session { start, end, acc, fired };
+        if end - 1 <= wm {
+            // Within the lateness of a closed session: fire the update now.
+            self.emit_session(ctx, &mut session, out);
+        } else {
+            ctx.register_event_time_timer(end - 1)?;
+        }
+        if self.lateness > 0 {
+            ctx.register_event_time_timer(end - 1 + self.lateness)?;
+        }
+        kept.push(session);
+        kept.sort_by_key(|s| s.start);
+        state.update(ctx, kept)
+    }
+
+    fn emit_session(
+        &self,
+        ctx: &KeyedContext<'_, K>,
+        s: &mut Session<A::Acc>,
+        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+    ) {
+        s.fired = true;
+        out.push(WindowOutput::Result(WindowResult {
+            key: ctx.key().clone(),
+            start: s.start,
+            end: s.end,
+            value: self.agg.result(&s.acc),
+        }));
+    }
+
+    fn on_timer_session(
+        &self,
+        ts: Timestamp,
+        ctx: &mut KeyedContext<'_, K>,
+        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+    ) -> Result<()> {
+        let state = self.sessions.as_ref().expect("opened");
+        let Some(mut sessions) = state.get(ctx)? else {
+            return Ok(());
+        };
+        for s in sessions.iter_mut() {
+            // A timer of a session that has since grown is stale: only its own end fires it.
+            if s.end - 1 == ts && !s.fired {
+                self.emit_session(ctx, s, out);
+            }
+        }
+        sessions.retain(|s| s.end - 1 + self.lateness > ts);
+        if sessions.is_empty() {
+            state.clear(ctx)
+        } else {
+            state.update(ctx, sessions)
+        }
+    }
+}
+
+impl<K: Key, A: AggregateFunction> KeyedProcessFunction for WindowFunction<K, A> {
+    type Key = K;
+    type In = A::In;
+    type Out = WindowOutput<K, A::Out, A::In>;
+
+    fn open(&mut self, state: &mut StateRegistry<'_, K>, _: &TaskInfo) -> Result<()> {
+        match self.assigner {
+            WindowAssigner::Session { .. } => self.sessions = Some(state.value_state("window-sessions")?),
+            _ => self.panes = Some(state.map_state("window-panes")?),
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, record: A::In, ctx: &mut KeyedContext<'_, K>, out: &mut Vec<Self::Out>) -> Result<()> {
+        let ts = (self.timestamp)(&record);
+        match (self.assigner, self.assigner.aligned()) {
+            (WindowAssigner::Session { gap }, _) => self.process_session(record, ts, gap, ctx, out),
+            (_, Some(aligned)) => self.process_aligned(record, ts, aligned, ctx, out),
+            (_, None) => Err(Error::Config(format!(
+                "unsupported window assigner {:?}",
+                self.assigner
+            ))),
+        }
+    }
+
+    fn on_timer(&mut self, ts: Timestamp, ctx: &mut KeyedContext<'_, K>, out: &mut Vec<Self::Out>) -> Result<()> {
+        match self.assigner.aligned() {
+            Some(aligned) => self.on_timer_aligned(ts, aligned, ctx, out),
+            None => self.on_timer_session(ts, ctx, out),
+        }
+    }
+}
