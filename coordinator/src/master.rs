@@ -316,7 +316,9 @@ impl JobMaster {
                 upload_timeout: cfg.checkpoint.timeout,
                 savepoints: coordinator.savepoint_targets(),
                 rescale_merge: cfg.rescale_merge,
+                finish_hooks: Default::default(),
             };
+            let finish_hooks = dcfg.finish_hooks.clone();
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let deployment = deploy(&self.graph, &dcfg, tx, self.handle.clone())?;
             let end = coordinator
@@ -324,6 +326,8 @@ impl JobMaster {
                 .await;
             match end {
                 AttemptEnd::Finished => {
+                    // Every task ended with its input: no restart can come any more.
+                    finish_hooks.run()?;
                     return Ok(self.report(
                         JobOutcome::Finished,
                         restarts,
@@ -331,7 +335,7 @@ impl JobMaster {
                         &coordinator,
                         &completed,
                         started,
-                    ))
+                    ));
                 }
                 AttemptEnd::Failed {
                     cause,

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use sluice_coordinator::{run_job, spawn_job, JobOutcome, JobSubmission};
+use sluice_operators::file_sink::ExactlyOnceFileSink;
 use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::config::{JobConfig, StateBackendKind};
@@ -156,17 +157,21 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
         windowed
     };
     let windows = windowed.aggregate("windows", Sum)?.uid("windows");
-    windows
-        .results()
-        .transform("fail-once", move || FailOnce {
-            fail_at,
-            armed: false,
-            seen: 0,
-            _t: std::marker::PhantomData,
-        })
-        .sink("results", SortedFileSink::new(Some(p.get::<String>("output")?.into())))
-        .uid("results")
-        .parallelism(1);
+    let results = windows.results().transform("fail-once", move || FailOnce {
+        fail_at,
+        armed: false,
+        seen: 0,
+        _t: std::marker::PhantomData,
+    });
+    let output: String = p.get("output")?;
+    if p.get::<String>("sink")? == "files" {
+        results.sink("results", ExactlyOnceFileSink::new(output)).uid("results");
+    } else {
+        results
+            .sink("results", SortedFileSink::new(Some(output.into())))
+            .uid("results")
+            .parallelism(1);
+    }
     windows
         .late()
         .sink(
@@ -195,6 +200,7 @@ fn definition() -> JobDefinition {
             param("output", ""),
             param("late_output", ""),
             param("lateness", "false"),
+            param("sink", "sorted"),
         ],
         build,
     }
@@ -395,4 +401,40 @@ fn records_within_the_allowed_lateness_fire_their_window_again_updated() {
         .map(|e| format!("{e}\n"))
         .collect();
     assert_eq!(std::fs::read_to_string(dir.path().join("late.csv")).unwrap(), late);
+}
+
+/// The lines of the committed part files in `dir`, sorted; fails on any in-progress file left.
+fn committed_lines(dir: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with('.'),
+            "in-progress file {name} left after a clean finish"
+        );
+        lines.extend(std::fs::read_to_string(e.path()).unwrap().lines().map(String::from));
+    }
+    lines.sort();
+    lines
+}
+
+#[test]
+fn the_exactly_once_file_sink_commits_each_result_once_through_a_failure() {
+    for (kind, backend) in [("tumbling", MEMORY), ("session", ROCKSDB)] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = ["rate=20000", "fail_at=3000", "sink=files"];
+        let report = run_job(submission(dir.path(), kind, backend, 2, &extra, None)).unwrap();
+        assert_eq!(report.outcome, JobOutcome::Finished);
+        assert_eq!(report.restarts.len(), 1, "{kind}: {:?}", report.restarts);
+        // results.csv is the sink's directory here.
+        let got = committed_lines(&dir.path().join("results.csv"));
+        let mut want: Vec<String> = expected(kind).0.lines().map(String::from).collect();
+        want.sort();
+        assert_eq!(got.len(), want.len(), "{kind}: committed results");
+        assert!(
+            got == want,
+            "{kind}: committed results differ from the direct computation"
+        );
+    }
 }

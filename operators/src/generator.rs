@@ -155,6 +155,7 @@ mod tests {
             state_backend: sluice_runtime::config::StateBackendKind::Memory,
             local_dir: std::env::temp_dir(),
             rescale_merge: Default::default(),
+            finish_hooks: Default::default(),
         }
     }
 

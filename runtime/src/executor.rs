@@ -88,6 +88,8 @@ pub struct DeployConfig {
     pub savepoints: SavepointTargets,
     /// How RocksDB merges old instances after a rescale.
     pub rescale_merge: crate::config::RescaleMerge,
+    /// Run by the job master once this attempt has finished the job.
+    pub finish_hooks: crate::operator::FinishHooks,
 }
 
 /// Where the files of a savepoint go: its storage and directory (ending in `/`).
@@ -284,6 +286,7 @@ impl TaskBuild {
                 attempt: self.cfg.attempt,
                 state_backend: self.cfg.state_backend,
                 rescale_merge: self.cfg.rescale_merge,
+                finish_hooks: self.cfg.finish_hooks.clone(),
                 local_dir: self
                     .cfg
                     .data_dir

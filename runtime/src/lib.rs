@@ -63,8 +63,8 @@ pub use checkpoint::{CheckpointBarrier, CheckpointId, CheckpointKind};
 pub use error::{Error, Result};
 pub use job::{JobDefinition, JobParams, JobRegistry, ParamSpec};
 pub use operator::{
-    Data, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState, SinkFunction, SourceFunction, SourcePoll,
-    StateRegistry, TaskInfo,
+    Data, FinishHooks, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState, SinkFunction, SourceFunction,
+    SourcePoll, StateRegistry, TaskInfo,
 };
 pub use state::{KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, ValueState};
 pub use stream::{DataStream, KeyedStream, StreamEnv, WindowedResults, WindowedStream};

@@ -43,6 +43,38 @@ pub struct TaskInfo {
     pub local_dir: std::path::PathBuf,
     /// How RocksDB merges old instances after a rescale.
     pub rescale_merge: crate::config::RescaleMerge,
+    /// Work to run once the whole job has finished (a sink's last commit).
+    pub finish_hooks: FinishHooks,
+}
+
+/// A hook registered through [`FinishHooks`].
+type FinishHook = Box<dyn FnOnce() -> Result<()> + Send>;
+
+/// Work that runs once every task of the job has finished, and only then: a sink that reached
+/// the end of its input commits its last output here, because until the whole job has finished
+/// a failure elsewhere still restarts it from the last checkpoint, and output committed past
+/// that checkpoint would then be written twice. The hooks of a failed attempt are dropped.
+#[derive(Clone, Default)]
+pub struct FinishHooks(Arc<std::sync::Mutex<Vec<FinishHook>>>);
+
+impl FinishHooks {
+    /// Adds work to run when the job has finished.
+    pub fn register(&self, hook: impl FnOnce() -> Result<()> + Send + 'static) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(hook));
+    }
+
+    /// Runs every hook in registration order; the first error stops them.
+    pub fn run(&self) -> Result<()> {
+        let hooks = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        hooks.into_iter().try_for_each(|h| h())
+    }
+}
+
+impl std::fmt::Debug for FinishHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|h| h.len()).unwrap_or_default();
+        write!(f, "FinishHooks({n})")
+    }
 }
 
 impl TaskInfo {

@@ -169,6 +169,7 @@ mod tests {
             state_backend: crate::config::StateBackendKind::Memory,
             local_dir: std::env::temp_dir(),
             rescale_merge: Default::default(),
+            finish_hooks: Default::default(),
         }
     }
 

@@ -259,6 +259,7 @@ impl TestStore {
             state_backend: into,
             local_dir: dir.join("restored"),
             rescale_merge: Default::default(),
+            finish_hooks: Default::default(),
         };
         let restored = rt.block_on(source.load(&info)).unwrap().unwrap();
         KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed, Default::default())
