@@ -4,9 +4,13 @@
 //!
 //! - [`transactions`]: a running total and count per user over a deterministic stream of
 //!   transactions, with an injectable failure; its exact expected output is computable directly.
+//! - [`daily_totals`]: each user's 24-hour total on every event, from 24 hourly sub-totals.
+//! - [`window_sums`]: each user's total per tumbling or sliding event-time window.
 //! - [`wordcount`]: word counts over text files.
 
+pub mod daily_totals;
 pub mod transactions;
+pub mod window_sums;
 pub mod wordcount;
 
 use sluice_runtime::JobRegistry;
@@ -14,7 +18,9 @@ use sluice_runtime::JobRegistry;
 /// Every example job.
 pub fn registry() -> JobRegistry {
     let mut r = JobRegistry::new();
+    r.register(daily_totals::definition());
     r.register(transactions::definition());
+    r.register(window_sums::definition());
     r.register(wordcount::definition());
     r
 }

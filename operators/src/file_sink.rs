@@ -24,10 +24,12 @@ use std::path::{Path, PathBuf};
 const STATE: &str = "pre-committed";
 const IN_PROGRESS: &str = ".inprogress";
 
-/// A pre-committed part file: its in-progress name and the name it is committed under.
+/// A pre-committed part file: its directory (a job restored elsewhere still commits it where
+/// it was written), its in-progress name and the name it is committed under.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 struct Pending {
     checkpoint: u64,
+    dir: String,
     in_progress: String,
     committed: String,
 }
@@ -85,7 +87,8 @@ impl<T> ExactlyOnceFileSink<T> {
 }
 
 /// Renames a pre-committed file to its committed name; done already if only the target exists.
-fn commit(dir: &Path, p: &Pending) -> Result<()> {
+fn commit(p: &Pending) -> Result<()> {
+    let dir = Path::new(&p.dir);
     let (from, to) = (dir.join(&p.in_progress), dir.join(&p.committed));
     match std::fs::rename(&from, &to) {
         Ok(()) => Ok(()),
@@ -119,7 +122,7 @@ impl<T: Display + Clone + Send + 'static> SinkFunction for ExactlyOnceFileSink<T
         // Each restored file is committed by one subtask.
         for (i, p) in restored_files.iter().enumerate() {
             if i % info.parallelism == info.subtask {
-                commit(&self.dir, p)?;
+                commit(p)?;
             }
         }
         // Subtask 0 removes what earlier attempts left in progress: records the replay rewrites.
@@ -163,6 +166,7 @@ impl<T: Display + Clone + Send + 'static> SinkFunction for ExactlyOnceFileSink<T
         if let Some(in_progress) = self.close_current()? {
             self.pending.push(Pending {
                 checkpoint: checkpoint.0,
+                dir: self.dir.display().to_string(),
                 in_progress,
                 committed: format!("part-{}-{}-c{}", self.subtask, self.job, checkpoint.0),
             });
@@ -186,7 +190,7 @@ impl<T: Display + Clone + Send + 'static> SinkFunction for ExactlyOnceFileSink<T
         let (due, later): (Vec<Pending>, Vec<Pending>) =
             self.pending.drain(..).partition(|p| p.checkpoint <= checkpoint.0);
         self.pending = later;
-        due.iter().try_for_each(|p| commit(&self.dir, p))
+        due.iter().try_for_each(commit)
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -194,13 +198,12 @@ impl<T: Display + Clone + Send + 'static> SinkFunction for ExactlyOnceFileSink<T
         if let Some(in_progress) = self.close_current()? {
             last.push(Pending {
                 checkpoint: u64::MAX,
+                dir: self.dir.display().to_string(),
                 in_progress,
                 committed: format!("part-{}-{}-end", self.subtask, self.attempt_tag),
             });
         }
-        let dir = self.dir.clone();
-        self.hooks
-            .register(move || last.iter().try_for_each(|p| commit(&dir, p)));
+        self.hooks.register(move || last.iter().try_for_each(commit));
         Ok(())
     }
 }

@@ -9,9 +9,11 @@
 //!   byte offsets as state.
 //! - [`sorted_sink::SortedFileSink`]: collects results and writes them sorted, atomically, once
 //!   every input has ended; its buffer is checkpointed so nothing is lost or doubled.
+//! - [`discard_sink::DiscardSink`]: counts and drops records (benchmarks without output).
 //! - [`file_sink::ExactlyOnceFileSink`]: part files committed by two-phase commit when their
 //!   checkpoint completes; a failure never leaves a visible file whose records are replayed.
 
+pub mod discard_sink;
 pub mod file_sink;
 pub mod file_source;
 pub mod generator;

@@ -148,6 +148,11 @@ pub trait Operator: Send + 'static {
     fn watermark(&mut self, _watermark: Timestamp, _out: &mut Vec<Self::Out>) -> Result<()> {
         Ok(())
     }
+    /// Whether the last `watermark` call stopped early with more due (timers fire in bounded
+    /// rounds, so that output moves on between them): the chain calls it again.
+    fn watermark_pending(&self) -> bool {
+        false
+    }
     /// Whether watermarks reaching this operator pass on downstream. A watermark generator
     /// says no: it decides event time for everything after it.
     fn forwards_watermarks(&self) -> bool {

@@ -80,6 +80,10 @@ pub(crate) struct KeyedProcessOp<P: KeyedProcessFunction> {
 /// late before a failure is late after it too.
 const WATERMARK_STATE: &str = "watermark";
 
+/// Outputs of timers fired before the chain moves them on (a watermark at the end of input
+/// fires every window at once).
+const FIRE_ROUND: usize = 4096;
+
 impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
     pub fn new(f: P, key: KeySelector<P::In, P::Key>) -> Self {
         Self {
@@ -163,7 +167,10 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
         };
         timers.advance(watermark);
         let range = backend.range();
-        while let Some((ts, bytes)) = timers.pop_due() {
+        while out.len() < FIRE_ROUND {
+            let Some((ts, bytes)) = timers.pop_due() else {
+                break;
+            };
             let key: P::Key = postcard::from_bytes(&bytes)?;
             let kg = key_group_for_bytes(&bytes, self.max_parallelism);
             let state = timers.state();
@@ -181,6 +188,10 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
             self.f.on_timer(ts, &mut ctx, out)?;
         }
         Ok(())
+    }
+
+    fn watermark_pending(&self) -> bool {
+        self.timers.as_ref().is_some_and(TimerService::has_due)
     }
 
     fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<OperatorSnapshot> {

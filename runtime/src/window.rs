@@ -247,11 +247,8 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
             out.push(WindowOutput::Late(record));
             return Ok(());
         }
-        let panes = self.panes.as_ref().expect("opened");
         let pane_start = ts.div_euclid(pane) * pane;
-        let mut acc = panes.get(ctx, &pane_start)?.unwrap_or_else(|| self.agg.create());
-        self.agg.add(&mut acc, &record);
-        panes.put(ctx, pane_start, acc)?;
+        let new_pane = self.add_to_pane(ctx, pane_start, &record)?;
         // Windows holding `ts` that already fired (within the lateness) fire again, updated.
         let mut start = last_start;
         while start + size > ts {
@@ -261,8 +258,11 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
             }
             start -= slide;
         }
-        // One timer per record: the first of its windows still to fire; each firing arms the
-        // next window's timer while panes remain.
+        if !new_pane {
+            // The record that created the pane armed its timers: the first of its windows still
+            // to fire (each firing arms the next window's while panes remain) and its cleanup.
+            return Ok(());
+        }
         let first_open = {
             let mut start = last_start;
             while start - slide + size > ts && start - slide + size - 1 > wm {
@@ -279,6 +279,13 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         Ok(())
     }
 
+    /// Folds `record` into its pane; whether the pane is new.
+    fn add_to_pane(&self, ctx: &mut KeyedContext<'_, K>, pane_start: Timestamp, record: &A::In) -> Result<bool> {
+        let panes = self.panes.as_ref().expect("opened");
+        let existed = panes.update_with(ctx, pane_start, || self.agg.create(), |acc| self.agg.add(acc, record))?;
+        Ok(!existed)
+    }
+
     fn on_timer_aligned(
         &self,
         ts: Timestamp,
@@ -287,23 +294,44 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
     ) -> Result<()> {
         let end = ts + 1;
-        if end.rem_euclid(slide) == 0 {
-            self.fire_aligned(ctx, end - size, size, pane, out)?;
-        }
-        // Drop panes no open window needs; arm the next window's timer if panes remain for it.
         let panes = self.panes.as_ref().expect("opened");
-        let mut next_needed = false;
-        for (p, _) in panes.entries(ctx)? {
-            // The last window holding pane `p` ends at (last slide boundary <= p) + size.
-            let last_end = p.div_euclid(slide) * slide + size;
-            if last_end - 1 + self.lateness <= ts {
-                panes.remove(ctx, &p)?;
-            } else if last_end > end {
-                next_needed = true;
+        if end.rem_euclid(slide) == 0 {
+            let start = end - size;
+            // One pass over the key's panes (a map scan, not a lookup per pane): merge the
+            // window's, and note whether a later window has data.
+            let (mut acc, mut next_needed) = (None::<A::Acc>, false);
+            let mut entries = panes.entries(ctx)?;
+            entries.sort_unstable_by_key(|(p, _)| *p);
+            for (p, a) in entries {
+                next_needed |= p >= start + slide;
+                if (start..end).contains(&p) {
+                    match &mut acc {
+                        Some(acc) => self.agg.merge(acc, &a),
+                        None => acc = Some(a),
+                    }
+                }
+            }
+            if let Some(acc) = acc {
+                out.push(WindowOutput::Result(WindowResult {
+                    key: ctx.key().clone(),
+                    start,
+                    end,
+                    value: self.agg.result(&acc),
+                }));
+            }
+            if next_needed {
+                ctx.register_event_time_timer(ts + slide)?;
             }
         }
-        if next_needed && end.rem_euclid(slide) == 0 {
-            ctx.register_event_time_timer(ts + slide)?;
+        // The slide of panes whose last window ended `lateness` ago goes: every pane's group
+        // gets this timer (its last window's, or its cleanup timer with a lateness).
+        let group = end - self.lateness - size;
+        if group.rem_euclid(slide) == 0 {
+            let mut p = group;
+            while p < group + slide {
+                panes.remove(ctx, &p)?;
+                p += pane;
+            }
         }
         Ok(())
     }

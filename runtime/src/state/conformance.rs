@@ -411,6 +411,7 @@ enum Op {
     ListAdd(u64, i32),
     MapPut(u64, u8, u64),
     MapRemove(u64, u8),
+    MapUpdate(u64, u8, u64),
     Reduce(u64, i64),
     Snapshot,
 }
@@ -424,6 +425,7 @@ fn op() -> impl Strategy<Value = Op> {
         (key.clone(), any::<i32>()).prop_map(|(k, v)| Op::ListAdd(k, v)),
         (key.clone(), 0u8..4, any::<u64>()).prop_map(|(k, u, v)| Op::MapPut(k, u, v)),
         (key.clone(), 0u8..4).prop_map(|(k, u)| Op::MapRemove(k, u)),
+        (key.clone(), 0u8..4, 0u64..1000).prop_map(|(k, u, v)| Op::MapUpdate(k, u, v)),
         (key, -100i64..100).prop_map(|(k, v)| Op::Reduce(k, v)),
         Just(Op::Snapshot),
     ]
@@ -439,7 +441,7 @@ fn apply(b: &mut KeyedBackend, ops: &[Op]) -> Vec<String> {
     for (i, op) in ops.iter().enumerate() {
         let key = match op {
             Op::Put(k, _) | Op::Update(k, _) | Op::Clear(k) | Op::ListAdd(k, _) => *k,
-            Op::MapPut(k, _, _) | Op::MapRemove(k, _) | Op::Reduce(k, _) => *k,
+            Op::MapPut(k, _, _) | Op::MapRemove(k, _) | Op::MapUpdate(k, _, _) | Op::Reduce(k, _) => *k,
             Op::Snapshot => {
                 // Taking (and dropping) a snapshot must not change what reads see.
                 drop(b.snapshot(CheckpointId(i as u64 + 1)).unwrap());
@@ -447,6 +449,7 @@ fn apply(b: &mut KeyedBackend, ops: &[Op]) -> Vec<String> {
             }
         };
         b.with_key(&key, M, |ctx| {
+            let mut existed = None;
             match op {
                 Op::Put(_, v) => values.update(ctx, v.clone()).unwrap(),
                 Op::Update(_, c) => values.update_with(ctx, String::new, |v| v.push(*c as char)).unwrap(),
@@ -458,13 +461,19 @@ fn apply(b: &mut KeyedBackend, ops: &[Op]) -> Vec<String> {
                 Op::ListAdd(_, v) => lists.add(ctx, *v).unwrap(),
                 Op::MapPut(_, u, v) => maps.put(ctx, format!("u{u}"), *v).unwrap(),
                 Op::MapRemove(_, u) => maps.remove(ctx, &format!("u{u}")).unwrap(),
+                Op::MapUpdate(_, u, v) => {
+                    existed = Some(
+                        maps.update_with(ctx, format!("u{u}"), || 7, |x| *x = x.wrapping_mul(*v))
+                            .unwrap(),
+                    )
+                }
                 Op::Reduce(_, v) => sums.add(ctx, *v).unwrap(),
                 Op::Snapshot => unreachable!(),
             }
             let mut m = maps.entries(ctx).unwrap();
             m.sort();
             reads.push(format!(
-                "{:?} {:?} {:?} {:?}",
+                "{existed:?} {:?} {:?} {:?} {:?}",
                 values.get(ctx).unwrap(),
                 lists.get(ctx).unwrap(),
                 m,

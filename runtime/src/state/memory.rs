@@ -204,7 +204,8 @@ impl MemoryBackend {
     /// The stored value of the current key, copying a shared key-group map only when present.
     fn slot_mut<K: Key, S: Stored>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Option<&mut S> {
         let map = self.map_mut::<K, S>(id, c.index);
-        if !map.contains_key(c.key) {
+        // Unshared (no snapshot holds it): one lookup. Shared: copy only if the key is there.
+        if Arc::get_mut(map).is_none() && !map.contains_key(c.key) {
             return None;
         }
         Arc::make_mut(map).get_mut(c.key)
@@ -272,6 +273,34 @@ impl MemoryBackend {
         Ok(self
             .slot::<K, MapEntries<UK, UV>>(id, c)
             .and_then(|m| m.0.get(uk).cloned()))
+    }
+
+    /// Changes `uk`'s value in place, starting from `default`; whether it existed.
+    pub(crate) fn map_update<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: UK,
+        default: impl FnOnce() -> UV,
+        f: impl FnOnce(&mut UV),
+    ) -> Result<bool> {
+        match self.slot_mut::<K, MapEntries<UK, UV>>(id, c) {
+            Some(m) => {
+                let mut existed = true;
+                f(m.0.entry(uk).or_insert_with(|| {
+                    existed = false;
+                    default()
+                }));
+                Ok(existed)
+            }
+            None => {
+                let mut v = default();
+                f(&mut v);
+                let m = MapEntries(FxHashMap::from_iter([(uk, v)]));
+                Arc::make_mut(self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)).insert(c.key.clone(), m);
+                Ok(false)
+            }
+        }
     }
 
     pub(crate) fn map_put<K: Key, UK: Key, UV: StateValue>(

@@ -80,7 +80,7 @@ impl<K: Key> KeyedContext<'_, K> {
     /// key and timestamp). Timers are keyed state: checkpointed, restored and rescaled with it.
     pub fn register_event_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
         let (timers, backend, cur) = self.timer_service()?;
-        if timers.event.insert((timestamp, cur.bytes.to_vec())) {
+        if timers.insert(timestamp, cur.bytes) {
             backend.map_put::<K, Timestamp, ()>(timers.state, cur, timestamp, ())?;
         }
         Ok(())
@@ -89,18 +89,22 @@ impl<K: Key> KeyedContext<'_, K> {
     /// Removes the current key's timer at `timestamp`, if any.
     pub fn delete_event_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
         let (timers, backend, cur) = self.timer_service()?;
-        if timers.event.remove(&(timestamp, cur.bytes.to_vec())) {
+        if timers.remove(timestamp, cur.bytes) {
             backend.map_remove::<K, Timestamp, ()>(timers.state, cur, &timestamp)?;
         }
         Ok(())
     }
 }
 
-/// Event-time timers of one keyed operator subtask: an ordered index in memory over a map
-/// state (key -> timestamp) that checkpoints, restores and rescales like any keyed state.
+/// Event-time timers of one keyed operator subtask: an index in memory over a map state
+/// (key -> timestamp) that checkpoints, restores and rescales like any keyed state. The index
+/// groups keys by time (windows put many keys' timers at the same time), and fires one time's
+/// keys in key order, so that firing order does not depend on registration or restore order.
 pub struct TimerService {
     state: StateId,
-    event: std::collections::BTreeSet<(Timestamp, Vec<u8>)>,
+    event: std::collections::BTreeMap<Timestamp, rustc_hash::FxHashSet<Box<[u8]>>>,
+    /// The timers of the time being fired, in key order.
+    firing: std::collections::VecDeque<(Timestamp, Box<[u8]>)>,
     watermark: Timestamp,
 }
 
@@ -111,15 +115,52 @@ impl TimerService {
     /// Registers the timer state on `backend` and indexes the timers restored into it.
     pub(crate) fn open<K: Key>(backend: &mut KeyedBackend) -> Result<Self> {
         let state = backend.register_map::<K, Timestamp, ()>(TIMER_STATE)?;
-        let mut event = std::collections::BTreeSet::new();
-        for (key, ts, ()) in backend.map_all::<K, Timestamp, ()>(state)? {
-            event.insert((ts, postcard::to_allocvec(&key)?));
-        }
-        Ok(Self {
+        let mut timers = Self {
             state,
-            event,
+            event: Default::default(),
+            firing: Default::default(),
             watermark: Timestamp::MIN,
-        })
+        };
+        for (key, ts, ()) in backend.map_all::<K, Timestamp, ()>(state)? {
+            timers.insert(ts, &postcard::to_allocvec(&key)?);
+        }
+        Ok(timers)
+    }
+
+    /// Adds a timer to the index; false if it was there.
+    fn insert(&mut self, ts: Timestamp, key: &[u8]) -> bool {
+        if self.in_firing(ts, key).is_ok() {
+            return false;
+        }
+        let keys = self.event.entry(ts).or_default();
+        if keys.contains(key) {
+            return false;
+        }
+        keys.insert(key.into())
+    }
+
+    /// Removes a timer from the index; false if it was not there.
+    fn remove(&mut self, ts: Timestamp, key: &[u8]) -> bool {
+        if let Ok(i) = self.in_firing(ts, key) {
+            self.firing.remove(i);
+            return true;
+        }
+        let Some(keys) = self.event.get_mut(&ts) else {
+            return false;
+        };
+        let removed = keys.remove(key);
+        if keys.is_empty() {
+            self.event.remove(&ts);
+        }
+        removed
+    }
+
+    /// Where `(ts, key)` is in the queue being fired.
+    fn in_firing(&self, ts: Timestamp, key: &[u8]) -> std::result::Result<usize, usize> {
+        match self.firing.front() {
+            Some((t, _)) if *t == ts => self.firing.binary_search_by(|(_, k)| k.as_ref().cmp(key)),
+            _ => Err(0),
+        }
     }
 
     /// The timer state's id.
@@ -136,12 +177,29 @@ impl TimerService {
         self.watermark
     }
 
+    /// Whether a timer is due.
+    pub(crate) fn has_due(&self) -> bool {
+        !self.firing.is_empty()
+            || self
+                .event
+                .first_key_value()
+                .is_some_and(|(ts, _)| *ts <= self.watermark)
+    }
+
     /// The earliest timer at or before the clock, removed from the index.
-    pub(crate) fn pop_due(&mut self) -> Option<(Timestamp, Vec<u8>)> {
-        match self.event.first() {
-            Some((ts, _)) if *ts <= self.watermark => self.event.pop_first(),
-            _ => None,
+    pub(crate) fn pop_due(&mut self) -> Option<(Timestamp, Box<[u8]>)> {
+        if self.firing.is_empty() {
+            match self.event.first_key_value() {
+                Some((ts, _)) if *ts <= self.watermark => {
+                    let (ts, keys) = self.event.pop_first()?;
+                    let mut keys: Vec<Box<[u8]>> = keys.into_iter().collect();
+                    keys.sort_unstable();
+                    self.firing.extend(keys.into_iter().map(|k| (ts, k)));
+                }
+                _ => return None,
+            }
         }
+        self.firing.pop_front()
     }
 }
 
@@ -357,6 +415,17 @@ impl KeyedBackend {
         dispatch!(self, b => b.map_remove::<K, UK, UV>(id, c, uk))
     }
 
+    pub(crate) fn map_update<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: UK,
+        default: impl FnOnce() -> UV,
+        f: impl FnOnce(&mut UV),
+    ) -> Result<bool> {
+        dispatch!(self, b => b.map_update::<K, UK, UV>(id, c, uk, default, f))
+    }
+
     pub(crate) fn map_entries<K: Key, UK: Key, UV: StateValue>(
         &self,
         id: StateId,
@@ -519,6 +588,19 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
     /// Puts `user_key -> value` for the current key.
     pub fn put(&self, ctx: &mut KeyedContext<'_, K>, user_key: UK, value: UV) -> Result<()> {
         ctx.backend.map_put::<K, UK, UV>(self.id, &ctx.cur, user_key, value)
+    }
+
+    /// Changes the value under `user_key` in place, starting from `default` when absent;
+    /// returns whether it was present.
+    pub fn update_with(
+        &self,
+        ctx: &mut KeyedContext<'_, K>,
+        user_key: UK,
+        default: impl FnOnce() -> UV,
+        f: impl FnOnce(&mut UV),
+    ) -> Result<bool> {
+        ctx.backend
+            .map_update::<K, UK, UV>(self.id, &ctx.cur, user_key, default, f)
     }
 
     /// Removes `user_key` for the current key.

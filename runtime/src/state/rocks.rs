@@ -524,6 +524,24 @@ impl RocksBackend {
         self.get_decoded(id, &map_key(c, uk)?)
     }
 
+    /// Changes `uk`'s value, starting from `default`; whether it existed.
+    pub(crate) fn map_update<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        uk: UK,
+        default: impl FnOnce() -> UV,
+        f: impl FnOnce(&mut UV),
+    ) -> Result<bool> {
+        let key = map_key(c, &uk)?;
+        let old = self.get_decoded(id, &key)?;
+        let existed = old.is_some();
+        let mut v = old.unwrap_or_else(default);
+        f(&mut v);
+        self.put_raw(id, key, Some(postcard::to_allocvec(&v)?))?;
+        Ok(existed)
+    }
+
     pub(crate) fn map_put<K: Key, UK: Key, UV: StateValue>(
         &mut self,
         id: StateId,

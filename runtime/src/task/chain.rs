@@ -70,6 +70,10 @@ impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
     fn watermark(&mut self, watermark: Timestamp) -> Result<()> {
         self.op.watermark(watermark, &mut self.out)?;
         self.push_out()?;
+        while self.op.watermark_pending() {
+            self.op.watermark(watermark, &mut self.out)?;
+            self.push_out()?;
+        }
         if self.op.forwards_watermarks() {
             self.next.watermark(watermark)
         } else {
