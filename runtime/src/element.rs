@@ -15,6 +15,8 @@ pub enum StreamElement<T> {
     Watermark(Timestamp),
     /// Everything before it belongs to the checkpoint, everything after to the next one.
     Barrier(CheckpointBarrier),
+    /// The sender emits nothing for now: leave it out of the watermark until it sends again.
+    Idle,
     /// The sender is finished: the channel closes after this.
     EndOfInput,
 }

@@ -153,6 +153,11 @@ pub trait Operator: Send + 'static {
     fn watermark_pending(&self) -> bool {
         false
     }
+    /// Asked when the input went quiet: whether this operator's output now counts as idle, left
+    /// out of watermarks downstream until it emits again (a source's idleness timeout).
+    fn output_idle(&mut self) -> bool {
+        false
+    }
     /// Whether watermarks reaching this operator pass on downstream. A watermark generator
     /// says no: it decides event time for everything after it.
     fn forwards_watermarks(&self) -> bool {

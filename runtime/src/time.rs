@@ -23,6 +23,7 @@ pub type TimestampFn<T> = Arc<dyn Fn(&T) -> Timestamp + Send + Sync>;
 pub struct WatermarkStrategy<T> {
     pub(crate) timestamp: TimestampFn<T>,
     pub(crate) out_of_orderness: Duration,
+    pub(crate) idleness: Option<Duration>,
 }
 
 impl<T> Clone for WatermarkStrategy<T> {
@@ -30,6 +31,7 @@ impl<T> Clone for WatermarkStrategy<T> {
         Self {
             timestamp: self.timestamp.clone(),
             out_of_orderness: self.out_of_orderness,
+            idleness: self.idleness,
         }
     }
 }
@@ -43,7 +45,16 @@ impl<T> WatermarkStrategy<T> {
         Self {
             timestamp: Arc::new(timestamp),
             out_of_orderness: bound,
+            idleness: None,
         }
+    }
+
+    /// A source subtask that emits nothing for `timeout` is idle: downstream operators leave it
+    /// out of their watermark until it emits again, so one quiet partition does not hold event
+    /// time back for all.
+    pub fn with_idleness(mut self, timeout: Duration) -> Self {
+        self.idleness = Some(timeout);
+        self
     }
 
     /// Timestamps never decrease.
@@ -66,6 +77,9 @@ pub(crate) struct WatermarkGenerator<T> {
     max_timestamp: Timestamp,
     emitted: Timestamp,
     pending: Option<Timestamp>,
+    /// When the last record passed (processing time), and whether idleness was declared since.
+    last_record: std::time::Instant,
+    idle: bool,
 }
 
 impl<T> WatermarkGenerator<T> {
@@ -77,6 +91,8 @@ impl<T> WatermarkGenerator<T> {
             max_timestamp: Timestamp::MIN,
             emitted: Timestamp::MIN,
             pending: None,
+            last_record: std::time::Instant::now(),
+            idle: false,
         }
     }
 
@@ -112,6 +128,10 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
     }
 
     fn process(&mut self, batch: Vec<T>, out: &mut Vec<T>) -> Result<()> {
+        if self.strategy.idleness.is_some() {
+            self.last_record = std::time::Instant::now();
+            self.idle = false;
+        }
         for r in &batch {
             self.max_timestamp = self.max_timestamp.max(self.strategy.timestamp_of(r));
         }
@@ -121,6 +141,16 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
             self.advance_to(w);
         }
         Ok(())
+    }
+
+    fn output_idle(&mut self) -> bool {
+        match self.strategy.idleness {
+            Some(timeout) if !self.idle && self.last_record.elapsed() >= timeout => {
+                self.idle = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn forwards_watermarks(&self) -> bool {

@@ -26,6 +26,8 @@ pub(crate) trait ChainInput<T>: Send {
     fn end_of_input(&mut self) -> Result<()>;
     /// Push partially filled output batches downstream (the input went idle).
     fn flush(&mut self) -> Result<()>;
+    /// The output emits nothing for now: downstream leaves it out of the watermark.
+    fn idle(&mut self) -> Result<()>;
 }
 
 /// Boxed chain input, the shape every link holds its successor in.
@@ -107,7 +109,15 @@ impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
     }
 
     fn flush(&mut self) -> Result<()> {
-        self.next.flush()
+        self.next.flush()?;
+        if self.op.output_idle() {
+            self.next.idle()?;
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self) -> Result<()> {
+        self.next.idle()
     }
 }
 
@@ -132,6 +142,9 @@ impl<T: Data> ChainInput<T> for Discard {
         Ok(())
     }
     fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn idle(&mut self) -> Result<()> {
         Ok(())
     }
 }
@@ -163,5 +176,8 @@ impl<T: Data> ChainInput<T> for FanOut<T> {
     }
     fn flush(&mut self) -> Result<()> {
         self.outputs.iter_mut().try_for_each(|o| o.flush())
+    }
+    fn idle(&mut self) -> Result<()> {
+        self.outputs.iter_mut().try_for_each(|o| o.idle())
     }
 }

@@ -22,6 +22,8 @@ pub(crate) enum GateEvent<T> {
     Command(TaskCommand),
     /// No input is ready: a good moment to flush partial output batches.
     Idle,
+    /// Every open channel declared itself idle: so is this task's output.
+    InputsIdle,
     /// Every channel has ended.
     End,
 }
@@ -30,6 +32,8 @@ pub(crate) struct InputGate<T> {
     inputs: Vec<Receiver<StreamElement<T>>>,
     aligner: BarrierAligner,
     watermarks: Vec<Timestamp>,
+    /// Channels that declared themselves idle and have not sent since.
+    idle: Vec<bool>,
     emitted_watermark: Timestamp,
     next: usize,
     dirty: bool,
@@ -43,6 +47,7 @@ impl<T> InputGate<T> {
             inputs,
             aligner: BarrierAligner::new(n),
             watermarks: vec![Timestamp::MIN; n],
+            idle: vec![false; n],
             emitted_watermark: Timestamp::MIN,
             next: 0,
             dirty: false,
@@ -101,9 +106,10 @@ impl<T> InputGate<T> {
             .map_err(|_| Self::disconnected(ch))
     }
 
+    /// The minimum over open channels, leaving idle ones out; `None` when none is active.
     fn combined_watermark(&self) -> Option<Timestamp> {
         (0..self.inputs.len())
-            .filter(|c| !self.aligner.is_ended(*c))
+            .filter(|c| !self.aligner.is_ended(*c) && !self.idle[*c])
             .map(|c| self.watermarks[c])
             .min()
     }
@@ -141,9 +147,21 @@ impl<T> InputGate<T> {
             match element {
                 StreamElement::Data(batch) => {
                     self.dirty = true;
+                    self.idle[ch] = false;
                     return Ok(GateEvent::Data(batch));
                 }
+                StreamElement::Idle => {
+                    self.idle[ch] = true;
+                    if let Some(e) = self.advance_watermark() {
+                        return Ok(e);
+                    }
+                    let open = (0..self.inputs.len()).filter(|c| !self.aligner.is_ended(*c));
+                    if open.clone().count() > 0 && open.clone().all(|c| self.idle[c]) {
+                        return Ok(GateEvent::InputsIdle);
+                    }
+                }
                 StreamElement::Watermark(w) => {
+                    self.idle[ch] = false;
                     self.watermarks[ch] = self.watermarks[ch].max(w);
                     if let Some(e) = self.advance_watermark() {
                         return Ok(e);
@@ -177,5 +195,45 @@ impl<T> InputGate<T> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gate's next event that is not `Idle` (nothing to read).
+    fn next_event(gate: &mut InputGate<u32>, control: &Receiver<TaskCommand>) -> GateEvent<u32> {
+        loop {
+            match gate.next(control).unwrap() {
+                GateEvent::Idle => continue,
+                e => return e,
+            }
+        }
+    }
+
+    #[test]
+    fn an_idle_channel_leaves_the_watermark_until_it_sends_again() {
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let (_control_tx, control) = crossbeam_channel::unbounded();
+        let mut gate = InputGate::new(vec![rx0, rx1]);
+        tx0.send(StreamElement::Watermark(100)).unwrap();
+        tx1.send(StreamElement::Idle).unwrap();
+        // Channel 1 has sent nothing: only its idleness lets channel 0's watermark through.
+        assert!(matches!(next_event(&mut gate, &control), GateEvent::Watermark(100)));
+        tx1.send(StreamElement::Data(vec![7])).unwrap();
+        assert!(matches!(next_event(&mut gate, &control), GateEvent::Data(_)));
+        // Active again (its watermark still the initial one): the watermark waits for it.
+        tx0.send(StreamElement::Watermark(200)).unwrap();
+        tx1.send(StreamElement::Watermark(50)).unwrap();
+        tx1.send(StreamElement::Watermark(150)).unwrap();
+        // 50 is below what was emitted: the watermark never goes back; 150 moves it.
+        assert!(matches!(next_event(&mut gate, &control), GateEvent::Watermark(150)));
+        // Channel 1 idle: channel 0's 200 counts alone. Both idle: the task's output is idle.
+        tx1.send(StreamElement::Idle).unwrap();
+        assert!(matches!(next_event(&mut gate, &control), GateEvent::Watermark(200)));
+        tx0.send(StreamElement::Idle).unwrap();
+        assert!(matches!(next_event(&mut gate, &control), GateEvent::InputsIdle));
     }
 }

@@ -480,6 +480,7 @@ impl<T: Send + 'static> TaskDriver for InputDriver<T> {
                     rt.command(cmd, &mut self.chain, |id| gate.cancel_alignment(id))?
                 }
                 GateEvent::Idle => self.chain.flush()?,
+                GateEvent::InputsIdle => self.chain.idle()?,
                 GateEvent::End => return self.chain.end_of_input(),
             }
         }

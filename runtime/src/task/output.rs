@@ -146,4 +146,8 @@ impl<T: Data> ChainInput<T> for ChannelWriter<T> {
     fn flush(&mut self) -> Result<()> {
         self.flush_all()
     }
+
+    fn idle(&mut self) -> Result<()> {
+        self.send_to_all(|| StreamElement::Idle)
+    }
 }
