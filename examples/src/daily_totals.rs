@@ -9,8 +9,6 @@
 
 use crate::transactions::{transaction, Transaction};
 use serde::{Deserialize, Serialize};
-use sluice_operators::discard_sink::DiscardSink;
-use sluice_operators::file_sink::ExactlyOnceFileSink;
 use sluice_operators::generator::LaneGenerator;
 use sluice_runtime::element::Timestamp;
 use sluice_runtime::{
@@ -169,14 +167,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
             },
         )
         .uid("daily-totals");
-    match p.optional("output") {
-        Some(dir) => totals
-            .sink("totals-output", ExactlyOnceFileSink::<DailyTotal>::new(dir))
-            .uid("totals-output"),
-        None => totals
-            .sink("totals-output", DiscardSink::<DailyTotal>::default())
-            .uid("totals-output"),
-    };
+    crate::exactly_once_output(totals, "totals-output", p.optional("output"));
     Ok(())
 }
 

@@ -13,7 +13,22 @@ pub mod transactions;
 pub mod window_sums;
 pub mod wordcount;
 
-use sluice_runtime::JobRegistry;
+use sluice_operators::discard_sink::DiscardSink;
+use sluice_operators::file_sink::ExactlyOnceFileSink;
+use sluice_runtime::{DataStream, JobRegistry};
+
+/// Writes `stream` to the directory `output` through the exactly-once file sink, or counts it
+/// when no output is given (benchmark runs); the sink's name and uid are `name`.
+fn exactly_once_output<T: std::fmt::Display + Clone + Send + 'static>(
+    stream: DataStream<T>,
+    name: &str,
+    output: Option<&str>,
+) {
+    match output {
+        Some(dir) => stream.sink(name, ExactlyOnceFileSink::<T>::new(dir)).uid(name),
+        None => stream.sink(name, DiscardSink::<T>::default()).uid(name),
+    };
+}
 
 /// Every example job.
 pub fn registry() -> JobRegistry {

@@ -6,11 +6,9 @@
 
 use crate::transactions::{transaction, Transaction};
 use sluice_operators::discard_sink::DiscardSink;
-use sluice_operators::file_sink::ExactlyOnceFileSink;
 use sluice_operators::generator::LaneGenerator;
 use sluice_runtime::{
-    AggregateFunction, Error, JobDefinition, JobParams, ParamSpec, Result, StreamEnv, WatermarkStrategy,
-    WindowAssigner, WindowResult,
+    AggregateFunction, Error, JobDefinition, JobParams, ParamSpec, Result, StreamEnv, WatermarkStrategy, WindowAssigner,
 };
 use std::time::Duration;
 
@@ -81,14 +79,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
         .aggregate("window-sums", SumAmounts)?
         .uid("window-sums");
     let results = windows.results();
-    match p.optional("output") {
-        Some(dir) => results
-            .sink("sums-output", ExactlyOnceFileSink::<WindowResult<u64, i64>>::new(dir))
-            .uid("sums-output"),
-        None => results
-            .sink("sums-output", DiscardSink::<WindowResult<u64, i64>>::default())
-            .uid("sums-output"),
-    };
+    crate::exactly_once_output(results, "sums-output", p.optional("output"));
     windows
         .late()
         .sink("late", DiscardSink::<Transaction>::default())

@@ -25,6 +25,30 @@ pub fn expected_transactions_output(events: u64, users: u64, seed: u64) -> Strin
         .collect()
 }
 
+/// A job configuration for in-process tests: checkpoints every 100 ms to `checkpoint_dir`,
+/// local state under `data_dir`, restarts after 10 ms, and when restoring `from` a snapshot,
+/// its max parallelism.
+pub fn test_config(
+    checkpoint_dir: String,
+    data_dir: PathBuf,
+    state_backend: sluice_runtime::config::StateBackendKind,
+    parallelism: usize,
+    from: Option<&str>,
+) -> sluice_runtime::config::JobConfig {
+    let mut config = sluice_runtime::config::JobConfig {
+        parallelism,
+        state_backend,
+        checkpoint_dir,
+        data_dir,
+        from_savepoint: from.map(str::to_string),
+        max_parallelism_from_snapshot: from.is_some(),
+        ..Default::default()
+    };
+    config.checkpoint.interval = Some(std::time::Duration::from_millis(100));
+    config.restart.delay = std::time::Duration::from_millis(10);
+    config
+}
+
 /// Every file below `dir`, relative to it.
 pub fn files_below(dir: &Path) -> BTreeSet<String> {
     fn walk(base: &Path, p: &Path, out: &mut BTreeSet<String>) {

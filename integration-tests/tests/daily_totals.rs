@@ -4,10 +4,9 @@
 
 use sluice_coordinator::{run_job, spawn_job, JobOutcome, JobSubmission};
 use sluice_examples::daily_totals::{definition, event};
-use sluice_runtime::config::{JobConfig, StateBackendKind};
+use sluice_runtime::config::StateBackendKind;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 const EVENTS: u64 = 20_000;
 const USERS: u64 = 50;
@@ -26,17 +25,8 @@ fn submission(dir: &Path, backend: StateBackendKind, p: usize, extra: &[&str], f
     ];
     settings.extend(extra.iter().map(|s| s.to_string()));
     let params = job.params_from_settings(&settings).unwrap();
-    let mut config = JobConfig {
-        parallelism: p,
-        state_backend: backend,
-        checkpoint_dir: dir.join("ck").display().to_string(),
-        data_dir: dir.join("data"),
-        from_savepoint: from.map(str::to_string),
-        max_parallelism_from_snapshot: from.is_some(),
-        ..JobConfig::default()
-    };
-    config.checkpoint.interval = Some(Duration::from_millis(100));
-    config.restart.delay = Duration::from_millis(10);
+    let config =
+        sluice_integration_tests::test_config(dir.join("ck").display().to_string(), dir.join("data"), backend, p, from);
     JobSubmission { job, params, config }
 }
 

@@ -7,11 +7,10 @@ use sluice_integration_tests::{
     assert_no_orphan_objects, expected_transactions_output, objects_below, sluice_bin, S3Request, S3Server,
     S3_ACCESS_KEY, S3_SECRET_KEY,
 };
-use sluice_runtime::config::{JobConfig, StateBackendKind};
+use sluice_runtime::config::StateBackendKind;
 use sluice_runtime::storage::{Storage, MULTIPART_CHUNK};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 const EVENTS: u64 = 200_000;
 const USERS: u64 = 2_000;
@@ -28,17 +27,7 @@ fn submission(dir: &Path, ck: &str, parallelism: usize, settings: &[String], fro
     ];
     all.extend_from_slice(settings);
     let params = job.params_from_settings(&all).unwrap();
-    let mut config = JobConfig {
-        parallelism,
-        state_backend: ROCKSDB,
-        checkpoint_dir: ck.to_string(),
-        data_dir: dir.join("data"),
-        from_savepoint: from.map(str::to_string),
-        max_parallelism_from_snapshot: from.is_some(),
-        ..JobConfig::default()
-    };
-    config.checkpoint.interval = Some(Duration::from_millis(100));
-    config.restart.delay = Duration::from_millis(10);
+    let config = sluice_integration_tests::test_config(ck.to_string(), dir.join("data"), ROCKSDB, parallelism, from);
     JobSubmission { job, params, config }
 }
 

@@ -8,7 +8,7 @@ use sluice_coordinator::{run_job, spawn_job, JobOutcome, JobSubmission};
 use sluice_operators::file_sink::ExactlyOnceFileSink;
 use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
-use sluice_runtime::config::{JobConfig, StateBackendKind};
+use sluice_runtime::config::StateBackendKind;
 use sluice_runtime::{
     AggregateFunction, JobDefinition, JobParams, Operator, ParamSpec, RestoredState, Result, StreamEnv, TaskInfo,
     WatermarkStrategy, WindowAssigner,
@@ -273,17 +273,8 @@ fn submission(
     ];
     settings.extend(extra.iter().map(|s| s.to_string()));
     let params = job.params_from_settings(&settings).unwrap();
-    let mut config = JobConfig {
-        parallelism: p,
-        state_backend: backend,
-        checkpoint_dir: dir.join("ck").display().to_string(),
-        data_dir: dir.join("data"),
-        from_savepoint: from.map(str::to_string),
-        max_parallelism_from_snapshot: from.is_some(),
-        ..JobConfig::default()
-    };
-    config.checkpoint.interval = Some(Duration::from_millis(100));
-    config.restart.delay = Duration::from_millis(10);
+    let config =
+        sluice_integration_tests::test_config(dir.join("ck").display().to_string(), dir.join("data"), backend, p, from);
     JobSubmission { job, params, config }
 }
 

@@ -14,7 +14,7 @@
 //! finished job leaves no in-progress file. One job writes to an output directory at a time.
 
 use serde::{Deserialize, Serialize};
-use sluice_runtime::snapshot::{OperatorListState, OperatorState, Redistribution};
+use sluice_runtime::snapshot::{OperatorState, Redistribution};
 use sluice_runtime::{CheckpointId, Error, FinishHooks, Result, SinkFunction, TaskInfo};
 use std::fmt::Display;
 use std::io::Write;
@@ -171,19 +171,7 @@ impl<T: Display + Clone + Send + 'static> SinkFunction for ExactlyOnceFileSink<T
                 committed: format!("part-{}-{}-c{}", self.subtask, self.job, checkpoint.0),
             });
         }
-        let entries = self
-            .pending
-            .iter()
-            .map(postcard::to_allocvec)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::Serde(e.to_string()))?;
-        Ok(OperatorState::from([(
-            STATE.to_string(),
-            OperatorListState {
-                mode: Redistribution::Union,
-                entries,
-            },
-        )]))
+        crate::list_state(STATE, Redistribution::Union, &self.pending)
     }
 
     fn checkpoint_complete(&mut self, checkpoint: CheckpointId) -> Result<()> {

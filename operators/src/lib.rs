@@ -24,6 +24,15 @@ use sluice_runtime::{Error, Result};
 
 /// Serializes entries into one split-mode operator list state named `name`.
 pub(crate) fn split_state<T: serde::Serialize>(name: &str, entries: &[T]) -> Result<OperatorState> {
+    list_state(name, Redistribution::Split, entries)
+}
+
+/// Serializes entries into one operator list state named `name`, redistributed by `mode`.
+pub(crate) fn list_state<T: serde::Serialize>(
+    name: &str,
+    mode: Redistribution,
+    entries: &[T],
+) -> Result<OperatorState> {
     let entries = entries
         .iter()
         .map(postcard::to_allocvec)
@@ -31,10 +40,7 @@ pub(crate) fn split_state<T: serde::Serialize>(name: &str, entries: &[T]) -> Res
         .map_err(|e| Error::Serde(e.to_string()))?;
     Ok(OperatorState::from([(
         name.to_string(),
-        OperatorListState {
-            mode: Redistribution::Split,
-            entries,
-        },
+        OperatorListState { mode, entries },
     )]))
 }
 
