@@ -49,6 +49,28 @@ pub fn test_config(
     config
 }
 
+/// The lines of the committed part files of an exactly-once file sink's directory, sorted;
+/// fails on any in-progress file (none may be left after a clean finish).
+pub fn committed_lines(dir: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    for e in std::fs::read_dir(dir).expect("output dir") {
+        let e = e.expect("entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with('.'),
+            "in-progress file {name} left after a clean finish"
+        );
+        lines.extend(
+            std::fs::read_to_string(e.path())
+                .expect("part file")
+                .lines()
+                .map(String::from),
+        );
+    }
+    lines.sort();
+    lines
+}
+
 /// Every file below `dir`, relative to it.
 pub fn files_below(dir: &Path) -> BTreeSet<String> {
     fn walk(base: &Path, p: &Path, out: &mut BTreeSet<String>) {

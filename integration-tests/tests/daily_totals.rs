@@ -49,18 +49,7 @@ fn expected() -> Vec<String> {
 }
 
 fn committed(dir: &Path) -> Vec<String> {
-    let mut lines = Vec::new();
-    for e in std::fs::read_dir(dir.join("out")).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        assert!(
-            !name.starts_with('.'),
-            "in-progress file {name} left after a clean finish"
-        );
-        lines.extend(std::fs::read_to_string(e.path()).unwrap().lines().map(String::from));
-    }
-    lines.sort();
-    lines
+    sluice_integration_tests::committed_lines(&dir.join("out"))
 }
 
 #[test]

@@ -100,7 +100,9 @@ fn savepoint_chain(backends: [StateBackendKind; 4]) {
     for (step, (p, backend)) in [1usize, 4, 3, 1].into_iter().zip(backends).enumerate() {
         let name = format!("step{step}");
         let last = step == 3;
-        let rate = if last { 0 } else { 100_000 };
+        // 5 s of input in all: three savepoints, each after two checkpoints, leave input to the
+        // next step even when checkpoints are slow on a loaded machine.
+        let rate = if last { 0 } else { 40_000 };
         let handle = spawn_job(submission(d, &name, p, backend, rate, from.as_deref())).unwrap();
         let savepoint = (!last).then(|| {
             // Mid-run: after two checkpoints, records have flowed.

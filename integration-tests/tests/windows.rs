@@ -128,6 +128,8 @@ fn assigner(kind: &str) -> Result<WindowAssigner> {
     match kind {
         "tumbling" => WindowAssigner::tumbling(Duration::from_secs(1)),
         "sliding" => WindowAssigner::sliding(Duration::from_secs(3), Duration::from_secs(1)),
+        // A size that is not a multiple of the slide: panes of 500 ms.
+        "sliding-odd" => WindowAssigner::sliding(Duration::from_millis(2500), Duration::from_secs(1)),
         _ => WindowAssigner::session(Duration::from_millis(700)),
     }
 }
@@ -302,7 +304,7 @@ const ROCKSDB: StateBackendKind = StateBackendKind::RocksDb { incremental: true 
 
 #[test]
 fn windows_equal_a_direct_computation_on_both_backends() {
-    for kind in ["tumbling", "sliding", "session"] {
+    for kind in ["tumbling", "sliding", "sliding-odd", "session"] {
         for backend in [MEMORY, ROCKSDB] {
             let dir = tempfile::tempdir().unwrap();
             let report = run_job(submission(dir.path(), kind, backend, 2, &[], None)).unwrap();
@@ -394,22 +396,6 @@ fn records_within_the_allowed_lateness_fire_their_window_again_updated() {
     assert_eq!(std::fs::read_to_string(dir.path().join("late.csv")).unwrap(), late);
 }
 
-/// The lines of the committed part files in `dir`, sorted; fails on any in-progress file left.
-fn committed_lines(dir: &Path) -> Vec<String> {
-    let mut lines = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        assert!(
-            !name.starts_with('.'),
-            "in-progress file {name} left after a clean finish"
-        );
-        lines.extend(std::fs::read_to_string(e.path()).unwrap().lines().map(String::from));
-    }
-    lines.sort();
-    lines
-}
-
 #[test]
 fn the_exactly_once_file_sink_commits_each_result_once_through_a_failure() {
     for (kind, backend) in [("tumbling", MEMORY), ("session", ROCKSDB)] {
@@ -419,7 +405,7 @@ fn the_exactly_once_file_sink_commits_each_result_once_through_a_failure() {
         assert_eq!(report.outcome, JobOutcome::Finished);
         assert_eq!(report.restarts.len(), 1, "{kind}: {:?}", report.restarts);
         // results.csv is the sink's directory here.
-        let got = committed_lines(&dir.path().join("results.csv"));
+        let got = sluice_integration_tests::committed_lines(&dir.path().join("results.csv"));
         let mut want: Vec<String> = expected(kind).0.lines().map(String::from).collect();
         want.sort();
         assert_eq!(got.len(), want.len(), "{kind}: committed results");

@@ -120,7 +120,7 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
                 .map_err(|err| Error::Incompatible(format!("restored watermark is not readable: {err}")))?;
             restored_min = Some(restored_min.map_or(w, |m| m.min(w)));
         }
-        if let Some(w) = restored_min {
+        if let Some(w) = restored_min.filter(|w| *w > Timestamp::MIN) {
             self.max_timestamp = w.saturating_add(self.bound).saturating_add(1);
             self.advance_to(w);
         }
@@ -163,16 +163,16 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
     }
 
     fn snapshot(&mut self, _: CheckpointId) -> Result<OperatorSnapshot> {
+        // Even at its start (MIN): a restore takes the smallest of all, so a generator that had
+        // not advanced yet keeps the restored event time where it was.
         let mut snapshot = OperatorSnapshot::default();
-        if self.emitted > Timestamp::MIN {
-            snapshot.operator.insert(
-                WATERMARK_STATE.to_string(),
-                OperatorListState {
-                    mode: Redistribution::Union,
-                    entries: vec![postcard::to_allocvec(&self.emitted)?],
-                },
-            );
-        }
+        snapshot.operator.insert(
+            WATERMARK_STATE.to_string(),
+            OperatorListState {
+                mode: Redistribution::Union,
+                entries: vec![postcard::to_allocvec(&self.emitted)?],
+            },
+        );
         Ok(snapshot)
     }
 

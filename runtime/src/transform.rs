@@ -202,7 +202,8 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
             Some(backend.snapshot(checkpoint)?)
         };
         let mut operator = crate::snapshot::OperatorState::new();
-        if let Some(t) = self.timers.as_ref().filter(|t| t.watermark() > Timestamp::MIN) {
+        // Even at MIN: a restore takes the smallest clock of all old subtasks.
+        if let Some(t) = self.timers.as_ref() {
             operator.insert(
                 WATERMARK_STATE.to_string(),
                 OperatorListState {

@@ -56,10 +56,16 @@ pub enum WindowAssigner {
     },
 }
 
+/// The longest window size, slide, gap or lateness: a century, far from overflowing `i64`
+/// milliseconds when added to a timestamp.
+const MAX_SPAN: i64 = 100 * 365 * 24 * 3_600_000;
+
 fn millis(d: Duration, what: &str) -> Result<i64> {
     match i64::try_from(d.as_millis()) {
-        Ok(ms) if ms > 0 => Ok(ms),
-        _ => Err(Error::Config(format!("{what} must be at least 1 ms, got {d:?}"))),
+        Ok(ms) if (1..=MAX_SPAN).contains(&ms) => Ok(ms),
+        _ => Err(Error::Config(format!(
+            "{what} must be between 1 ms and 100 years, got {d:?}"
+        ))),
     }
 }
 
@@ -161,8 +167,6 @@ struct Session<A> {
     /// Exclusive: the last record's time plus the gap.
     end: Timestamp,
     acc: A,
-    /// Fired once already (a later firing is an update within the allowed lateness).
-    fired: bool,
 }
 
 /// The keyed function behind `KeyedStream::window(..).aggregate(..)`.
@@ -194,7 +198,8 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
             assigner,
             agg,
             timestamp,
-            lateness: i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX),
+            // Capped so that window arithmetic on real timestamps cannot overflow.
+            lateness: i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX).min(MAX_SPAN),
             panes: None,
             sessions: None,
         }
@@ -295,15 +300,19 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
     ) -> Result<()> {
         let end = ts + 1;
         let panes = self.panes.as_ref().expect("opened");
-        if end.rem_euclid(slide) == 0 {
+        // A window ends here when its start is on a slide boundary (size need not be a multiple
+        // of the slide).
+        if (end - size).rem_euclid(slide) == 0 {
             let start = end - size;
             // One pass over the key's panes (a map scan, not a lookup per pane): merge the
-            // window's, and note whether a later window has data.
-            let (mut acc, mut next_needed) = (None::<A::Acc>, false);
+            // window's, and find the first pane a later window holds.
+            let (mut acc, mut next_pane) = (None::<A::Acc>, None::<Timestamp>);
             let mut entries = panes.entries(ctx)?;
             entries.sort_unstable_by_key(|(p, _)| *p);
             for (p, a) in entries {
-                next_needed |= p >= start + slide;
+                if p >= start + slide && next_pane.is_none() {
+                    next_pane = Some(p);
+                }
                 if (start..end).contains(&p) {
                     match &mut acc {
                         Some(acc) => self.agg.merge(acc, &a),
@@ -319,8 +328,12 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
                     value: self.agg.result(&acc),
                 }));
             }
-            if next_needed {
-                ctx.register_event_time_timer(ts + slide)?;
+            if let Some(p) = next_pane {
+                // The next window with data: the first after this one that holds pane `p`
+                // (skipping empty slides, however many).
+                let first_holding_p = (p - size).div_euclid(slide) * slide + slide;
+                let next_start = (start + slide).max(first_holding_p);
+                ctx.register_event_time_timer(next_start + size - 1)?;
             }
         }
         // The slide of panes whose last window ended `lateness` ago goes: every pane's group
@@ -350,9 +363,9 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         let (mut start, mut end) = (ts, ts.saturating_add(gap));
         let mut acc = self.agg.create();
         self.agg.add(&mut acc, &record);
-        let mut fired = false;
         // Merge every session the new one overlaps (it may bridge several).
         let mut kept = Vec::with_capacity(sessions.len());
+        let mut absorbed_ends = Vec::new();
         for s in sessions.drain(..) {
             if s.start < end && start < s.end {
                 start = start.min(s.start);
@@ -360,7 +373,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
                 let mut merged = s.acc;
                 self.agg.merge(&mut merged, &acc);
                 acc = merged;
-                fired |= s.fired;
+                absorbed_ends.push(s.end);
             } else {
                 kept.push(s);
             }
@@ -370,10 +383,24 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
             out.push(WindowOutput::Late(record));
             return Ok(());
         }
-        let mut session = Session { start, end, acc, fired };
+        // The absorbed sessions' timers go, unless a remaining session has one at that time.
+        let timers_of = |e: Timestamp| [e - 1, e - 1 + self.lateness];
+        for e in absorbed_ends.into_iter().filter(|e| *e != end) {
+            for t in timers_of(e) {
+                let needed = kept
+                    .iter()
+                    .map(|s| s.end)
+                    .chain([end])
+                    .any(|k| timers_of(k).contains(&t));
+                if !needed {
+                    ctx.delete_event_time_timer(t)?;
+                }
+            }
+        }
+        let session = Session { start, end, acc };
         if end - 1 <= wm {
             // Within the lateness of a closed session: fire the update now.
-            self.emit_session(ctx, &mut session, out);
+            self.emit_session(ctx, &session, out);
         } else {
             ctx.register_event_time_timer(end - 1)?;
         }
@@ -388,10 +415,9 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
     fn emit_session(
         &self,
         ctx: &KeyedContext<'_, K>,
-        s: &mut Session<A::Acc>,
+        s: &Session<A::Acc>,
         out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
     ) {
-        s.fired = true;
         out.push(WindowOutput::Result(WindowResult {
             key: ctx.key().clone(),
             start: s.start,
@@ -410,9 +436,10 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         let Some(mut sessions) = state.get(ctx)? else {
             return Ok(());
         };
-        for s in sessions.iter_mut() {
-            // A timer of a session that has since grown is stale: only its own end fires it.
-            if s.end - 1 == ts && !s.fired {
+        for s in &sessions {
+            // A session fires at its own end (merged ones too: an update within the lateness
+            // fired at once, this is the on-time result).
+            if s.end - 1 == ts {
                 self.emit_session(ctx, s, out);
             }
         }
