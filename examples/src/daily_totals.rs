@@ -9,11 +9,10 @@
 
 use crate::transactions::{transaction, Transaction};
 use serde::{Deserialize, Serialize};
-use sluice_operators::generator::LaneGenerator;
 use sluice_runtime::element::Timestamp;
 use sluice_runtime::{
     Error, JobDefinition, JobParams, KeyedContext, KeyedProcessFunction, ParamSpec, Result, StateRegistry, StreamEnv,
-    TaskInfo, ValueState, WatermarkStrategy,
+    TaskInfo, ValueState,
 };
 use std::fmt;
 
@@ -81,9 +80,7 @@ pub fn event(seed: u64, users: u64, ms_per_event: u64, i: u64) -> Transaction {
 
 #[derive(Clone)]
 struct DailyTotals {
-    fail_at: u64,
-    armed: bool,
-    seen: u64,
+    fail_at: crate::FailAt,
     hourly: Option<ValueState<u64, Hourly>>,
 }
 
@@ -94,15 +91,12 @@ impl KeyedProcessFunction for DailyTotals {
 
     fn open(&mut self, state: &mut StateRegistry<'_, u64>, info: &TaskInfo) -> Result<()> {
         self.hourly = Some(state.value_state("hourly")?);
-        self.armed = self.fail_at > 0 && info.attempt == 0 && info.subtask == 0;
+        self.fail_at.open(info);
         Ok(())
     }
 
     fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, out: &mut Vec<DailyTotal>) -> Result<()> {
-        self.seen += 1;
-        if self.armed && self.seen == self.fail_at {
-            panic!("injected failure at record {} (fail_at)", self.fail_at);
-        }
+        self.fail_at.record();
         let hour = t.event_time.div_euclid(HOUR);
         let (mut total, mut created, mut newer_hour) = (None, false, false);
         self.hourly.as_ref().expect("opened").update_with(
@@ -143,30 +137,27 @@ impl KeyedProcessFunction for DailyTotals {
 }
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
-    let (events, users, seed) = (p.get::<u64>("events")?, p.get::<u64>("users")?, p.get::<u64>("seed")?);
+    let (users, seed) = (p.get::<u64>("users")?, p.get::<u64>("seed")?);
     let ms_per_event: u64 = p.get("ms_per_event")?;
     if users == 0 {
         return Err(Error::Config("job parameter 'users' must be at least 1".into()));
     }
-    let generator = LaneGenerator::new(events, 1, p.get("rate")?, move |i| event(seed, users, ms_per_event, i));
-    let totals = env
-        .source("transactions", generator)
-        .uid("transactions-source")
-        .parallelism(1)
-        .assign_timestamps_and_watermarks(WatermarkStrategy::monotonous(|t: &Transaction| t.event_time))
-        .uid("watermarks")
-        .parallelism(1)
-        .key_by(|t: &Transaction| t.user)
-        .process(
-            "daily-totals",
-            DailyTotals {
-                fail_at: p.get("fail_at")?,
-                armed: false,
-                seen: 0,
-                hourly: None,
-            },
-        )
-        .uid("daily-totals");
+    let totals = crate::ordered_source(
+        env,
+        "transactions",
+        p,
+        move |i| event(seed, users, ms_per_event, i),
+        |t: &Transaction| t.event_time,
+    )?
+    .key_by(|t: &Transaction| t.user)
+    .process(
+        "daily-totals",
+        DailyTotals {
+            fail_at: crate::FailAt::new(p.get("fail_at")?),
+            hourly: None,
+        },
+    )
+    .uid("daily-totals");
     crate::exactly_once_output(totals, "totals-output", p.optional("output"));
     Ok(())
 }

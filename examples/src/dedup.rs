@@ -7,12 +7,12 @@
 //! One source subtask and one lane: records reach the operator in index (and time) order, so
 //! which copy of an id is kept is the same on every run and after every restore.
 
+use crate::transactions::splitmix64;
 use serde::{Deserialize, Serialize};
-use sluice_operators::generator::LaneGenerator;
 use sluice_runtime::element::Timestamp;
 use sluice_runtime::{
     Error, JobDefinition, JobParams, KeyedContext, KeyedProcessFunction, ParamSpec, Result, StateRegistry, StreamEnv,
-    TaskInfo, ValueState, WatermarkStrategy,
+    TaskInfo, ValueState,
 };
 use std::fmt;
 
@@ -38,17 +38,10 @@ impl fmt::Display for Record {
     }
 }
 
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 /// Record `i`: a quarter of the records repeat the id of a record up to `max_distance` before.
 pub fn record(seed: u64, max_distance: u64, i: u64) -> Record {
-    let h = mix(seed ^ mix(i));
-    let distance = 1 + mix(h) % max_distance.max(1);
+    let h = splitmix64(seed ^ splitmix64(i));
+    let distance = 1 + splitmix64(h) % max_distance.max(1);
     let id = if h.is_multiple_of(4) && i >= distance {
         record(seed, max_distance, i - distance).id
     } else {
@@ -78,9 +71,7 @@ pub fn expected(events: u64, seed: u64, max_distance: u64, ttl_ms: i64) -> Vec<R
 #[derive(Clone)]
 struct Dedup {
     ttl_ms: i64,
-    fail_at: u64,
-    armed: bool,
-    seen: u64,
+    fail_at: crate::FailAt,
     last_kept: Option<ValueState<u64, i64>>,
 }
 
@@ -91,15 +82,12 @@ impl KeyedProcessFunction for Dedup {
 
     fn open(&mut self, state: &mut StateRegistry<'_, u64>, info: &TaskInfo) -> Result<()> {
         self.last_kept = Some(state.value_state("last-kept")?);
-        self.armed = self.fail_at > 0 && info.attempt == 0 && info.subtask == 0;
+        self.fail_at.open(info);
         Ok(())
     }
 
     fn process(&mut self, r: Record, ctx: &mut KeyedContext<'_, u64>, out: &mut Vec<Record>) -> Result<()> {
-        self.seen += 1;
-        if self.armed && self.seen == self.fail_at {
-            panic!("injected failure at record {} (fail_at)", self.fail_at);
-        }
+        self.fail_at.record();
         let last_kept = self.last_kept.as_ref().expect("opened");
         if last_kept.get(ctx)?.is_some_and(|t| r.event_time - t < self.ttl_ms) {
             return Ok(());
@@ -121,35 +109,28 @@ impl KeyedProcessFunction for Dedup {
 }
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
-    let (events, seed, max_distance) = (
-        p.get::<u64>("events")?,
-        p.get::<u64>("seed")?,
-        p.get::<u64>("max_distance")?,
-    );
+    let (seed, max_distance) = (p.get::<u64>("seed")?, p.get::<u64>("max_distance")?);
     let ttl_ms: i64 = p.get("ttl_ms")?;
     if ttl_ms < 1 {
         return Err(Error::Config("job parameter 'ttl_ms' must be at least 1".into()));
     }
-    let generator = LaneGenerator::new(events, 1, p.get("rate")?, move |i| record(seed, max_distance, i));
-    let kept = env
-        .source("records", generator)
-        .uid("records-source")
-        .parallelism(1)
-        .assign_timestamps_and_watermarks(WatermarkStrategy::monotonous(|r: &Record| r.event_time))
-        .uid("watermarks")
-        .parallelism(1)
-        .key_by(|r: &Record| r.id)
-        .process(
-            "dedup",
-            Dedup {
-                ttl_ms,
-                fail_at: p.get("fail_at")?,
-                armed: false,
-                seen: 0,
-                last_kept: None,
-            },
-        )
-        .uid("dedup");
+    let kept = crate::ordered_source(
+        env,
+        "records",
+        p,
+        move |i| record(seed, max_distance, i),
+        |r: &Record| r.event_time,
+    )?
+    .key_by(|r: &Record| r.id)
+    .process(
+        "dedup",
+        Dedup {
+            ttl_ms,
+            fail_at: crate::FailAt::new(p.get("fail_at")?),
+            last_kept: None,
+        },
+    )
+    .uid("dedup");
     crate::exactly_once_output(kept, "kept-output", p.optional("output"));
     Ok(())
 }

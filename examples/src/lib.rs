@@ -19,6 +19,54 @@ use sluice_operators::discard_sink::DiscardSink;
 use sluice_operators::file_sink::ExactlyOnceFileSink;
 use sluice_runtime::{DataStream, JobRegistry};
 
+/// The `fail_at` job parameter: a panic at the N-th record of subtask 0 on the first attempt
+/// only (0: never), to exercise failover.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct FailAt {
+    at: u64,
+    armed: bool,
+    seen: u64,
+}
+
+impl FailAt {
+    pub(crate) fn new(at: u64) -> Self {
+        Self { at, ..Self::default() }
+    }
+
+    /// Arms it in the subtask and attempt that fail.
+    pub(crate) fn open(&mut self, info: &sluice_runtime::TaskInfo) {
+        self.armed = self.at > 0 && info.attempt == 0 && info.subtask == 0;
+    }
+
+    /// Counts a record; panics at the chosen one.
+    pub(crate) fn record(&mut self) {
+        self.seen += 1;
+        if self.armed && self.seen == self.at {
+            panic!("injected failure at record {} (fail_at)", self.at);
+        }
+    }
+}
+
+/// Records `make(0..events)` from one source subtask with one lane, in index order, with
+/// monotonous event time: every run and every restore feeds each key the same sequence, so
+/// per-record outputs are reproducible.
+fn ordered_source<T: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static>(
+    env: &mut sluice_runtime::StreamEnv,
+    name: &str,
+    p: &sluice_runtime::JobParams,
+    make: impl Fn(u64) -> T + Send + Sync + 'static,
+    event_time: impl Fn(&T) -> i64 + Send + Sync + 'static,
+) -> sluice_runtime::Result<DataStream<T>> {
+    let generator = sluice_operators::generator::LaneGenerator::new(p.get("events")?, 1, p.get("rate")?, make);
+    Ok(env
+        .source(name, generator)
+        .uid(&format!("{name}-source"))
+        .parallelism(1)
+        .assign_timestamps_and_watermarks(sluice_runtime::WatermarkStrategy::monotonous(event_time))
+        .uid("watermarks")
+        .parallelism(1))
+}
+
 /// Writes `stream` to the directory `output` through the exactly-once file sink, or counts it
 /// when no output is given (benchmark runs); the sink's name and uid are `name`.
 fn exactly_once_output<T: std::fmt::Display + Clone + Send + 'static>(

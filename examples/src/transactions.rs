@@ -41,7 +41,8 @@ impl fmt::Display for UserTotal {
     }
 }
 
-fn splitmix64(mut x: u64) -> u64 {
+/// A 64-bit mix (splitmix64's finalizer): the generators' pseudo-randomness.
+pub(crate) fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -77,9 +78,7 @@ pub fn expected_totals(events: u64, users: u64, seed: u64) -> Vec<UserTotal> {
 /// Keyed running total and count per user; emits every user's final total at end of input.
 #[derive(Clone)]
 pub struct RunningTotals {
-    fail_at: u64,
-    armed: bool,
-    seen: u64,
+    fail_at: crate::FailAt,
     totals: Option<ValueState<u64, (i64, u64)>>,
 }
 
@@ -87,9 +86,7 @@ impl RunningTotals {
     /// `fail_at = 0` never fails.
     pub fn new(fail_at: u64) -> Self {
         Self {
-            fail_at,
-            armed: false,
-            seen: 0,
+            fail_at: crate::FailAt::new(fail_at),
             totals: None,
         }
     }
@@ -102,15 +99,12 @@ impl KeyedProcessFunction for RunningTotals {
 
     fn open(&mut self, state: &mut StateRegistry<'_, u64>, info: &TaskInfo) -> Result<()> {
         self.totals = Some(state.value_state("totals")?);
-        self.armed = self.fail_at > 0 && info.attempt == 0 && info.subtask == 0;
+        self.fail_at.open(info);
         Ok(())
     }
 
     fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, _: &mut Vec<UserTotal>) -> Result<()> {
-        self.seen += 1;
-        if self.armed && self.seen == self.fail_at {
-            panic!("injected failure at record {} (fail_at)", self.fail_at);
-        }
+        self.fail_at.record();
         let totals = self.totals.as_ref().expect("opened");
         totals.update_with(
             ctx,
