@@ -164,7 +164,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
 
 /// The job's registration.
 pub fn definition() -> JobDefinition {
-    let param = |name, default, help| ParamSpec { name, default, help };
+    let param = ParamSpec::new;
     JobDefinition {
         name: "daily-totals",
         description: "each user's total over the last 24 hours of event time, on every event",
@@ -174,11 +174,7 @@ pub fn definition() -> JobDefinition {
             param("seed", "42", "generator seed"),
             param("rate", "0", "events per second in total, 0 = unlimited"),
             param("ms_per_event", "100", "event time between two events, ms"),
-            param(
-                "fail_at",
-                "0",
-                "panic once at this record of subtask 0 (first attempt only), 0 = never",
-            ),
+            crate::FailAt::PARAM,
             param(
                 "output",
                 "",

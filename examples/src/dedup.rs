@@ -137,7 +137,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
 
 /// The job's registration.
 pub fn definition() -> JobDefinition {
-    let param = |name, default, help| ParamSpec { name, default, help };
+    let param = ParamSpec::new;
     JobDefinition {
         name: "dedup",
         description: "drops records whose id was kept less than ttl_ms of event time before",
@@ -155,11 +155,7 @@ pub fn definition() -> JobDefinition {
                 "10000",
                 "how long a kept id suppresses its copies, ms of event time",
             ),
-            param(
-                "fail_at",
-                "0",
-                "panic once at this record of subtask 0 (first attempt only), 0 = never",
-            ),
+            crate::FailAt::PARAM,
             param(
                 "output",
                 "",

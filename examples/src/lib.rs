@@ -29,6 +29,13 @@ pub(crate) struct FailAt {
 }
 
 impl FailAt {
+    /// Its declaration, the same in every job that takes it.
+    pub(crate) const PARAM: sluice_runtime::ParamSpec = sluice_runtime::ParamSpec::new(
+        "fail_at",
+        "0",
+        "panic once at this record of subtask 0 (first attempt only), 0 = never",
+    );
+
     pub(crate) fn new(at: u64) -> Self {
         Self { at, ..Self::default() }
     }

@@ -183,11 +183,7 @@ pub fn definition() -> JobDefinition {
                 default: "128",
                 help: "generator lanes (units of source redistribution)",
             },
-            ParamSpec {
-                name: "fail_at",
-                default: "0",
-                help: "panic once at this record of subtask 0 (first attempt only), 0 = never",
-            },
+            crate::FailAt::PARAM,
             ParamSpec {
                 name: "output",
                 default: "",

@@ -89,7 +89,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
 
 /// The job's registration.
 pub fn definition() -> JobDefinition {
-    let param = |name, default, help| ParamSpec { name, default, help };
+    let param = ParamSpec::new;
     JobDefinition {
         name: "window-sums",
         description: "each user's total per event-time window (tumbling or sliding) over generated transactions",

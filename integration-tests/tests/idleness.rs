@@ -130,16 +130,8 @@ fn run(idleness: bool, wait_ms: u64) -> bool {
         name: "idleness",
         description: "",
         params: vec![
-            ParamSpec {
-                name: "idleness",
-                default: "false",
-                help: "",
-            },
-            ParamSpec {
-                name: "wait_ms",
-                default: "0",
-                help: "",
-            },
+            ParamSpec::new("idleness", "false", ""),
+            ParamSpec::new("wait_ms", "0", ""),
         ],
         build,
     };

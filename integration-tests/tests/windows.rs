@@ -186,11 +186,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
 }
 
 fn definition() -> JobDefinition {
-    let param = |name, default| ParamSpec {
-        name,
-        default,
-        help: "",
-    };
+    let param = |name, default| ParamSpec::new(name, default, "");
     JobDefinition {
         name: "windows-test",
         description: "window sums per user",

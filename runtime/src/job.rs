@@ -17,6 +17,13 @@ pub struct ParamSpec {
     pub help: &'static str,
 }
 
+impl ParamSpec {
+    /// A parameter `name` with its default and help.
+    pub const fn new(name: &'static str, default: &'static str, help: &'static str) -> Self {
+        Self { name, default, help }
+    }
+}
+
 /// The parameters of one job run, validated against the job's declarations.
 #[derive(Debug, Clone, Default)]
 pub struct JobParams {

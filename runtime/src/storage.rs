@@ -147,19 +147,20 @@ fn hdfs_operator(url: &str, rest: &str) -> Result<(Operator, String)> {
     // The HDFS client binds its NameNode connection to the runtime it is built in (or builds a
     // runtime of its own, which panics when dropped inside async code): build it in one
     // process-wide runtime that outlives every job.
-    static HDFS_RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    let rt = match HDFS_RUNTIME.get() {
-        Some(rt) => rt,
-        None => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
+    // Built once inside the lock: a runtime built by a losing thread would be dropped here,
+    // which panics inside async code.
+    static HDFS_RUNTIME: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    let rt = HDFS_RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("sluice-hdfs")
                 .enable_all()
                 .build()
-                .map_err(|e| Error::Config(format!("cannot start the HDFS client runtime: {e}")))?;
-            HDFS_RUNTIME.get_or_init(|| rt)
-        }
-    };
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| Error::Config(format!("cannot start the HDFS client runtime: {e}")))?;
     let _in_runtime = rt.enter();
     let op = Operator::new(
         services::HdfsNative::default()

@@ -205,36 +205,49 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         }
     }
 
-    /// Emits the window `[start, start + size)` from its panes, if any holds data.
+    /// Emits the window `[start, end)` from its panes, if any holds data, in one scan of the
+    /// key's panes (not a lookup per pane); returns the first pane at or after `later`.
     fn fire_aligned(
         &self,
         ctx: &KeyedContext<'_, K>,
-        start: Timestamp,
-        size: i64,
-        pane: i64,
+        (start, end): (Timestamp, Timestamp),
+        later: Timestamp,
         out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
-    ) -> Result<()> {
-        let panes = self.panes.as_ref().expect("opened");
-        let mut acc: Option<A::Acc> = None;
-        let mut p = start;
-        while p < start + size {
-            if let Some(a) = panes.get(ctx, &p)? {
+    ) -> Result<Option<Timestamp>> {
+        let mut entries = self.panes.as_ref().expect("opened").entries(ctx)?;
+        entries.sort_unstable_by_key(|(p, _)| *p);
+        let (mut acc, mut later_pane) = (None::<A::Acc>, None);
+        for (p, a) in entries {
+            if p >= later && later_pane.is_none() {
+                later_pane = Some(p);
+            }
+            if (start..end).contains(&p) {
                 match &mut acc {
                     Some(acc) => self.agg.merge(acc, &a),
                     None => acc = Some(a),
                 }
             }
-            p += pane;
         }
         if let Some(acc) = acc {
-            out.push(WindowOutput::Result(WindowResult {
-                key: ctx.key().clone(),
-                start,
-                end: start + size,
-                value: self.agg.result(&acc),
-            }));
+            self.emit(ctx, start, end, &acc, out);
         }
-        Ok(())
+        Ok(later_pane)
+    }
+
+    fn emit(
+        &self,
+        ctx: &KeyedContext<'_, K>,
+        start: Timestamp,
+        end: Timestamp,
+        acc: &A::Acc,
+        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+    ) {
+        out.push(WindowOutput::Result(WindowResult {
+            key: ctx.key().clone(),
+            start,
+            end,
+            value: self.agg.result(acc),
+        }));
     }
 
     fn process_aligned(
@@ -259,7 +272,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         while start + size > ts {
             let end = start + size;
             if end - 1 <= wm && end - 1 + self.lateness > wm {
-                self.fire_aligned(ctx, start, size, pane, out)?;
+                self.fire_aligned(ctx, (start, end), end, out)?;
             }
             start -= slide;
         }
@@ -304,30 +317,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         // of the slide).
         if (end - size).rem_euclid(slide) == 0 {
             let start = end - size;
-            // One pass over the key's panes (a map scan, not a lookup per pane): merge the
-            // window's, and find the first pane a later window holds.
-            let (mut acc, mut next_pane) = (None::<A::Acc>, None::<Timestamp>);
-            let mut entries = panes.entries(ctx)?;
-            entries.sort_unstable_by_key(|(p, _)| *p);
-            for (p, a) in entries {
-                if p >= start + slide && next_pane.is_none() {
-                    next_pane = Some(p);
-                }
-                if (start..end).contains(&p) {
-                    match &mut acc {
-                        Some(acc) => self.agg.merge(acc, &a),
-                        None => acc = Some(a),
-                    }
-                }
-            }
-            if let Some(acc) = acc {
-                out.push(WindowOutput::Result(WindowResult {
-                    key: ctx.key().clone(),
-                    start,
-                    end,
-                    value: self.agg.result(&acc),
-                }));
-            }
+            let next_pane = self.fire_aligned(ctx, (start, end), start + slide, out)?;
             if let Some(p) = next_pane {
                 // The next window with data: the first after this one that holds pane `p`
                 // (skipping empty slides, however many).
@@ -400,7 +390,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         let session = Session { start, end, acc };
         if end - 1 <= wm {
             // Within the lateness of a closed session: fire the update now.
-            self.emit_session(ctx, &session, out);
+            self.emit(ctx, session.start, session.end, &session.acc, out);
         } else {
             ctx.register_event_time_timer(end - 1)?;
         }
@@ -410,20 +400,6 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         kept.push(session);
         kept.sort_by_key(|s| s.start);
         state.update(ctx, kept)
-    }
-
-    fn emit_session(
-        &self,
-        ctx: &KeyedContext<'_, K>,
-        s: &Session<A::Acc>,
-        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
-    ) {
-        out.push(WindowOutput::Result(WindowResult {
-            key: ctx.key().clone(),
-            start: s.start,
-            end: s.end,
-            value: self.agg.result(&s.acc),
-        }));
     }
 
     fn on_timer_session(
@@ -440,7 +416,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
             // A session fires at its own end (merged ones too: an update within the lateness
             // fired at once, this is the on-time result).
             if s.end - 1 == ts {
-                self.emit_session(ctx, s, out);
+                self.emit(ctx, s.start, s.end, &s.acc, out);
             }
         }
         sessions.retain(|s| s.end - 1 + self.lateness > ts);

@@ -464,10 +464,24 @@ impl RocksBackend {
         default: impl FnOnce() -> V,
         f: impl FnOnce(&mut V),
     ) -> Result<()> {
-        let key = rocks_key(c.key_group, c.bytes, b"");
-        let mut v = self.get_decoded(id, &key)?.unwrap_or_else(default);
+        self.update_at(id, rocks_key(c.key_group, c.bytes, b""), default, f)
+            .map(|_| ())
+    }
+
+    /// Read-modify-write of the value under `key`, starting from `default`; whether it existed.
+    fn update_at<V: StateValue>(
+        &mut self,
+        id: StateId,
+        key: Vec<u8>,
+        default: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V),
+    ) -> Result<bool> {
+        let old = self.get_decoded(id, &key)?;
+        let existed = old.is_some();
+        let mut v = old.unwrap_or_else(default);
         f(&mut v);
-        self.put_raw(id, key, Some(postcard::to_allocvec(&v)?))
+        self.put_raw(id, key, Some(postcard::to_allocvec(&v)?))?;
+        Ok(existed)
     }
 
     pub(crate) fn value_remove<K: Key, V: StateValue>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Result<()> {
@@ -533,13 +547,7 @@ impl RocksBackend {
         default: impl FnOnce() -> UV,
         f: impl FnOnce(&mut UV),
     ) -> Result<bool> {
-        let key = map_key(c, &uk)?;
-        let old = self.get_decoded(id, &key)?;
-        let existed = old.is_some();
-        let mut v = old.unwrap_or_else(default);
-        f(&mut v);
-        self.put_raw(id, key, Some(postcard::to_allocvec(&v)?))?;
-        Ok(existed)
+        self.update_at(id, map_key(c, &uk)?, default, f)
     }
 
     pub(crate) fn map_put<K: Key, UK: Key, UV: StateValue>(
