@@ -99,9 +99,11 @@ fn sigkill_then_resume_from_latest_retained_checkpoint() {
     );
 
     // Both jobs' directories hold only their retained completed checkpoints: the killed run's
-    // partial (or subsumed but not yet deleted) ones are gone.
+    // partial (or subsumed but not yet deleted) ones are gone. The resumed run may finish before
+    // its first checkpoint, so its directory can be empty.
     let jobs = assert_only_completed_checkpoints(&ck);
-    assert_eq!(jobs.len(), 2);
+    let killed = job_dir.file_name().unwrap().to_str().unwrap();
+    assert!(jobs.contains_key(killed) && jobs.len() <= 2, "{jobs:?}");
     for ids in jobs.values() {
         assert!(!ids.is_empty() && ids.len() <= 3, "{ids:?}");
     }
