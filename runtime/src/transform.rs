@@ -135,6 +135,7 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
     fn process(&mut self, batch: Vec<P::In>, out: &mut Vec<P::Out>) -> Result<()> {
         let backend = self.backend.as_mut().expect("opened before use");
         let range = backend.range();
+        let now = crate::state::processing_time_now();
         for record in batch {
             let key = (self.key)(&record);
             self.key_bytes.clear();
@@ -155,6 +156,7 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
                 },
                 backend,
                 timers: self.timers.as_mut(),
+                now,
             };
             self.f.process(record, &mut ctx, out)?;
         }
@@ -167,6 +169,7 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
         };
         timers.advance(watermark);
         let range = backend.range();
+        let now = crate::state::processing_time_now();
         while out.len() < FIRE_ROUND {
             let Some((ts, bytes)) = timers.pop_due() else {
                 break;
@@ -183,6 +186,7 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
                 },
                 backend: &mut *backend,
                 timers: Some(&mut *timers),
+                now,
             };
             ctx.backend.map_remove::<P::Key, Timestamp, ()>(state, &ctx.cur, &ts)?;
             self.f.on_timer(ts, &mut ctx, out)?;

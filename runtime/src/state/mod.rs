@@ -49,6 +49,15 @@ pub struct KeyedContext<'a, K> {
     pub(crate) backend: &'a mut KeyedBackend,
     /// The operator's timers; `None` outside a keyed operator (tools, tests).
     pub(crate) timers: Option<&'a mut TimerService>,
+    /// Processing time (ms since the Unix epoch), read once per batch or timer round.
+    pub(crate) now: Timestamp,
+}
+
+/// The wall clock in ms since the Unix epoch: processing time.
+pub fn processing_time_now() -> Timestamp {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl<K> KeyedContext<'_, K> {
@@ -65,6 +74,11 @@ impl<K> KeyedContext<'_, K> {
     /// The operator's event-time clock: the last watermark it received.
     pub fn current_watermark(&self) -> Timestamp {
         self.timers.as_ref().map_or(Timestamp::MIN, |t| t.watermark)
+    }
+
+    /// Processing time (ms since the Unix epoch) as of the batch being processed.
+    pub fn current_processing_time(&self) -> Timestamp {
+        self.now
     }
 }
 
@@ -331,6 +345,17 @@ impl KeyedBackend {
         max_parallelism: u16,
         f: impl FnOnce(&mut KeyedContext<'_, K>) -> R,
     ) -> Result<R> {
+        self.with_key_at(key, max_parallelism, processing_time_now(), f)
+    }
+
+    /// [`Self::with_key`] at the processing time `now` (tests of time-dependent state).
+    pub fn with_key_at<K: Key, R>(
+        &mut self,
+        key: &K,
+        max_parallelism: u16,
+        now: Timestamp,
+        f: impl FnOnce(&mut KeyedContext<'_, K>) -> R,
+    ) -> Result<R> {
         let bytes = postcard::to_allocvec(key)?;
         let kg = key_group_for_bytes(&bytes, max_parallelism);
         let range = self.range();
@@ -349,6 +374,7 @@ impl KeyedBackend {
             },
             backend: self,
             timers: None,
+            now,
         };
         Ok(f(&mut ctx))
     }
