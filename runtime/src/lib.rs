@@ -66,7 +66,9 @@ pub use operator::{
     Data, FinishHooks, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState, SinkFunction, SourceFunction,
     SourcePoll, StateRegistry, TaskInfo,
 };
-pub use state::{KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, ValueState};
+pub use state::{
+    KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, TimeDomain, ValueState,
+};
 pub use stream::{DataStream, KeyedStream, StreamEnv, WindowedResults, WindowedStream};
 pub use time::WatermarkStrategy;
 pub use window::{AggregateFunction, WindowAssigner, WindowOutput, WindowResult};

@@ -153,6 +153,16 @@ pub trait Operator: Send + 'static {
     fn watermark_pending(&self) -> bool {
         false
     }
+    /// The earliest processing time (ms since the Unix epoch) at which this operator has work
+    /// (a processing-time timer): the task wakes up then even if no input arrives.
+    fn next_processing_time(&self) -> Option<Timestamp> {
+        None
+    }
+    /// The wall clock reached `now`: run one bounded round of what is due (the task calls
+    /// again, between inputs, while `next_processing_time` is at or before the clock).
+    fn on_processing_time(&mut self, _now: Timestamp, _out: &mut Vec<Self::Out>) -> Result<()> {
+        Ok(())
+    }
     /// Asked when the input went quiet: whether this operator's output now counts as idle, left
     /// out of watermarks downstream until it emits again (a source's idleness timeout).
     fn output_idle(&mut self) -> bool {
@@ -257,6 +267,15 @@ pub trait KeyedProcessFunction: Send + Sync + Clone + 'static {
     ) -> Result<()>;
     /// An event-time timer of the key `ctx.key()` fired: the watermark reached `timestamp`.
     fn on_timer(
+        &mut self,
+        _timestamp: Timestamp,
+        _ctx: &mut KeyedContext<'_, Self::Key>,
+        _out: &mut Vec<Self::Out>,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// A processing-time timer of the key `ctx.key()` fired: the wall clock reached `timestamp`.
+    fn on_processing_time_timer(
         &mut self,
         _timestamp: Timestamp,
         _ctx: &mut KeyedContext<'_, Self::Key>,

@@ -10,7 +10,7 @@ use crate::operator::{
     TaskInfo,
 };
 use crate::snapshot::{OperatorListState, Redistribution};
-use crate::state::{CurrentKey, KeyedBackend, KeyedContext, TimerService};
+use crate::state::{CurrentKey, KeyedBackend, KeyedContext, TimeDomain, TimerService};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -99,6 +99,40 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
     fn backend(&mut self) -> &mut KeyedBackend {
         self.backend.as_mut().expect("opened before use")
     }
+
+    /// Fires the due timers of `domain`, up to a round's worth of output; `now` is the
+    /// processing time (the watermark decides event time).
+    fn fire(&mut self, domain: TimeDomain, now: Timestamp, out: &mut Vec<P::Out>) -> Result<()> {
+        let (Some(backend), Some(timers)) = (self.backend.as_mut(), self.timers.as_mut()) else {
+            return Ok(());
+        };
+        let range = backend.range();
+        let state = timers.state(domain);
+        while out.len() < FIRE_ROUND {
+            let Some((ts, bytes)) = timers.pop_due(domain, now) else {
+                break;
+            };
+            let key: P::Key = postcard::from_bytes(&bytes)?;
+            let kg = key_group_for_bytes(&bytes, self.max_parallelism);
+            let mut ctx = KeyedContext {
+                cur: CurrentKey {
+                    key: &key,
+                    bytes: &bytes,
+                    key_group: kg,
+                    index: range.index_of(kg),
+                },
+                backend: &mut *backend,
+                timers: Some(&mut *timers),
+                now,
+            };
+            ctx.backend.map_remove::<P::Key, Timestamp, ()>(state, &ctx.cur, &ts)?;
+            match domain {
+                TimeDomain::EventTime => self.f.on_timer(ts, &mut ctx, out)?,
+                TimeDomain::ProcessingTime => self.f.on_processing_time_timer(ts, &mut ctx, out)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
@@ -164,38 +198,22 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
     }
 
     fn watermark(&mut self, watermark: Timestamp, out: &mut Vec<P::Out>) -> Result<()> {
-        let (Some(backend), Some(timers)) = (self.backend.as_mut(), self.timers.as_mut()) else {
-            return Ok(());
-        };
-        timers.advance(watermark);
-        let range = backend.range();
-        let now = crate::state::processing_time_now();
-        while out.len() < FIRE_ROUND {
-            let Some((ts, bytes)) = timers.pop_due() else {
-                break;
-            };
-            let key: P::Key = postcard::from_bytes(&bytes)?;
-            let kg = key_group_for_bytes(&bytes, self.max_parallelism);
-            let state = timers.state();
-            let mut ctx = KeyedContext {
-                cur: CurrentKey {
-                    key: &key,
-                    bytes: &bytes,
-                    key_group: kg,
-                    index: range.index_of(kg),
-                },
-                backend: &mut *backend,
-                timers: Some(&mut *timers),
-                now,
-            };
-            ctx.backend.map_remove::<P::Key, Timestamp, ()>(state, &ctx.cur, &ts)?;
-            self.f.on_timer(ts, &mut ctx, out)?;
+        if let Some(timers) = self.timers.as_mut() {
+            timers.advance(watermark);
         }
-        Ok(())
+        self.fire(TimeDomain::EventTime, crate::state::processing_time_now(), out)
     }
 
     fn watermark_pending(&self) -> bool {
         self.timers.as_ref().is_some_and(TimerService::has_due)
+    }
+
+    fn next_processing_time(&self) -> Option<Timestamp> {
+        self.timers.as_ref()?.next_processing_time()
+    }
+
+    fn on_processing_time(&mut self, now: Timestamp, out: &mut Vec<P::Out>) -> Result<()> {
+        self.fire(TimeDomain::ProcessingTime, now, out)
     }
 
     fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<OperatorSnapshot> {
@@ -252,5 +270,149 @@ impl<S: SinkFunction> Operator for SinkOp<S> {
     }
     fn end_of_input(&mut self, _: &mut Vec<()>) -> Result<()> {
         self.0.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StateBackendKind;
+    use crate::keygroup::{range_for_subtask, KeyGroupRange};
+    use crate::snapshot::{read_block, RestoredKeyGroups, StateFileWriter};
+    use crate::state::ValueState;
+
+    /// Arms a processing-time timer an hour ahead for each key; a second record of a key moves
+    /// it one ms later (delete + register). Fired timers emit `(key, timestamp)`.
+    #[derive(Clone, Default)]
+    struct Reminder {
+        armed: Option<ValueState<u32, Timestamp>>,
+    }
+
+    const HOUR: Timestamp = 3_600_000;
+
+    impl KeyedProcessFunction for Reminder {
+        type Key = u32;
+        type In = u32;
+        type Out = (u32, Timestamp);
+        fn open(&mut self, state: &mut StateRegistry<'_, u32>, _: &TaskInfo) -> Result<()> {
+            self.armed = Some(state.value_state("armed")?);
+            Ok(())
+        }
+        fn process(&mut self, _: u32, ctx: &mut KeyedContext<'_, u32>, _: &mut Vec<(u32, Timestamp)>) -> Result<()> {
+            let armed = self.armed.as_ref().unwrap();
+            let at = match armed.get(ctx)? {
+                Some(t) => {
+                    ctx.delete_processing_time_timer(t)?;
+                    t + 1
+                }
+                None => ctx.current_processing_time() + HOUR,
+            };
+            armed.update(ctx, at)?;
+            ctx.register_processing_time_timer(at)
+        }
+        fn on_processing_time_timer(
+            &mut self,
+            ts: Timestamp,
+            ctx: &mut KeyedContext<'_, u32>,
+            out: &mut Vec<(u32, Timestamp)>,
+        ) -> Result<()> {
+            self.armed.as_ref().unwrap().clear(ctx)?;
+            out.push((*ctx.key(), ts));
+            Ok(())
+        }
+    }
+
+    fn info(backend: StateBackendKind, subtask: usize, parallelism: usize, dir: &std::path::Path) -> TaskInfo {
+        TaskInfo {
+            job_id: "j".into(),
+            name: "reminder".into(),
+            uid: "reminder".into(),
+            subtask,
+            parallelism,
+            max_parallelism: 128,
+            attempt: 0,
+            state_backend: backend,
+            local_dir: dir.join(format!("{subtask}-{parallelism}")),
+            rescale_merge: Default::default(),
+            finish_hooks: Default::default(),
+        }
+    }
+
+    fn reminder_op() -> KeyedProcessOp<Reminder> {
+        KeyedProcessOp::new(Reminder::default(), Arc::new(|k: &u32| *k))
+    }
+
+    /// The canonical key-group blocks of `range` in a snapshot (what a savepoint restores).
+    fn blocks_of(snapshot: &OperatorSnapshot, range: KeyGroupRange) -> RestoredKeyGroups {
+        let mut w = StateFileWriter::new();
+        let index = snapshot.keyed.as_ref().unwrap().write_canonical(&mut w).unwrap();
+        let file = w.finish();
+        let blocks = range
+            .iter()
+            .map(|kg| {
+                let off = index.offsets[index.range.index_of(kg)];
+                (kg, read_block(&file, off, "t").unwrap().to_vec())
+            })
+            .collect();
+        RestoredKeyGroups {
+            blocks,
+            rocksdb: vec![],
+        }
+    }
+
+    #[test]
+    fn processing_time_timers_fire_when_due_and_are_restored_by_key_group_at_another_parallelism() {
+        for backend in [
+            StateBackendKind::Memory,
+            StateBackendKind::RocksDb { incremental: true },
+        ] {
+            if cfg!(not(feature = "rocksdb")) && backend != StateBackendKind::Memory {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let mut op = reminder_op();
+            op.open(&info(backend, 0, 1, dir.path()), None).unwrap();
+            let before = crate::state::processing_time_now();
+            let mut out = Vec::new();
+            op.process((0..200).collect(), &mut out).unwrap();
+            // Keys below 50 are re-armed one ms later: the first timer must not fire.
+            op.process((0..50).collect(), &mut out).unwrap();
+            let after = crate::state::processing_time_now();
+            let first = op.next_processing_time().expect("timers are armed");
+            assert!((before + HOUR..=after + HOUR).contains(&first), "{first}");
+            op.on_processing_time(before + HOUR - 1, &mut out).unwrap();
+            assert!(
+                out.is_empty(),
+                "nothing is due an hour minus a ms after the first record"
+            );
+            let snapshot = op.snapshot(crate::CheckpointId(1)).unwrap();
+
+            // Restored at parallelism 3: every key's timer is back, in the subtask owning it.
+            let mut fired = Vec::new();
+            for subtask in 0..3 {
+                let range = range_for_subtask(128, 3, subtask);
+                let mut op = reminder_op();
+                let restored = crate::operator::RestoredState {
+                    keyed: blocks_of(&snapshot, range),
+                    operator: Default::default(),
+                };
+                op.open(&info(backend, subtask, 3, dir.path()), Some(restored)).unwrap();
+                let mut out = Vec::new();
+                op.on_processing_time(Timestamp::MAX, &mut out).unwrap();
+                assert!(op.next_processing_time().is_none(), "fired timers are gone");
+                for (k, _) in &out {
+                    let kg = crate::keygroup::key_group_for_bytes(&postcard::to_allocvec(k).unwrap(), 128);
+                    assert!(range.contains(kg), "key {k} fired in subtask {subtask}");
+                }
+                fired.extend(out);
+            }
+            fired.sort();
+            let armed: Vec<u32> = fired.iter().map(|(k, _)| *k).collect();
+            assert_eq!(armed, (0..200).collect::<Vec<_>>(), "{backend:?}: each key fired once");
+            for (k, ts) in fired {
+                let moved = Timestamp::from(k < 50);
+                assert!((before + HOUR + moved..=after + HOUR + moved).contains(&ts), "{k} {ts}");
+            }
+        }
     }
 }

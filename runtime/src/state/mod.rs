@@ -83,62 +83,87 @@ impl<K> KeyedContext<'_, K> {
 }
 
 impl<K: Key> KeyedContext<'_, K> {
-    fn timer_service(&mut self) -> Result<(&mut TimerService, &mut KeyedBackend, &CurrentKey<'_, K>)> {
+    fn timer_queue(&mut self, domain: TimeDomain) -> Result<(&mut TimerQueue, &mut KeyedBackend, &CurrentKey<'_, K>)> {
         match self.timers.as_deref_mut() {
-            Some(t) => Ok((t, &mut *self.backend, &self.cur)),
+            Some(t) => Ok((t.queue(domain), &mut *self.backend, &self.cur)),
             None => Err(Error::User("timers exist only inside a keyed process function".into())),
         }
+    }
+
+    fn register_timer(&mut self, domain: TimeDomain, timestamp: Timestamp) -> Result<()> {
+        let (queue, backend, cur) = self.timer_queue(domain)?;
+        if queue.insert(timestamp, cur.bytes) {
+            backend.map_put::<K, Timestamp, ()>(queue.state, cur, timestamp, ())?;
+        }
+        Ok(())
+    }
+
+    fn delete_timer(&mut self, domain: TimeDomain, timestamp: Timestamp) -> Result<()> {
+        let (queue, backend, cur) = self.timer_queue(domain)?;
+        if queue.remove(timestamp, cur.bytes) {
+            backend.map_remove::<K, Timestamp, ()>(queue.state, cur, &timestamp)?;
+        }
+        Ok(())
     }
 
     /// Calls `on_timer` for the current key once the watermark reaches `timestamp` (once per
     /// key and timestamp). Timers are keyed state: checkpointed, restored and rescaled with it.
     pub fn register_event_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
-        let (timers, backend, cur) = self.timer_service()?;
-        if timers.insert(timestamp, cur.bytes) {
-            backend.map_put::<K, Timestamp, ()>(timers.state, cur, timestamp, ())?;
-        }
-        Ok(())
+        self.register_timer(TimeDomain::EventTime, timestamp)
     }
 
-    /// Removes the current key's timer at `timestamp`, if any.
+    /// Removes the current key's event-time timer at `timestamp`, if any.
     pub fn delete_event_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
-        let (timers, backend, cur) = self.timer_service()?;
-        if timers.remove(timestamp, cur.bytes) {
-            backend.map_remove::<K, Timestamp, ()>(timers.state, cur, &timestamp)?;
-        }
-        Ok(())
+        self.delete_timer(TimeDomain::EventTime, timestamp)
+    }
+
+    /// Calls `on_processing_time_timer` for the current key once the wall clock reaches
+    /// `timestamp` (ms since the Unix epoch). Checkpointed like event-time timers; one restored
+    /// after its time fires at once. Timers still pending when the input ends are dropped, as
+    /// in Flink: a finished job has no processing time left.
+    pub fn register_processing_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
+        self.register_timer(TimeDomain::ProcessingTime, timestamp)
+    }
+
+    /// Removes the current key's processing-time timer at `timestamp`, if any.
+    pub fn delete_processing_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
+        self.delete_timer(TimeDomain::ProcessingTime, timestamp)
     }
 }
 
-/// Event-time timers of one keyed operator subtask: an index in memory over a map state
-/// (key -> timestamp) that checkpoints, restores and rescales like any keyed state. The index
-/// groups keys by time (windows put many keys' timers at the same time), and fires one time's
-/// keys in key order, so that firing order does not depend on registration or restore order.
-pub struct TimerService {
+/// The clock a timer follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeDomain {
+    /// The watermark.
+    EventTime,
+    /// The wall clock.
+    ProcessingTime,
+}
+
+/// The timers of one time domain: an index in memory over a map state (key -> timestamp) that
+/// checkpoints, restores and rescales like any keyed state. The index groups keys by time
+/// (windows put many keys' timers at the same time), and fires one time's keys in key order,
+/// so that firing order does not depend on registration or restore order.
+pub(crate) struct TimerQueue {
     state: StateId,
-    event: std::collections::BTreeMap<Timestamp, rustc_hash::FxHashSet<Box<[u8]>>>,
+    by_time: std::collections::BTreeMap<Timestamp, rustc_hash::FxHashSet<Box<[u8]>>>,
     /// The timers of the time being fired, in key order.
     firing: std::collections::VecDeque<(Timestamp, Box<[u8]>)>,
-    watermark: Timestamp,
 }
 
-/// The timers' state name: not a name the state registry hands out to functions.
-const TIMER_STATE: &str = "__timers__";
-
-impl TimerService {
-    /// Registers the timer state on `backend` and indexes the timers restored into it.
-    pub(crate) fn open<K: Key>(backend: &mut KeyedBackend) -> Result<Self> {
-        let state = backend.register_map::<K, Timestamp, ()>(TIMER_STATE)?;
-        let mut timers = Self {
+impl TimerQueue {
+    /// Registers the timer state `name` on `backend` and indexes the timers restored into it.
+    fn open<K: Key>(backend: &mut KeyedBackend, name: &str) -> Result<Self> {
+        let state = backend.register_map::<K, Timestamp, ()>(name)?;
+        let mut queue = Self {
             state,
-            event: Default::default(),
+            by_time: Default::default(),
             firing: Default::default(),
-            watermark: Timestamp::MIN,
         };
         for (key, ts, ()) in backend.map_all::<K, Timestamp, ()>(state)? {
-            timers.insert(ts, &postcard::to_allocvec(&key)?);
+            queue.insert(ts, &postcard::to_allocvec(&key)?);
         }
-        Ok(timers)
+        Ok(queue)
     }
 
     /// Adds a timer to the index; false if it was there.
@@ -146,7 +171,7 @@ impl TimerService {
         if self.in_firing(ts, key).is_ok() {
             return false;
         }
-        let keys = self.event.entry(ts).or_default();
+        let keys = self.by_time.entry(ts).or_default();
         if keys.contains(key) {
             return false;
         }
@@ -159,12 +184,12 @@ impl TimerService {
             self.firing.remove(i);
             return true;
         }
-        let Some(keys) = self.event.get_mut(&ts) else {
+        let Some(keys) = self.by_time.get_mut(&ts) else {
             return false;
         };
         let removed = keys.remove(key);
         if keys.is_empty() {
-            self.event.remove(&ts);
+            self.by_time.remove(&ts);
         }
         removed
     }
@@ -177,9 +202,65 @@ impl TimerService {
         }
     }
 
-    /// The timer state's id.
-    pub(crate) fn state(&self) -> StateId {
-        self.state
+    /// The earliest timer's time.
+    fn next(&self) -> Option<Timestamp> {
+        match self.firing.front() {
+            Some((ts, _)) => Some(*ts),
+            None => self.by_time.first_key_value().map(|(ts, _)| *ts),
+        }
+    }
+
+    /// The earliest timer at or before `now`, removed from the index.
+    fn pop_due(&mut self, now: Timestamp) -> Option<(Timestamp, Box<[u8]>)> {
+        if self.firing.is_empty() {
+            match self.by_time.first_key_value() {
+                Some((ts, _)) if *ts <= now => {
+                    let (ts, keys) = self.by_time.pop_first()?;
+                    let mut keys: Vec<Box<[u8]>> = keys.into_iter().collect();
+                    keys.sort_unstable();
+                    self.firing.extend(keys.into_iter().map(|k| (ts, k)));
+                }
+                _ => return None,
+            }
+        }
+        self.firing.pop_front()
+    }
+}
+
+/// The timers of one keyed operator subtask, in both time domains, and its event-time clock.
+pub struct TimerService {
+    event: TimerQueue,
+    processing: TimerQueue,
+    watermark: Timestamp,
+}
+
+/// The timers' state names: not names the state registry hands out to functions.
+const EVENT_TIMER_STATE: &str = "__timers__";
+const PROCESSING_TIMER_STATE: &str = "__processing_timers__";
+
+impl TimerService {
+    /// Registers the timer states on `backend` and indexes the timers restored into them.
+    pub(crate) fn open<K: Key>(backend: &mut KeyedBackend) -> Result<Self> {
+        Ok(Self {
+            event: TimerQueue::open::<K>(backend, EVENT_TIMER_STATE)?,
+            processing: TimerQueue::open::<K>(backend, PROCESSING_TIMER_STATE)?,
+            watermark: Timestamp::MIN,
+        })
+    }
+
+    fn queue(&mut self, domain: TimeDomain) -> &mut TimerQueue {
+        match domain {
+            TimeDomain::EventTime => &mut self.event,
+            TimeDomain::ProcessingTime => &mut self.processing,
+        }
+    }
+
+    /// The timer state of `domain`.
+    pub(crate) fn state(&self, domain: TimeDomain) -> StateId {
+        match domain {
+            TimeDomain::EventTime => self.event.state,
+            TimeDomain::ProcessingTime => self.processing.state,
+        }
     }
 
     /// The clock; never moves back (a restored operator may see older watermarks first).
@@ -191,29 +272,23 @@ impl TimerService {
         self.watermark
     }
 
-    /// Whether a timer is due.
+    /// Whether an event-time timer is due.
     pub(crate) fn has_due(&self) -> bool {
-        !self.firing.is_empty()
-            || self
-                .event
-                .first_key_value()
-                .is_some_and(|(ts, _)| *ts <= self.watermark)
+        self.event.next().is_some_and(|ts| ts <= self.watermark)
     }
 
-    /// The earliest timer at or before the clock, removed from the index.
-    pub(crate) fn pop_due(&mut self) -> Option<(Timestamp, Box<[u8]>)> {
-        if self.firing.is_empty() {
-            match self.event.first_key_value() {
-                Some((ts, _)) if *ts <= self.watermark => {
-                    let (ts, keys) = self.event.pop_first()?;
-                    let mut keys: Vec<Box<[u8]>> = keys.into_iter().collect();
-                    keys.sort_unstable();
-                    self.firing.extend(keys.into_iter().map(|k| (ts, k)));
-                }
-                _ => return None,
-            }
+    /// The earliest processing-time timer's time.
+    pub(crate) fn next_processing_time(&self) -> Option<Timestamp> {
+        self.processing.next()
+    }
+
+    /// The earliest timer of `domain` due at `now` (the watermark for event time), removed
+    /// from the index.
+    pub(crate) fn pop_due(&mut self, domain: TimeDomain, now: Timestamp) -> Option<(Timestamp, Box<[u8]>)> {
+        match domain {
+            TimeDomain::EventTime => self.event.pop_due(self.watermark),
+            TimeDomain::ProcessingTime => self.processing.pop_due(now),
         }
-        self.firing.pop_front()
     }
 }
 

@@ -28,6 +28,15 @@ pub(crate) trait ChainInput<T>: Send {
     fn flush(&mut self) -> Result<()>;
     /// The output emits nothing for now: downstream leaves it out of the watermark.
     fn idle(&mut self) -> Result<()>;
+    /// The earliest processing time at which a link has work (see
+    /// `Operator::next_processing_time`).
+    fn next_processing_time(&self) -> Option<Timestamp> {
+        None
+    }
+    /// The wall clock reached `now`: every link runs one round of what is due.
+    fn processing_time(&mut self, _now: Timestamp) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Boxed chain input, the shape every link holds its successor in.
@@ -119,6 +128,23 @@ impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
     fn idle(&mut self) -> Result<()> {
         self.next.idle()
     }
+
+    fn next_processing_time(&self) -> Option<Timestamp> {
+        match (self.op.next_processing_time(), self.next.next_processing_time()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn processing_time(&mut self, now: Timestamp) -> Result<()> {
+        // One round: the driver calls again while timers are due, reading input in between,
+        // so a timer that re-arms itself at `now` cannot starve the input.
+        if self.op.next_processing_time().is_some_and(|t| t <= now) {
+            self.op.on_processing_time(now, &mut self.out)?;
+            self.push_out()?;
+        }
+        self.next.processing_time(now)
+    }
 }
 
 /// The end of a chain whose operator emits nothing downstream (a sink), or whose output nobody
@@ -179,5 +205,11 @@ impl<T: Data> ChainInput<T> for FanOut<T> {
     }
     fn idle(&mut self) -> Result<()> {
         self.outputs.iter_mut().try_for_each(|o| o.idle())
+    }
+    fn next_processing_time(&self) -> Option<Timestamp> {
+        self.outputs.iter().filter_map(|o| o.next_processing_time()).min()
+    }
+    fn processing_time(&mut self, now: Timestamp) -> Result<()> {
+        self.outputs.iter_mut().try_for_each(|o| o.processing_time(now))
     }
 }

@@ -24,8 +24,18 @@ pub(crate) enum GateEvent<T> {
     Idle,
     /// Every open channel declared itself idle: so is this task's output.
     InputsIdle,
+    /// The deadline given to `next_until` passed with nothing to read (a processing-time
+    /// timer is due).
+    Deadline,
     /// Every channel has ended.
     End,
+}
+
+/// What a blocking wait ended with.
+enum Woken<T> {
+    Element(usize, StreamElement<T>),
+    Command(TaskCommand),
+    Deadline,
 }
 
 pub(crate) struct InputGate<T> {
@@ -87,22 +97,28 @@ impl<T> InputGate<T> {
         Ok(None)
     }
 
-    fn block(&mut self, control: &Receiver<TaskCommand>) -> Result<Result<(usize, StreamElement<T>), TaskCommand>> {
+    fn block(&mut self, control: &Receiver<TaskCommand>, deadline: Option<std::time::Instant>) -> Result<Woken<T>> {
         let mut sel = Select::new();
         sel.recv(control);
         let channels: Vec<usize> = (0..self.inputs.len()).filter(|c| self.readable(*c)).collect();
         for ch in &channels {
             sel.recv(&self.inputs[*ch]);
         }
-        let op = sel.select();
+        let op = match deadline {
+            Some(d) => match sel.select_deadline(d) {
+                Ok(op) => op,
+                Err(_) => return Ok(Woken::Deadline),
+            },
+            None => sel.select(),
+        };
         let i = op.index();
         if i == 0 {
             // The coordinator dropping its end means the job is being torn down.
-            return Ok(Err(op.recv(control).unwrap_or(TaskCommand::Cancel)));
+            return Ok(Woken::Command(op.recv(control).unwrap_or(TaskCommand::Cancel)));
         }
         let ch = channels[i - 1];
         op.recv(&self.inputs[ch])
-            .map(|el| Ok((ch, el)))
+            .map(|el| Woken::Element(ch, el))
             .map_err(|_| Self::disconnected(ch))
     }
 
@@ -125,7 +141,17 @@ impl<T> InputGate<T> {
     }
 
     /// The next thing the task must handle; blocks until there is one.
+    #[cfg(test)]
     pub fn next(&mut self, control: &Receiver<TaskCommand>) -> Result<GateEvent<T>> {
+        self.next_until(control, None)
+    }
+
+    /// The next thing the task must handle; blocks until there is one or `deadline` passes.
+    pub fn next_until(
+        &mut self,
+        control: &Receiver<TaskCommand>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<GateEvent<T>> {
         loop {
             if let Some(e) = self.pending.pop_front() {
                 return Ok(e);
@@ -139,9 +165,10 @@ impl<T> InputGate<T> {
                     self.dirty = false;
                     return Ok(GateEvent::Idle);
                 }
-                None => match self.block(control)? {
-                    Ok(x) => x,
-                    Err(cmd) => return Ok(GateEvent::Command(cmd)),
+                None => match self.block(control, deadline)? {
+                    Woken::Element(ch, el) => (ch, el),
+                    Woken::Command(cmd) => return Ok(GateEvent::Command(cmd)),
+                    Woken::Deadline => return Ok(GateEvent::Deadline),
                 },
             };
             match element {

@@ -8,18 +8,19 @@ pub(crate) mod input;
 pub(crate) mod output;
 
 use crate::checkpoint::{CheckpointBarrier, CheckpointId};
+use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::operator::{OperatorSnapshot, SourceFunction, SourcePoll};
 use crate::protocol::{AckedState, TaskCommand, TaskEvent, TaskId};
 use crate::snapshot::{StateFileWriter, StateHandle};
-use crate::state::KeyedSnapshot;
+use crate::state::{processing_time_now, KeyedSnapshot};
 use crate::storage::{CheckpointPaths, Storage};
 use chain::{Chain, PendingSnapshot};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use input::{GateEvent, InputGate};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// What a task thread runs.
@@ -432,6 +433,10 @@ impl<S: SourceFunction> TaskDriver for SourceDriver<S> {
             if rt.cancelled() {
                 return Err(Error::Cancelled);
             }
+            let timer = self.chain.next_processing_time().map(due_in);
+            if timer == Some(None) {
+                self.chain.processing_time(processing_time_now())?;
+            }
             let poll = self.source.poll(&mut buf)?;
             if !buf.is_empty() {
                 let capacity = buf.capacity();
@@ -445,6 +450,12 @@ impl<S: SourceFunction> TaskDriver for SourceDriver<S> {
                 SourcePoll::Ready => {}
                 SourcePoll::Idle(wait) => {
                     self.chain.flush()?;
+                    // Wake up for a processing-time timer down the chain, too.
+                    let wait = match timer {
+                        Some(Some(due)) => wait.min(due),
+                        Some(None) => Duration::ZERO,
+                        None => wait,
+                    };
                     match rt.control.recv_timeout(wait) {
                         Ok(cmd) => self.handle(rt, cmd)?,
                         Err(RecvTimeoutError::Timeout) => {}
@@ -457,6 +468,12 @@ impl<S: SourceFunction> TaskDriver for SourceDriver<S> {
     }
 }
 
+/// How long until processing time `t`; `None` when it has come.
+fn due_in(t: Timestamp) -> Option<Duration> {
+    let now = processing_time_now();
+    (t > now).then(|| Duration::from_millis(u64::try_from(t - now).unwrap_or(u64::MAX)))
+}
+
 /// Runs a task fed by channels.
 pub(crate) struct InputDriver<T> {
     pub gate: InputGate<T>,
@@ -466,8 +483,19 @@ pub(crate) struct InputDriver<T> {
 impl<T: Send + 'static> TaskDriver for InputDriver<T> {
     fn run(mut self: Box<Self>, rt: &mut TaskRuntime) -> Result<()> {
         loop {
-            match self.gate.next(&rt.control)? {
+            let deadline = match self.chain.next_processing_time() {
+                Some(t) => match due_in(t) {
+                    None => {
+                        self.chain.processing_time(processing_time_now())?;
+                        continue;
+                    }
+                    Some(wait) => Some(Instant::now() + wait),
+                },
+                None => None,
+            };
+            match self.gate.next_until(&rt.control, deadline)? {
                 GateEvent::Data(batch) => self.chain.process(batch)?,
+                GateEvent::Deadline => {}
                 GateEvent::Watermark(w) => self.chain.watermark(w)?,
                 GateEvent::Barrier(barrier) => {
                     let mut snapshots = Vec::new();
