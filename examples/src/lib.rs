@@ -2,6 +2,8 @@
 //!
 //! Real jobs, registered by name in the `sluice` binary ([`registry`]):
 //!
+//! - [`api_hits`]: requests per API path per minute of event time from an nginx-style access
+//!   log (a file, or generated), with malformed lines and late requests counted and logged.
 //! - [`transactions`]: a running total and count per user over a deterministic stream of
 //!   transactions, with an injectable failure; its exact expected output is computable directly.
 //! - [`daily_totals`]: each user's 24-hour total on every event, from 24 hourly sub-totals.
@@ -9,6 +11,7 @@
 //! - [`window_sums`]: each user's total per tumbling or sliding event-time window.
 //! - [`wordcount`]: word counts over text files.
 
+pub mod api_hits;
 pub mod daily_totals;
 pub mod dedup;
 pub mod transactions;
@@ -90,6 +93,7 @@ fn exactly_once_output<T: std::fmt::Display + Clone + Send + 'static>(
 /// Every example job.
 pub fn registry() -> JobRegistry {
     let mut r = JobRegistry::new();
+    r.register(api_hits::definition());
     r.register(daily_totals::definition());
     r.register(dedup::definition());
     r.register(transactions::definition());
