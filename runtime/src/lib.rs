@@ -6,7 +6,8 @@
 //! - [`checkpoint`], [`element`]: the `CheckpointId`, the barrier, and what flows in a channel.
 //! - [`keygroup`]: keys hash (stably) to key groups; subtasks own contiguous key-group ranges.
 //! - [`alignment`]: the I/O-free state machine that aligns barriers across input channels.
-//! - [`state`]: keyed state handles and the memory backend (copy-on-write per key group).
+//! - [`state`]: keyed state handles (with optional TTL) and the memory backend (copy-on-write per
+//!   key group).
 //! - [`snapshot`], [`storage`]: the checksummed state-file and `_metadata` formats, and durable
 //!   storage by URL through opendal, with the one path formatter [`storage::CheckpointPaths`].
 //! - [`operator`], [`stream`]: what users write (sources, operators, keyed process functions,
@@ -67,7 +68,8 @@ pub use operator::{
     SourcePoll, StateRegistry, TaskInfo,
 };
 pub use state::{
-    KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, TimeDomain, ValueState,
+    KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateTtlConfig, TimeDomain,
+    TtlUpdateType, ValueState,
 };
 pub use stream::{DataStream, KeyedStream, StreamEnv, WindowedResults, WindowedStream};
 pub use time::WatermarkStrategy;

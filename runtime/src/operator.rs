@@ -8,7 +8,8 @@ use crate::error::Result;
 use crate::keygroup::KeyGroupRange;
 use crate::snapshot::{OperatorState, RestoredKeyGroups};
 use crate::state::{
-    Key, KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateValue, ValueState,
+    Key, KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateTtlConfig, StateValue,
+    ValueState,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -203,8 +204,11 @@ fn user_state_name(name: &str) -> Result<&str> {
 }
 
 /// Registers keyed state while a keyed function opens.
+///
+/// States registered through [`StateRegistry::with_ttl`] expire; the others live until cleared.
 pub struct StateRegistry<'a, K> {
     backend: &'a mut KeyedBackend,
+    ttl: Option<StateTtlConfig>,
     _k: std::marker::PhantomData<fn() -> K>,
 }
 
@@ -212,29 +216,35 @@ impl<'a, K: Key> StateRegistry<'a, K> {
     pub(crate) fn new(backend: &'a mut KeyedBackend) -> Self {
         Self {
             backend,
+            ttl: None,
+            _k: std::marker::PhantomData,
+        }
+    }
+
+    /// A registry whose states expire after `ttl` (value, list, map and reducing state alike):
+    /// `state.with_ttl(cfg).value_state::<u64>("seen")?`. Adding or removing a TTL on an
+    /// existing state is not a compatible change (its stored form differs): rename the state.
+    pub fn with_ttl(&mut self, ttl: StateTtlConfig) -> StateRegistry<'_, K> {
+        StateRegistry {
+            backend: &mut *self.backend,
+            ttl: Some(ttl),
             _k: std::marker::PhantomData,
         }
     }
 
     /// A value per key.
     pub fn value_state<V: StateValue>(&mut self, name: &str) -> Result<ValueState<K, V>> {
-        Ok(ValueState::new(
-            self.backend.register_value::<K, V>(user_state_name(name)?)?,
-        ))
+        ValueState::register(self.backend, user_state_name(name)?, self.ttl)
     }
 
     /// A list per key.
     pub fn list_state<V: StateValue>(&mut self, name: &str) -> Result<ListState<K, V>> {
-        Ok(ListState::new(
-            self.backend.register_value::<K, Vec<V>>(user_state_name(name)?)?,
-        ))
+        ListState::register(self.backend, user_state_name(name)?, self.ttl)
     }
 
     /// A map per key.
     pub fn map_state<UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<MapState<K, UK, UV>> {
-        Ok(MapState::new(
-            self.backend.register_map::<K, UK, UV>(user_state_name(name)?)?,
-        ))
+        MapState::register(self.backend, user_state_name(name)?, self.ttl)
     }
 
     /// A reduced value per key.
@@ -243,8 +253,7 @@ impl<'a, K: Key> StateRegistry<'a, K> {
         name: &str,
         reduce: impl Fn(&V, &V) -> V + Send + Sync + 'static,
     ) -> Result<ReducingState<K, V>> {
-        let id = self.backend.register_value::<K, V>(user_state_name(name)?)?;
-        Ok(ReducingState::new(id, Arc::new(reduce)))
+        ReducingState::register(self.backend, user_state_name(name)?, self.ttl, Arc::new(reduce))
     }
 }
 

@@ -209,7 +209,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
     /// key's panes (not a lookup per pane); returns the first pane at or after `later`.
     fn fire_aligned(
         &self,
-        ctx: &KeyedContext<'_, K>,
+        ctx: &mut KeyedContext<'_, K>,
         (start, end): (Timestamp, Timestamp),
         later: Timestamp,
         out: &mut Vec<WindowOutput<K, A::Out, A::In>>,

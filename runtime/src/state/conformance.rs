@@ -549,3 +549,466 @@ fn an_incremental_checkpoint_uploads_only_what_changed() {
     }
     assert_eq!(read_all(&mut r), want);
 }
+
+// --- State TTL -------------------------------------------------------------------------------
+
+use super::{processing_time_now, ListState, MapState, ReducingState, StateTtlConfig, ValueState};
+
+/// One hour: tests run near the wall clock (RocksDB's background compactions judge expiry by
+/// it), and move time forward explicitly with `with_key_at`.
+const TTL: i64 = 3_600_000;
+
+fn ttl_config() -> StateTtlConfig {
+    StateTtlConfig::new(std::time::Duration::from_millis(TTL as u64)).unwrap()
+}
+
+struct TtlStates {
+    values: ValueState<u64, String>,
+    lists: ListState<u64, i32>,
+    maps: MapState<u64, String, u64>,
+    sums: ReducingState<u64, i64>,
+}
+
+fn ttl_states(b: &mut KeyedBackend, cfg: StateTtlConfig) -> TtlStates {
+    let mut reg = b.registry::<u64>();
+    let mut reg = reg.with_ttl(cfg);
+    TtlStates {
+        values: reg.value_state("ttl-values").unwrap(),
+        lists: reg.list_state("ttl-lists").unwrap(),
+        maps: reg.map_state("ttl-maps").unwrap(),
+        sums: reg.reducing_state("ttl-sums", |a: &i64, b: &i64| a + b).unwrap(),
+    }
+}
+
+impl TtlStates {
+    /// Writes every state of `key` at `now`.
+    fn write(&self, b: &mut KeyedBackend, key: u64, now: i64) {
+        b.with_key_at(&key, M, now, |ctx| {
+            self.values.update(ctx, format!("v{key}")).unwrap();
+            self.lists.add(ctx, key as i32).unwrap();
+            self.maps.put(ctx, "a".into(), key).unwrap();
+            self.sums.add(ctx, key as i64).unwrap();
+        })
+        .unwrap();
+    }
+
+    /// What a read of every state of `key` at `now` sees: (value, list, map entry "a", sum).
+    fn read(&self, b: &mut KeyedBackend, key: u64, now: i64) -> (Option<String>, Vec<i32>, Option<u64>, Option<i64>) {
+        b.with_key_at(&key, M, now, |ctx| {
+            (
+                self.values.get(ctx).unwrap(),
+                self.lists.get(ctx).unwrap(),
+                self.maps.get(ctx, &"a".to_string()).unwrap(),
+                self.sums.get(ctx).unwrap(),
+            )
+        })
+        .unwrap()
+    }
+
+    /// Entries stored per state, expired ones included.
+    fn stored(&self, b: &KeyedBackend) -> [usize; 4] {
+        [self.values.id, self.lists.id, self.maps.id, self.sums.id].map(|id| b.stored_entries(id).unwrap())
+    }
+}
+
+fn present(key: u64) -> (Option<String>, Vec<i32>, Option<u64>, Option<i64>) {
+    (Some(format!("v{key}")), vec![key as i32], Some(key), Some(key as i64))
+}
+
+const ABSENT: (Option<String>, Vec<i32>, Option<u64>, Option<i64>) = (None, Vec::new(), None, None);
+
+#[test]
+fn a_ttl_value_expires_at_exactly_its_ttl_and_an_expired_read_removes_it() {
+    for kind in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(kind, dir.path(), full_range(), Default::default());
+        let s = ttl_states(&mut b, ttl_config());
+        let t = processing_time_now();
+        s.write(&mut b, 1, t);
+        s.write(&mut b, 2, t);
+        // Reads do not extend life under OnCreateAndWrite.
+        assert_eq!(s.read(&mut b, 1, t + TTL - 1), present(1), "{kind:?}");
+        assert_eq!(s.read(&mut b, 1, t + TTL - 1), present(1), "{kind:?}");
+        assert_eq!(s.stored(&b), [2; 4], "{kind:?}");
+        assert_eq!(s.read(&mut b, 1, t + TTL), ABSENT, "{kind:?}");
+        // The expired read removed key 1's state (lazy cleanup); key 2's is still stored.
+        assert_eq!(s.stored(&b), [1; 4], "{kind:?}");
+        b.with_key_at(&2u64, M, t + TTL, |ctx| {
+            assert!(s.maps.entries(ctx).unwrap().is_empty());
+        })
+        .unwrap();
+        assert_eq!(s.stored(&b)[2], 0, "{kind:?}: map entries() removed the expired entry");
+        // Whole-state scans judge by the wall clock: a value written two TTLs ago is left out.
+        s.write(&mut b, 3, t - 2 * TTL);
+        s.write(&mut b, 4, t);
+        fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+            v.sort();
+            v
+        }
+        assert_eq!(
+            sorted(s.values.entries(&b).unwrap()),
+            vec![(2, "v2".to_string()), (4, "v4".to_string())],
+            "{kind:?}"
+        );
+        assert_eq!(
+            sorted(s.lists.entries(&b).unwrap()),
+            vec![(2, vec![2]), (4, vec![4])],
+            "{kind:?}"
+        );
+        assert_eq!(
+            s.maps.all_entries(&b).unwrap(),
+            vec![(4, "a".to_string(), 4)],
+            "{kind:?}"
+        );
+        assert_eq!(sorted(s.sums.entries(&b).unwrap()), vec![(2, 2), (4, 4)], "{kind:?}");
+    }
+}
+
+#[test]
+fn on_read_and_write_extends_life_on_read() {
+    for kind in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(kind, dir.path(), full_range(), Default::default());
+        let s = ttl_states(&mut b, ttl_config().update_on_read_and_write());
+        let t = processing_time_now();
+        s.write(&mut b, 1, t);
+        s.write(&mut b, 2, t);
+        s.write(&mut b, 3, t);
+        // Read at t + TTL - 1: each read restarts the clock.
+        assert_eq!(s.read(&mut b, 1, t + TTL - 1), present(1), "{kind:?}");
+        assert_eq!(s.read(&mut b, 1, t + 2 * TTL - 2), present(1), "{kind:?}");
+        assert_eq!(s.read(&mut b, 1, t + 3 * TTL - 3), present(1), "{kind:?}");
+        assert_eq!(s.read(&mut b, 1, t + 4 * TTL - 3), ABSENT, "{kind:?}");
+        // Map entries() refreshes the entries it returns.
+        b.with_key_at(&2u64, M, t + TTL - 1, |ctx| {
+            assert_eq!(s.maps.entries(ctx).unwrap(), vec![("a".to_string(), 2)]);
+        })
+        .unwrap();
+        b.with_key_at(&2u64, M, t + 2 * TTL - 2, |ctx| {
+            assert_eq!(s.maps.get(ctx, &"a".to_string()).unwrap(), Some(2));
+        })
+        .unwrap();
+        // Never read: gone at t + TTL as under OnCreateAndWrite.
+        assert_eq!(s.read(&mut b, 3, t + TTL), ABSENT, "{kind:?}");
+    }
+}
+
+#[test]
+fn writing_to_an_expired_value_starts_from_the_default() {
+    for kind in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(kind, dir.path(), full_range(), Default::default());
+        let s = ttl_states(&mut b, ttl_config());
+        let t = processing_time_now();
+        let key = 5u64;
+        let write = |b: &mut KeyedBackend, now: i64, c: char| {
+            b.with_key_at(&key, M, now, |ctx| {
+                s.values.update_with(ctx, || "d".to_string(), |v| v.push(c)).unwrap();
+                let existed = s.maps.update_with(ctx, "a".to_string(), || 100, |v| *v += 1).unwrap();
+                s.lists.add(ctx, c as i32).unwrap();
+                s.sums.add(ctx, 10).unwrap();
+                existed
+            })
+            .unwrap()
+        };
+        assert!(!write(&mut b, t, 'x'), "{kind:?}: a new map entry");
+        // A write just before expiry extends the value's life and builds on it.
+        assert!(write(&mut b, t + TTL - 1, 'y'), "{kind:?}");
+        let (v, l, m, r) = s.read(&mut b, key, t + 2 * TTL - 2);
+        assert_eq!(
+            (v.as_deref(), l, m, r),
+            (Some("dxy"), vec!['y' as i32], Some(102), Some(20)),
+            "{kind:?}: the list's first element expired on its own"
+        );
+        // Expired: every state starts afresh, and the map entry did not exist.
+        assert!(!write(&mut b, t + 3 * TTL, 'z'), "{kind:?}");
+        let (v, l, m, r) = s.read(&mut b, key, t + 3 * TTL);
+        assert_eq!(
+            (v.as_deref(), l, m, r),
+            (Some("dz"), vec!['z' as i32], Some(101), Some(10)),
+            "{kind:?}"
+        );
+    }
+}
+
+#[test]
+fn ttl_timestamps_survive_checkpoints_savepoints_and_rescaling() {
+    // (snapshot from, restore into, through canonical blocks (a savepoint) or a checkpoint)
+    let cases = [
+        (BACKENDS[0], BACKENDS[0], false),
+        (BACKENDS[1], BACKENDS[1], false),
+        (BACKENDS[0], BACKENDS[1], true),
+        (BACKENDS[1], BACKENDS[0], true),
+        (BACKENDS[1], BACKENDS[1], true),
+    ];
+    for (from, to, canonical) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(from, &dir.path().join("a"), full_range(), Default::default());
+        let s = ttl_states(&mut b, ttl_config());
+        let t = processing_time_now();
+        // Even keys written at t, odd ones at t + 1.
+        for k in 0..40u64 {
+            s.write(&mut b, k, t + (k % 2) as i64);
+        }
+        let half = range_for_subtask(M, 2, 1);
+        let snapshots =
+            [full_range(), half].map(|range| (range, b.snapshot(CheckpointId(range.start as u64 + 1)).unwrap()));
+        // Later writes are not in the snapshots.
+        for k in 0..40u64 {
+            s.write(&mut b, k, t + TTL);
+        }
+        for (range, snapshot) in snapshots {
+            let sub = dir.path().join(format!("r{}", range.start));
+            let mut r = if canonical {
+                open(to, &sub, range, canonical_blocks(&snapshot))
+            } else {
+                checkpoint_and_restore(snapshot, to, range, &sub)
+            };
+            let s = ttl_states(&mut r, ttl_config());
+            let what = format!("{from:?} -> {to:?}, canonical {canonical}, range {range}");
+            let mine: Vec<u64> = (0..40u64)
+                .filter(|k| range.contains(crate::keygroup::key_group_for_key(k, M)))
+                .collect();
+            assert!(!mine.is_empty());
+            assert_eq!(s.stored(&r), [mine.len(); 4], "{what}");
+            // Time only moves forward (the memory backend's sweeps run as it reads).
+            for at in [t + TTL - 1, t + TTL, t + TTL + 1] {
+                for &k in &mine {
+                    let written = t + (k % 2) as i64;
+                    let want = if written + TTL <= at { ABSENT } else { present(k) };
+                    assert_eq!(s.read(&mut r, k, at), want, "{what}: key {k} at t + {}", at - t);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_state_registered_twice_with_different_ttls_is_refused() {
+    for kind in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = open(kind, dir.path(), full_range(), Default::default());
+        let mut reg = b.registry::<u64>();
+        reg.with_ttl(ttl_config()).value_state::<String>("x").unwrap();
+        // The same TTL: the same state.
+        reg.with_ttl(ttl_config()).value_state::<String>("x").unwrap();
+        let longer = StateTtlConfig::new(std::time::Duration::from_millis(2 * TTL as u64)).unwrap();
+        for e in [
+            reg.with_ttl(longer).value_state::<String>("x").err(),
+            reg.with_ttl(ttl_config().update_on_read_and_write())
+                .value_state::<String>("x")
+                .err(),
+            reg.value_state::<String>("x").err(),
+        ] {
+            match e {
+                Some(crate::Error::Config(msg)) => assert!(msg.contains("different TTLs"), "{kind:?}: {msg}"),
+                other => panic!("{kind:?}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn memory_cleanup_sweeps_keys_never_read_again_without_touching_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(BACKENDS[0], dir.path(), full_range(), Default::default());
+    let s = ttl_states(&mut b, ttl_config());
+    let t = processing_time_now();
+    const N: u64 = 1000;
+    for k in 0..N {
+        s.write(&mut b, k, t);
+    }
+    // A list with one expired and one live element keeps the live one.
+    b.with_key_at(&0u64, M, t + 20, |ctx| s.lists.add(ctx, -1).unwrap())
+        .unwrap();
+    assert_eq!(s.stored(&b), [N as usize; 4]);
+    let snapshot = b.snapshot(CheckpointId(1)).unwrap();
+    // Only key N is used from now on; keys 0..N are never read again. Each access earns
+    // CHECKS_PER_ACCESS checks, so N keys take about N / CHECKS_PER_ACCESS accesses (plus
+    // one per key group) to sweep.
+    let accesses = N as usize / super::memory::CHECKS_PER_ACCESS + 2 * M as usize;
+    let mut before_all_swept = None;
+    for i in 0..accesses {
+        s.write(&mut b, N, t + TTL + 10);
+        if i == accesses / 4 {
+            before_all_swept = Some(s.stored(&b));
+        }
+    }
+    let partly = before_all_swept.unwrap();
+    assert!(
+        partly.iter().all(|&n| n > 1 && n < N as usize),
+        "sweeps go a key group at a time: {partly:?}"
+    );
+    // Key N and key 0's list (its live element) remain.
+    assert_eq!(s.stored(&b), [1, 2, 1, 1]);
+    assert_eq!(
+        b.with_key_at(&0u64, M, t + TTL + 10, |ctx| s.lists.get(ctx).unwrap())
+            .unwrap(),
+        vec![-1]
+    );
+    // The snapshot taken before the sweeps still holds everything.
+    let mut restored = open(BACKENDS[0], dir.path(), full_range(), canonical_blocks(&snapshot));
+    let r = ttl_states(&mut restored, ttl_config());
+    assert_eq!(r.stored(&restored), [N as usize; 4]);
+}
+
+#[test]
+fn rocksdb_compaction_drops_expired_entries_and_the_write_cache_still_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(BACKENDS[1], dir.path(), full_range(), Default::default());
+    let s = ttl_states(&mut b, ttl_config());
+    let plain = b.registry::<u64>().value_state::<String>("plain").unwrap();
+    let t = processing_time_now();
+    const N: u64 = 500;
+    for k in 0..N {
+        s.write(&mut b, k, t);
+        b.with_key_at(&k, M, t, |ctx| plain.update(ctx, "p".into()).unwrap())
+            .unwrap();
+    }
+    // Key 0's list gets a live element too: compaction keeps a list with any live element.
+    b.with_key_at(&0u64, M, t + 10, |ctx| s.lists.add(ctx, -1).unwrap())
+        .unwrap();
+    fn rocks(b: &mut KeyedBackend) -> &mut super::RocksBackend {
+        match b {
+            KeyedBackend::RocksDb(r) => r,
+            KeyedBackend::Memory(_) => unreachable!("a RocksDB backend"),
+        }
+    }
+    rocks(&mut b).drain_write_cache().unwrap();
+    // Key 1 gets a newer value and key 2 a deletion, both only in the write cache.
+    b.with_key_at(&1u64, M, t + 5, |ctx| s.values.update(ctx, "newer".into()).unwrap())
+        .unwrap();
+    b.with_key_at(&2u64, M, t + 5, |ctx| s.values.clear(ctx).unwrap())
+        .unwrap();
+
+    rocks(&mut b).compact_at(t + TTL - 1).unwrap();
+    assert_eq!(
+        s.stored(&b),
+        [N as usize - 1, N as usize, N as usize, N as usize],
+        "nothing expired yet"
+    );
+    rocks(&mut b).compact_at(t + TTL).unwrap();
+    // Left: key 1's cached value, key 0's list.
+    assert_eq!(s.stored(&b), [1, 1, 0, 0]);
+    assert_eq!(
+        b.stored_entries(plain.id).unwrap(),
+        N as usize,
+        "a state without TTL keeps everything"
+    );
+    for _ in 0..2 {
+        let got = b
+            .with_key_at(&1u64, M, t + TTL, |ctx| s.values.get(ctx).unwrap())
+            .unwrap();
+        assert_eq!(got.as_deref(), Some("newer"));
+        let got = b
+            .with_key_at(&2u64, M, t + TTL, |ctx| s.values.get(ctx).unwrap())
+            .unwrap();
+        assert_eq!(got, None);
+        let got = b
+            .with_key_at(&0u64, M, t + TTL, |ctx| s.lists.get(ctx).unwrap())
+            .unwrap();
+        assert_eq!(got, vec![-1]);
+        // Once the cache is in RocksDB too, the same holds.
+        rocks(&mut b).drain_write_cache().unwrap();
+    }
+}
+
+/// Applies `ops` to TTL states, each after moving the clock on by its delta; every read.
+fn apply_ttl(b: &mut KeyedBackend, on_read: bool, ops: &[(i64, Op)]) -> Vec<String> {
+    let cfg = if on_read {
+        ttl_config().update_on_read_and_write()
+    } else {
+        ttl_config()
+    };
+    let s = ttl_states(b, cfg);
+    let mut now = processing_time_now();
+    let mut reads = Vec::new();
+    for (i, (delta, op)) in ops.iter().enumerate() {
+        now += delta;
+        let key = match op {
+            Op::Put(k, _) | Op::Update(k, _) | Op::Clear(k) | Op::ListAdd(k, _) => *k,
+            Op::MapPut(k, _, _) | Op::MapRemove(k, _) | Op::MapUpdate(k, _, _) | Op::Reduce(k, _) => *k,
+            Op::Snapshot => {
+                drop(b.snapshot(CheckpointId(i as u64 + 1)).unwrap());
+                continue;
+            }
+        };
+        b.with_key_at(&key, M, now, |ctx| {
+            let mut existed = None;
+            match op {
+                Op::Put(_, v) => s.values.update(ctx, v.clone()).unwrap(),
+                Op::Update(_, c) => s.values.update_with(ctx, String::new, |v| v.push(*c as char)).unwrap(),
+                Op::Clear(_) => {
+                    s.values.clear(ctx).unwrap();
+                    s.lists.clear(ctx).unwrap();
+                    s.maps.clear(ctx).unwrap();
+                }
+                Op::ListAdd(_, v) => s.lists.add(ctx, *v).unwrap(),
+                Op::MapPut(_, u, v) => s.maps.put(ctx, format!("u{u}"), *v).unwrap(),
+                Op::MapRemove(_, u) => s.maps.remove(ctx, &format!("u{u}")).unwrap(),
+                Op::MapUpdate(_, u, v) => {
+                    existed = Some(
+                        s.maps
+                            .update_with(ctx, format!("u{u}"), || 7, |x| *x = x.wrapping_mul(*v))
+                            .unwrap(),
+                    )
+                }
+                Op::Reduce(_, v) => s.sums.add(ctx, *v).unwrap(),
+                Op::Snapshot => unreachable!(),
+            }
+            // Reads of one state only now and then, so that the others age unread.
+            let mut m = s.maps.entries(ctx).unwrap();
+            m.sort();
+            let read = match key % 3 {
+                0 => format!("{:?}", s.values.get(ctx).unwrap()),
+                1 => format!("{:?}", s.lists.get(ctx).unwrap()),
+                _ => format!("{:?}", s.sums.get(ctx).unwrap()),
+            };
+            reads.push(format!("{existed:?} {read} {m:?}"));
+        })
+        .unwrap();
+    }
+    // Everything at the end, as of the final time.
+    for key in 0..40u64 {
+        let all = b
+            .with_key_at(&key, M, now, |ctx| {
+                let mut m = s.maps.entries(ctx).unwrap();
+                m.sort();
+                format!(
+                    "{:?} {:?} {m:?} {:?}",
+                    s.values.get(ctx).unwrap(),
+                    s.lists.get(ctx).unwrap(),
+                    s.sums.get(ctx).unwrap()
+                )
+            })
+            .unwrap();
+        reads.push(all);
+    }
+    reads
+}
+
+fn clock_step() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        6 => Just(0i64),
+        1 => Just(TTL - 1),
+        1 => Just(TTL),
+        2 => 1i64..TTL / 3,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn both_backends_expire_ttl_state_alike(
+        on_read in any::<bool>(),
+        ops in proptest::collection::vec((clock_step(), op()), 1..100),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut mem = open(BACKENDS[0], &dir.path().join("m"), full_range(), Default::default());
+        let mut small = open(BACKENDS[1], &dir.path().join("s"), full_range(), Default::default());
+        if let KeyedBackend::RocksDb(r) = &mut small {
+            r.set_write_cache_limit(200);
+        }
+        prop_assert_eq!(apply_ttl(&mut mem, on_read, &ops), apply_ttl(&mut small, on_read, &ops));
+    }
+}

@@ -3,8 +3,17 @@
 //! A snapshot clones the `Arc`s (a copy-on-write view costing O(key groups)); the first write to
 //! a key group after a snapshot copies that key group's map. Serialization into the canonical
 //! entry format then runs off the task thread.
+//!
+//! States with a TTL are cleaned incrementally, so that keys never read again do not stay
+//! forever: every access to such a state earns it [`CHECKS_PER_ACCESS`] entry checks, and once
+//! they pay for the next key group in turn, that key group is swept (expired values dropped),
+//! cycling through the key groups. Cleanup costs at most that many checks per access on
+//! average, whatever the key groups' sizes. A sweep copies a key group shared with a snapshot
+//! only if it finds something expired, so snapshots in flight never see it.
 
+use super::ttl::{StateTtlConfig, TtlList, TtlValue};
 use super::{CurrentKey, Key, StateId, StateValue};
+use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
 use crate::snapshot::{for_each_entry, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
@@ -58,17 +67,106 @@ impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
     }
 }
 
+/// A stored form whose values carry TTL timestamps.
+trait Expiring {
+    /// Whether any part of it is expired at `now`.
+    fn any_expired(&self, cfg: &StateTtlConfig, now: Timestamp) -> bool;
+    /// Drops the expired parts; false when nothing is left.
+    fn retain_unexpired(&mut self, cfg: &StateTtlConfig, now: Timestamp) -> bool;
+}
+
+impl<V> Expiring for Single<TtlValue<V>> {
+    fn any_expired(&self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
+        cfg.is_expired(self.0.ts, now)
+    }
+    fn retain_unexpired(&mut self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
+        !cfg.is_expired(self.0.ts, now)
+    }
+}
+
+impl<V> Expiring for Single<TtlList<V>> {
+    fn any_expired(&self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
+        self.0.elements.iter().any(|e| cfg.is_expired(e.ts, now))
+    }
+    fn retain_unexpired(&mut self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
+        self.0.retain_unexpired(cfg, now)
+    }
+}
+
+impl<UK, UV> Expiring for MapEntries<UK, TtlValue<UV>> {
+    fn any_expired(&self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
+        self.0.values().any(|v| cfg.is_expired(v.ts, now))
+    }
+    fn retain_unexpired(&mut self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
+        self.0.retain(|_, v| !cfg.is_expired(v.ts, now));
+        !self.0.is_empty()
+    }
+}
+
+/// Entry checks a TTL state earns per access for its incremental cleanup.
+pub(crate) const CHECKS_PER_ACCESS: usize = 16;
+
+/// Incremental cleanup of one TTL state: which key group is next and the checks earned.
+struct Sweeper<S> {
+    cfg: StateTtlConfig,
+    next: usize,
+    credit: usize,
+    any_expired: fn(&S, &StateTtlConfig, Timestamp) -> bool,
+    retain: fn(&mut S, &StateTtlConfig, Timestamp) -> bool,
+}
+
+impl<S: Expiring> Sweeper<S> {
+    fn new(cfg: &StateTtlConfig) -> Self {
+        Self {
+            cfg: *cfg,
+            next: 0,
+            credit: 0,
+            any_expired: S::any_expired,
+            retain: S::retain_unexpired,
+        }
+    }
+}
+
 type KgMap<K, S> = Arc<FxHashMap<K, S>>;
 
 struct Table<K, S> {
     name: String,
     maps: Vec<KgMap<K, S>>,
+    /// Set for states with a TTL.
+    sweeper: Option<Sweeper<S>>,
+}
+
+impl<K: Key, S: Stored> Table<K, S> {
+    /// One access's worth of incremental cleanup (see the module docs).
+    fn tick(&mut self, now: Timestamp) {
+        let Some(s) = &mut self.sweeper else { return };
+        if self.maps.is_empty() {
+            return;
+        }
+        s.credit = s.credit.saturating_add(CHECKS_PER_ACCESS);
+        let i = s.next % self.maps.len();
+        let map = &mut self.maps[i];
+        if s.credit < map.len() {
+            return;
+        }
+        s.credit -= map.len();
+        s.next = i + 1;
+        // Look before copying: a key group shared with a snapshot is copied only to change it.
+        if map.values().any(|v| (s.any_expired)(v, &s.cfg, now)) {
+            Arc::make_mut(map).retain(|_, v| (s.retain)(v, &s.cfg, now));
+        }
+    }
 }
 
 trait ErasedTable: Send {
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
     fn snapshot(&self) -> Box<dyn TableSnapshot>;
+    fn ttl(&self) -> Option<StateTtlConfig>;
+    fn tick(&mut self, now: Timestamp);
+    /// How many keys it holds.
+    #[cfg(test)]
+    fn len(&self) -> usize;
 }
 
 /// A frozen view of one state, serialized later off the task thread.
@@ -84,10 +182,21 @@ impl<K: Key, S: Stored> ErasedTable for Table<K, S> {
         self
     }
     fn snapshot(&self) -> Box<dyn TableSnapshot> {
-        Box::new(Table {
+        Box::new(Table::<K, S> {
             name: self.name.clone(),
             maps: self.maps.clone(),
+            sweeper: None,
         })
+    }
+    fn ttl(&self) -> Option<StateTtlConfig> {
+        self.sweeper.as_ref().map(|s| s.cfg)
+    }
+    fn tick(&mut self, now: Timestamp) {
+        Table::tick(self, now)
+    }
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.maps.iter().map(|m| m.len()).sum()
     }
 }
 
@@ -142,8 +251,15 @@ impl MemoryBackend {
         self.tables.is_empty()
     }
 
-    fn register<K: Key, S: Stored>(&mut self, name: &str) -> Result<StateId> {
+    fn register<K: Key, S: Stored>(&mut self, name: &str, sweeper: Option<Sweeper<S>>) -> Result<StateId> {
         if let Some(id) = self.names.iter().position(|n| n == name) {
+            let ttl = sweeper.as_ref().map(|s| s.cfg);
+            if self.tables[id].ttl() != ttl {
+                return Err(Error::Config(format!(
+                    "state '{name}' is registered twice with different TTLs ({:?} and {ttl:?})",
+                    self.tables[id].ttl()
+                )));
+            }
             if self.tables[id].as_any().is::<Table<K, S>>() {
                 return Ok(id);
             }
@@ -154,6 +270,7 @@ impl MemoryBackend {
         let mut table = Table::<K, S> {
             name: name.to_string(),
             maps: (0..self.range.len()).map(|_| Arc::new(FxHashMap::default())).collect(),
+            sweeper,
         };
         for (kg, payload) in &self.restored.blocks {
             if !self.range.contains(*kg) {
@@ -175,11 +292,46 @@ impl MemoryBackend {
     }
 
     pub(crate) fn register_value<K: Key, V: StateValue>(&mut self, name: &str) -> Result<StateId> {
-        self.register::<K, Single<V>>(name)
+        self.register::<K, Single<V>>(name, None)
     }
 
     pub(crate) fn register_map<K: Key, UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<StateId> {
-        self.register::<K, MapEntries<UK, UV>>(name)
+        self.register::<K, MapEntries<UK, UV>>(name, None)
+    }
+
+    pub(crate) fn register_ttl_value<K: Key, V: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        self.register::<K, Single<TtlValue<V>>>(name, Some(Sweeper::new(cfg)))
+    }
+
+    pub(crate) fn register_ttl_list<K: Key, V: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        self.register::<K, Single<TtlList<V>>>(name, Some(Sweeper::new(cfg)))
+    }
+
+    pub(crate) fn register_ttl_map<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        self.register::<K, MapEntries<UK, TtlValue<UV>>>(name, Some(Sweeper::new(cfg)))
+    }
+
+    /// A TTL state was used at `now`: one access's worth of its incremental cleanup.
+    pub(crate) fn ttl_accessed(&mut self, id: StateId, now: Timestamp) {
+        self.tables[id].tick(now);
+    }
+
+    /// Test hook: the keys state `id` holds, expired ones included.
+    #[cfg(test)]
+    pub(crate) fn stored_entries(&self, id: StateId) -> Result<usize> {
+        Ok(self.tables[id].len())
     }
 
     fn table<K: Key, S: Stored>(&self, id: StateId) -> &Table<K, S> {

@@ -1,19 +1,22 @@
 //! Keyed state as operators see it: typed handles (`ValueState`, `ListState`, `MapState`,
 //! `ReducingState`) that read and write the state of the current record's key through a
 //! [`KeyedContext`]. The handles know nothing of where state lives: [`KeyedBackend`] dispatches to
-//! the memory backend or to RocksDB, and both speak the same canonical snapshot format.
+//! the memory backend or to RocksDB, and both speak the same canonical snapshot format. A state
+//! may be registered with a time-to-live ([`StateTtlConfig`], see `ttl.rs`).
 
 #[cfg(all(test, feature = "rocksdb"))]
 mod conformance;
 mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
+mod ttl;
 #[cfg(feature = "rocksdb")]
 mod write_cache;
 
 pub use memory::MemoryBackend;
 #[cfg(feature = "rocksdb")]
 pub use rocks::{RocksBackend, RocksSnapshot};
+pub use ttl::{StateTtlConfig, TtlUpdateType};
 
 use crate::config::StateBackendKind;
 use crate::element::Timestamp;
@@ -462,6 +465,50 @@ impl KeyedBackend {
         dispatch!(self, b => b.register_map::<K, UK, UV>(name))
     }
 
+    /// Registers a value (or reducing) state whose values expire after `cfg`'s TTL.
+    pub(crate) fn register_ttl_value<K: Key, V: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        dispatch!(self, b => b.register_ttl_value::<K, V>(name, cfg))
+    }
+
+    /// Registers a list state whose elements expire after `cfg`'s TTL.
+    pub(crate) fn register_ttl_list<K: Key, V: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        dispatch!(self, b => b.register_ttl_list::<K, V>(name, cfg))
+    }
+
+    /// Registers a map state whose entries expire after `cfg`'s TTL.
+    pub(crate) fn register_ttl_map<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        dispatch!(self, b => b.register_ttl_map::<K, UK, UV>(name, cfg))
+    }
+
+    /// A TTL state was used at `now`: the memory backend's incremental cleanup advances.
+    pub(crate) fn ttl_accessed(&mut self, id: StateId, now: Timestamp) {
+        match self {
+            KeyedBackend::Memory(m) => m.ttl_accessed(id, now),
+            // RocksDB drops expired entries in compaction instead.
+            #[cfg(feature = "rocksdb")]
+            KeyedBackend::RocksDb(_) => {}
+        }
+    }
+
+    /// Test hook: how many entries state `id` holds, expired ones included (memory: keys;
+    /// RocksDB: stored entries, the write cache merged over RocksDB).
+    #[cfg(test)]
+    pub(crate) fn stored_entries(&self, id: StateId) -> Result<usize> {
+        dispatch!(self, b => b.stored_entries(id))
+    }
+
     pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {
         dispatch!(self, b => b.value_get::<K, V>(id, c))
     }
@@ -557,24 +604,29 @@ pub type ReduceFn<V> = Arc<dyn Fn(&V, &V) -> V + Send + Sync>;
 /// A single value per key.
 pub struct ValueState<K, V> {
     id: StateId,
+    /// With a TTL, values are stored with their timestamps (see [`StateTtlConfig`]).
+    ttl: Option<StateTtlConfig>,
     _t: Marker<(K, V)>,
 }
 
 /// A list of values per key.
 pub struct ListState<K, V> {
     id: StateId,
+    ttl: Option<StateTtlConfig>,
     _t: Marker<(K, V)>,
 }
 
 /// A map per key.
 pub struct MapState<K, UK, UV> {
     id: StateId,
+    ttl: Option<StateTtlConfig>,
     _t: Marker<(K, UK, UV)>,
 }
 
 /// A value per key that folds every added value with a reduce function.
 pub struct ReducingState<K, V> {
     id: StateId,
+    ttl: Option<StateTtlConfig>,
     reduce: ReduceFn<V>,
     _t: Marker<K>,
 }
@@ -583,7 +635,7 @@ macro_rules! handle_clone {
     ($t:ident < $($p:ident),* >) => {
         impl<$($p),*> Clone for $t<$($p),*> {
             fn clone(&self) -> Self {
-                Self { id: self.id, _t: PhantomData }
+                Self { id: self.id, ttl: self.ttl, _t: PhantomData }
             }
         }
     };
@@ -596,65 +648,110 @@ impl<K, V> Clone for ReducingState<K, V> {
     fn clone(&self) -> Self {
         Self {
             id: self.id,
+            ttl: self.ttl,
             reduce: self.reduce.clone(),
             _t: PhantomData,
         }
     }
 }
 
+// Reads take the context mutably: with a TTL a read may remove an expired value or refresh
+// the timestamp of a live one. Without a TTL every operation is the plain backend call.
+
 impl<K: Key, V: StateValue> ValueState<K, V> {
-    pub(crate) fn new(id: StateId) -> Self {
-        Self { id, _t: PhantomData }
+    /// Registers the state `name` on `backend`, with its values' TTL if any.
+    pub(crate) fn register(backend: &mut KeyedBackend, name: &str, ttl: Option<StateTtlConfig>) -> Result<Self> {
+        let id = match &ttl {
+            None => backend.register_value::<K, V>(name)?,
+            Some(cfg) => backend.register_ttl_value::<K, V>(name, cfg)?,
+        };
+        Ok(Self {
+            id,
+            ttl,
+            _t: PhantomData,
+        })
     }
 
     /// The value of the current key.
-    pub fn get(&self, ctx: &KeyedContext<'_, K>) -> Result<Option<V>> {
-        ctx.backend.value_get::<K, V>(self.id, &ctx.cur)
+    pub fn get(&self, ctx: &mut KeyedContext<'_, K>) -> Result<Option<V>> {
+        match &self.ttl {
+            None => ctx.backend.value_get::<K, V>(self.id, &ctx.cur),
+            Some(cfg) => ttl::value_get(ctx, self.id, cfg),
+        }
     }
 
     /// Sets the value of the current key.
     pub fn update(&self, ctx: &mut KeyedContext<'_, K>, value: V) -> Result<()> {
-        ctx.backend.value_put::<K, V>(self.id, &ctx.cur, value)
+        match &self.ttl {
+            None => ctx.backend.value_put::<K, V>(self.id, &ctx.cur, value),
+            Some(_) => ttl::value_put(ctx, self.id, value),
+        }
     }
 
-    /// Changes the value of the current key, starting from `default` when absent.
+    /// Changes the value of the current key, starting from `default` when absent (or expired).
     pub fn update_with(
         &self,
         ctx: &mut KeyedContext<'_, K>,
         default: impl FnOnce() -> V,
         f: impl FnOnce(&mut V),
     ) -> Result<()> {
-        ctx.backend.value_update::<K, V>(self.id, &ctx.cur, default, f)
+        match &self.ttl {
+            None => ctx.backend.value_update::<K, V>(self.id, &ctx.cur, default, f),
+            Some(cfg) => ttl::value_update(ctx, self.id, cfg, default, |v, _| f(v)),
+        }
     }
 
     /// Removes the value of the current key.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
-        ctx.backend.value_remove::<K, V>(self.id, &ctx.cur)
+        match &self.ttl {
+            None => ctx.backend.value_remove::<K, V>(self.id, &ctx.cur),
+            Some(_) => ttl::value_remove::<K, V>(ctx, self.id),
+        }
     }
 
-    /// Every (key, value) of this subtask, e.g. to emit results at the end of input.
+    /// Every (key, value) of this subtask, e.g. to emit results at the end of input. With a TTL,
+    /// the values unexpired as of the wall clock now.
     pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, V)>> {
-        backend.value_entries::<K, V>(self.id)
+        match &self.ttl {
+            None => backend.value_entries::<K, V>(self.id),
+            Some(cfg) => ttl::value_entries(backend, self.id, cfg, processing_time_now()),
+        }
     }
 }
 
 impl<K: Key, V: StateValue> ListState<K, V> {
-    pub(crate) fn new(id: StateId) -> Self {
-        Self { id, _t: PhantomData }
+    /// Registers the state `name` on `backend`, with its elements' TTL if any.
+    pub(crate) fn register(backend: &mut KeyedBackend, name: &str, ttl: Option<StateTtlConfig>) -> Result<Self> {
+        let id = match &ttl {
+            None => backend.register_value::<K, Vec<V>>(name)?,
+            Some(cfg) => backend.register_ttl_list::<K, V>(name, cfg)?,
+        };
+        Ok(Self {
+            id,
+            ttl,
+            _t: PhantomData,
+        })
     }
 
     /// The list of the current key (empty when absent).
-    pub fn get(&self, ctx: &KeyedContext<'_, K>) -> Result<Vec<V>> {
-        Ok(ctx
-            .backend
-            .value_get::<K, Vec<V>>(self.id, &ctx.cur)?
-            .unwrap_or_default())
+    pub fn get(&self, ctx: &mut KeyedContext<'_, K>) -> Result<Vec<V>> {
+        match &self.ttl {
+            None => Ok(ctx
+                .backend
+                .value_get::<K, Vec<V>>(self.id, &ctx.cur)?
+                .unwrap_or_default()),
+            Some(cfg) => ttl::list_get(ctx, self.id, cfg),
+        }
     }
 
     /// Appends to the list of the current key.
     pub fn add(&self, ctx: &mut KeyedContext<'_, K>, value: V) -> Result<()> {
-        ctx.backend
-            .value_update::<K, Vec<V>>(self.id, &ctx.cur, Vec::new, |l| l.push(value))
+        match &self.ttl {
+            None => ctx
+                .backend
+                .value_update::<K, Vec<V>>(self.id, &ctx.cur, Vec::new, |l| l.push(value)),
+            Some(_) => ttl::list_add(ctx, self.id, value),
+        }
     }
 
     /// Replaces the list of the current key.
@@ -662,37 +759,62 @@ impl<K: Key, V: StateValue> ListState<K, V> {
         if values.is_empty() {
             return self.clear(ctx);
         }
-        ctx.backend.value_put::<K, Vec<V>>(self.id, &ctx.cur, values)
+        match &self.ttl {
+            None => ctx.backend.value_put::<K, Vec<V>>(self.id, &ctx.cur, values),
+            Some(_) => ttl::list_put(ctx, self.id, values),
+        }
     }
 
     /// Removes the list of the current key.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
-        ctx.backend.value_remove::<K, Vec<V>>(self.id, &ctx.cur)
+        match &self.ttl {
+            None => ctx.backend.value_remove::<K, Vec<V>>(self.id, &ctx.cur),
+            Some(_) => ttl::list_remove::<K, V>(ctx, self.id),
+        }
     }
 
-    /// Every (key, list) of this subtask.
+    /// Every (key, list) of this subtask. With a TTL, the elements unexpired as of the wall
+    /// clock now (keys with none are left out).
     pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, Vec<V>)>> {
-        backend.value_entries::<K, Vec<V>>(self.id)
+        match &self.ttl {
+            None => backend.value_entries::<K, Vec<V>>(self.id),
+            Some(cfg) => ttl::list_entries(backend, self.id, cfg, processing_time_now()),
+        }
     }
 }
 
 impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
-    pub(crate) fn new(id: StateId) -> Self {
-        Self { id, _t: PhantomData }
+    /// Registers the state `name` on `backend`, with its entries' TTL if any.
+    pub(crate) fn register(backend: &mut KeyedBackend, name: &str, ttl: Option<StateTtlConfig>) -> Result<Self> {
+        let id = match &ttl {
+            None => backend.register_map::<K, UK, UV>(name)?,
+            Some(cfg) => backend.register_ttl_map::<K, UK, UV>(name, cfg)?,
+        };
+        Ok(Self {
+            id,
+            ttl,
+            _t: PhantomData,
+        })
     }
 
     /// The value under `user_key` for the current key.
-    pub fn get(&self, ctx: &KeyedContext<'_, K>, user_key: &UK) -> Result<Option<UV>> {
-        ctx.backend.map_get::<K, UK, UV>(self.id, &ctx.cur, user_key)
+    pub fn get(&self, ctx: &mut KeyedContext<'_, K>, user_key: &UK) -> Result<Option<UV>> {
+        match &self.ttl {
+            None => ctx.backend.map_get::<K, UK, UV>(self.id, &ctx.cur, user_key),
+            Some(cfg) => ttl::map_get(ctx, self.id, cfg, user_key),
+        }
     }
 
     /// Puts `user_key -> value` for the current key.
     pub fn put(&self, ctx: &mut KeyedContext<'_, K>, user_key: UK, value: UV) -> Result<()> {
-        ctx.backend.map_put::<K, UK, UV>(self.id, &ctx.cur, user_key, value)
+        match &self.ttl {
+            None => ctx.backend.map_put::<K, UK, UV>(self.id, &ctx.cur, user_key, value),
+            Some(_) => ttl::map_put(ctx, self.id, user_key, value),
+        }
     }
 
-    /// Changes the value under `user_key` in place, starting from `default` when absent;
-    /// returns whether it was present.
+    /// Changes the value under `user_key` in place, starting from `default` when absent (or
+    /// expired); returns whether it was present.
     pub fn update_with(
         &self,
         ctx: &mut KeyedContext<'_, K>,
@@ -700,68 +822,109 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
         default: impl FnOnce() -> UV,
         f: impl FnOnce(&mut UV),
     ) -> Result<bool> {
-        ctx.backend
-            .map_update::<K, UK, UV>(self.id, &ctx.cur, user_key, default, f)
+        match &self.ttl {
+            None => ctx
+                .backend
+                .map_update::<K, UK, UV>(self.id, &ctx.cur, user_key, default, f),
+            Some(cfg) => ttl::map_update(ctx, self.id, cfg, user_key, default, f),
+        }
     }
 
     /// Removes `user_key` for the current key.
     pub fn remove(&self, ctx: &mut KeyedContext<'_, K>, user_key: &UK) -> Result<()> {
-        ctx.backend.map_remove::<K, UK, UV>(self.id, &ctx.cur, user_key)
+        match &self.ttl {
+            None => ctx.backend.map_remove::<K, UK, UV>(self.id, &ctx.cur, user_key),
+            Some(_) => ttl::map_remove::<K, UK, UV>(ctx, self.id, user_key),
+        }
     }
 
     /// The current key's entries, in no particular order.
-    pub fn entries(&self, ctx: &KeyedContext<'_, K>) -> Result<Vec<(UK, UV)>> {
-        ctx.backend.map_entries::<K, UK, UV>(self.id, &ctx.cur)
+    pub fn entries(&self, ctx: &mut KeyedContext<'_, K>) -> Result<Vec<(UK, UV)>> {
+        match &self.ttl {
+            None => ctx.backend.map_entries::<K, UK, UV>(self.id, &ctx.cur),
+            Some(cfg) => ttl::map_entries(ctx, self.id, cfg),
+        }
     }
 
     /// Removes the whole map of the current key.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
-        ctx.backend.map_clear::<K, UK, UV>(self.id, &ctx.cur)
+        match &self.ttl {
+            None => ctx.backend.map_clear::<K, UK, UV>(self.id, &ctx.cur),
+            Some(_) => ttl::map_clear::<K, UK, UV>(ctx, self.id),
+        }
     }
 
-    /// Every (key, user key, value) of this subtask.
+    /// Every (key, user key, value) of this subtask. With a TTL, the entries unexpired as of
+    /// the wall clock now.
     pub fn all_entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, UK, UV)>> {
-        backend.map_all::<K, UK, UV>(self.id)
+        match &self.ttl {
+            None => backend.map_all::<K, UK, UV>(self.id),
+            Some(cfg) => ttl::map_all(backend, self.id, cfg, processing_time_now()),
+        }
     }
 }
 
 impl<K: Key, V: StateValue> ReducingState<K, V> {
-    pub(crate) fn new(id: StateId, reduce: ReduceFn<V>) -> Self {
-        Self {
+    /// Registers the state `name` on `backend`, with its values' TTL if any.
+    pub(crate) fn register(
+        backend: &mut KeyedBackend,
+        name: &str,
+        ttl: Option<StateTtlConfig>,
+        reduce: ReduceFn<V>,
+    ) -> Result<Self> {
+        let id = match &ttl {
+            None => backend.register_value::<K, V>(name)?,
+            Some(cfg) => backend.register_ttl_value::<K, V>(name, cfg)?,
+        };
+        Ok(Self {
             id,
+            ttl,
             reduce,
             _t: PhantomData,
-        }
+        })
     }
 
     /// The reduced value of the current key.
-    pub fn get(&self, ctx: &KeyedContext<'_, K>) -> Result<Option<V>> {
-        ctx.backend.value_get::<K, V>(self.id, &ctx.cur)
+    pub fn get(&self, ctx: &mut KeyedContext<'_, K>) -> Result<Option<V>> {
+        match &self.ttl {
+            None => ctx.backend.value_get::<K, V>(self.id, &ctx.cur),
+            Some(cfg) => ttl::value_get(ctx, self.id, cfg),
+        }
     }
 
-    /// Folds `value` into the current key's value.
+    /// Folds `value` into the current key's value (an expired value is replaced, not folded).
     pub fn add(&self, ctx: &mut KeyedContext<'_, K>, value: V) -> Result<()> {
         // One lookup: the value itself when the key has none yet, else folded into the old one.
         let value = std::cell::Cell::new(Some(value));
-        ctx.backend.value_update::<K, V>(
-            self.id,
-            &ctx.cur,
-            || value.take().expect("taken once"),
-            |old| {
+        let first = || value.take().expect("taken once");
+        match &self.ttl {
+            None => ctx.backend.value_update::<K, V>(self.id, &ctx.cur, first, |old| {
                 if let Some(v) = value.take() {
                     *old = (self.reduce)(old, &v);
                 }
-            },
-        )
+            }),
+            Some(cfg) => ttl::value_update(ctx, self.id, cfg, first, |old, existed| {
+                if let Some(v) = value.take().filter(|_| existed) {
+                    *old = (self.reduce)(old, &v);
+                }
+            }),
+        }
     }
 
     /// Removes the current key's value.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
-        ctx.backend.value_remove::<K, V>(self.id, &ctx.cur)
+        match &self.ttl {
+            None => ctx.backend.value_remove::<K, V>(self.id, &ctx.cur),
+            Some(_) => ttl::value_remove::<K, V>(ctx, self.id),
+        }
     }
 
-    /// Every (key, value) of this subtask.
+    /// Every (key, value) of this subtask. With a TTL, the values unexpired as of the wall
+    /// clock now.
     pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, V)>> {
-        backend.value_entries::<K, V>(self.id)
+        match &self.ttl {
+            None => backend.value_entries::<K, V>(self.id),
+            Some(cfg) => ttl::value_entries(backend, self.id, cfg, processing_time_now()),
+        }
     }
 }

@@ -9,10 +9,20 @@
 //! only freezes that cache; a background thread writes it into RocksDB, flushes the memtables
 //! and takes a RocksDB native checkpoint (hard links), and the uploader then sends only the SST
 //! files that no completed checkpoint already holds (incremental), or all of them (full mode).
+//!
+//! The column family of a state with a TTL drops expired entries when RocksDB compacts it (a
+//! compaction filter reading each value's leading timestamp, see `ttl.rs`), so keys never read
+//! again do not stay forever. This is safe with the write cache in front: the filter only drops
+//! an entry whose stored value is expired, which a read would treat as absent anyway, and a
+//! newer value or deletion of the key still in the cache shadows whatever RocksDB holds. A list
+//! is dropped once its newest element expired; expired elements of a list that still has live
+//! ones go at its next read.
 
+use super::ttl::{stored_timestamp, StateTtlConfig};
 use super::write_cache::{self, Background, Cached, Entries, WriteCache};
 use super::{CurrentKey, Key, StateId, StateValue};
 use crate::checkpoint::CheckpointId;
+use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::{KeyGroup, KeyGroupRange};
 use crate::snapshot::{
@@ -20,9 +30,15 @@ use crate::snapshot::{
     StateFileWriter,
 };
 use rocksdb::checkpoint::Checkpoint;
-use rocksdb::{ColumnFamily, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::compaction_filter::CompactionFilter;
+use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, CompactionDecision, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::CStr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 fn db_err(what: &str, e: rocksdb::Error) -> Error {
@@ -83,6 +99,86 @@ fn block_cache() -> &'static rocksdb::Cache {
     const BLOCK_CACHE_BYTES: usize = 256 << 20;
     static CACHE: std::sync::OnceLock<rocksdb::Cache> = std::sync::OnceLock::new();
     CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES))
+}
+
+/// The TTL compaction filters of one instance: per column family its TTL in ms (0: none, set
+/// when a state registers with a TTL), and the clock the filters judge expiry by.
+struct TtlFilters {
+    ttls: HashMap<String, Arc<AtomicI64>>,
+    /// `WALL_CLOCK`, or a fixed time (a test hook).
+    clock: Arc<AtomicI64>,
+}
+
+const WALL_CLOCK: i64 = i64::MIN;
+
+impl TtlFilters {
+    fn new() -> Self {
+        Self {
+            ttls: HashMap::new(),
+            clock: Arc::new(AtomicI64::new(WALL_CLOCK)),
+        }
+    }
+
+    fn slot(&mut self, cf: &str) -> Arc<AtomicI64> {
+        self.ttls.entry(cf.to_string()).or_default().clone()
+    }
+
+    /// The options of column family `cf`: the instance's, with the TTL compaction filter.
+    fn cf_options(&mut self, cf: &str) -> Options {
+        let mut o = db_options();
+        o.set_compaction_filter_factory(TtlFilterFactory {
+            ttl_ms: self.slot(cf),
+            clock: self.clock.clone(),
+        });
+        o
+    }
+}
+
+/// Makes a [`TtlFilter`] per compaction, with the column family's TTL and the time then. It
+/// only reads atomics: RocksDB may call it from several compaction threads at once.
+struct TtlFilterFactory {
+    ttl_ms: Arc<AtomicI64>,
+    clock: Arc<AtomicI64>,
+}
+
+impl CompactionFilterFactory for TtlFilterFactory {
+    type Filter = TtlFilter;
+
+    fn create(&mut self, _: CompactionFilterContext) -> TtlFilter {
+        let now = match self.clock.load(Ordering::Acquire) {
+            WALL_CLOCK => super::processing_time_now(),
+            fixed => fixed,
+        };
+        TtlFilter {
+            ttl_ms: self.ttl_ms.load(Ordering::Acquire),
+            now,
+        }
+    }
+
+    fn name(&self) -> &CStr {
+        c"sluice-ttl"
+    }
+}
+
+/// Drops entries whose leading timestamp is expired; keeps everything in a state without TTL
+/// and any value it cannot read a timestamp from.
+struct TtlFilter {
+    ttl_ms: i64,
+    now: Timestamp,
+}
+
+impl CompactionFilter for TtlFilter {
+    fn filter(&mut self, _level: u32, _key: &[u8], value: &[u8]) -> CompactionDecision {
+        if self.ttl_ms > 0 && stored_timestamp(value).is_some_and(|ts| super::ttl::expired(ts, self.ttl_ms, self.now)) {
+            CompactionDecision::Remove
+        } else {
+            CompactionDecision::Keep
+        }
+    }
+
+    fn name(&self) -> &CStr {
+        c"sluice-ttl"
+    }
 }
 
 fn write_options() -> WriteOptions {
@@ -169,11 +265,16 @@ impl std::ops::Deref for Raw<'_> {
     }
 }
 
-/// Opens the instance at `path` with all its column families; their names.
-fn open_db(path: &Path) -> Result<(DB, Vec<String>)> {
+/// Opens the instance at `path` with all its column families (each with its TTL filter);
+/// their names.
+fn open_db(path: &Path, ttl: &mut TtlFilters) -> Result<(DB, Vec<String>)> {
     let opts = db_options();
     let cfs = DB::list_cf(&opts, path).unwrap_or_else(|_| vec!["default".to_string()]);
-    let db = DB::open_cf(&opts, path, &cfs).map_err(|e| db_err("open", e))?;
+    let descriptors: Vec<_> = cfs
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, ttl.cf_options(name)))
+        .collect();
+    let db = DB::open_cf_descriptors(&opts, path, descriptors).map_err(|e| db_err("open", e))?;
     Ok((db, cfs))
 }
 
@@ -195,6 +296,9 @@ pub struct RocksBackend {
     db: Arc<DB>,
     dir: PathBuf,
     names: Vec<String>,
+    /// The TTL of each registered state.
+    ttls: Vec<Option<StateTtlConfig>>,
+    filters: TtlFilters,
     write: WriteOptions,
     cache: WriteCache,
     /// Feeds the checkpoint thread; dropping it ends the thread.
@@ -237,12 +341,15 @@ impl RocksBackend {
                 confirmed = shared_by_name(base.files.iter().cloned());
             }
         }
-        let (db, cfs) = open_db(&db_path)?;
+        let mut filters = TtlFilters::new();
+        let (db, cfs) = open_db(&db_path, &mut filters)?;
         let mut backend = Self {
             range,
             db: Arc::new(db),
             dir: dir.to_path_buf(),
             names: Vec::new(),
+            ttls: Vec::new(),
+            filters,
             write: write_options(),
             cache: WriteCache::new(write_cache::DEFAULT_LIMIT),
             mover: None,
@@ -267,9 +374,10 @@ impl RocksBackend {
         if self.db.cf_handle(name).is_none() {
             // Creating a column family needs the instance to itself: no move in progress.
             self.cache.settle()?;
+            let opts = self.filters.cf_options(name);
             Arc::get_mut(&mut self.db)
                 .ok_or_else(|| Error::User(format!("cannot create rocksdb column family {name} now")))?
-                .create_cf(name, &db_options())
+                .create_cf(name, &opts)
                 .map_err(|e| db_err("create column family", e))?;
         }
         Ok(())
@@ -376,22 +484,89 @@ impl RocksBackend {
         self.names.is_empty()
     }
 
-    fn register(&mut self, name: &str) -> Result<StateId> {
+    fn register(&mut self, name: &str, ttl: Option<&StateTtlConfig>) -> Result<StateId> {
+        let ttl = ttl.copied();
         if let Some(id) = self.names.iter().position(|n| n == name) {
+            if self.ttls[id] != ttl {
+                return Err(Error::Config(format!(
+                    "state '{name}' is registered twice with different TTLs ({:?} and {ttl:?})",
+                    self.ttls[id]
+                )));
+            }
             return Ok(id);
         }
         self.ensure_cf(name)?;
+        // From now on compactions of its column family drop expired entries.
+        self.filters
+            .slot(name)
+            .store(ttl.map_or(0, |c| c.ttl_ms()), Ordering::Release);
         self.names.push(name.to_string());
+        self.ttls.push(ttl);
         self.cache.register(self.names.len() - 1);
         Ok(self.names.len() - 1)
     }
 
     pub(crate) fn register_value<K: Key, V: StateValue>(&mut self, name: &str) -> Result<StateId> {
-        self.register(name)
+        self.register(name, None)
     }
 
     pub(crate) fn register_map<K: Key, UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<StateId> {
-        self.register(name)
+        self.register(name, None)
+    }
+
+    pub(crate) fn register_ttl_value<K: Key, V: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        self.register(name, Some(cfg))
+    }
+
+    pub(crate) fn register_ttl_list<K: Key, V: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        self.register(name, Some(cfg))
+    }
+
+    pub(crate) fn register_ttl_map<K: Key, UK: Key, UV: StateValue>(
+        &mut self,
+        name: &str,
+        cfg: &StateTtlConfig,
+    ) -> Result<StateId> {
+        self.register(name, Some(cfg))
+    }
+
+    /// Test hook: the entries state `id` holds, expired ones included (the write cache merged
+    /// over RocksDB).
+    #[cfg(test)]
+    pub(crate) fn stored_entries(&self, id: StateId) -> Result<usize> {
+        let mut n = 0;
+        self.scan(id, b"", |_, _| {
+            n += 1;
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
+    /// Test hook: writes the write cache into RocksDB (as an overflowing cache does).
+    #[cfg(test)]
+    pub(crate) fn drain_write_cache(&mut self) -> Result<()> {
+        self.drain()
+    }
+
+    /// Test hook: compacts every state's column family fully, the TTL filters judging expiry
+    /// as of `now` instead of the wall clock.
+    #[cfg(test)]
+    pub(crate) fn compact_at(&mut self, now: Timestamp) -> Result<()> {
+        self.cache.settle()?;
+        self.filters.clock.store(now, Ordering::Release);
+        for id in 0..self.names.len() {
+            self.db.compact_range_cf(self.cf(id), None::<&[u8]>, None::<&[u8]>);
+        }
+        self.filters.clock.store(WALL_CLOCK, Ordering::Release);
+        Ok(())
     }
 
     fn cf(&self, id: StateId) -> &ColumnFamily {
