@@ -10,8 +10,8 @@ use sluice_operators::generator::LaneGenerator;
 use sluice_operators::sorted_sink::SortedFileSink;
 use sluice_runtime::config::StateBackendKind;
 use sluice_runtime::{
-    AggregateFunction, JobDefinition, JobParams, Operator, ParamSpec, RestoredState, Result, StreamEnv, TaskInfo,
-    WatermarkStrategy, WindowAssigner,
+    AggregateFunction, JobDefinition, JobParams, Operator, ParamSpec, ProcessWindowFunction, RestoredState, Result,
+    StreamEnv, TaskInfo, TimeWindow, ToWindowResult, WatermarkStrategy, WindowAssigner, WindowCollector, WindowResult,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -99,6 +99,46 @@ impl AggregateFunction for Sum {
     }
 }
 
+/// A window function emitting the window's sum: from the aggregate, or from all its records
+/// (which must all be the key's, in the window, none repeated).
+#[derive(Clone)]
+struct SumWindow;
+
+impl ProcessWindowFunction<u64, i64> for SumWindow {
+    type Out = WindowResult<u64, i64>;
+    fn process<T>(
+        &self,
+        key: &u64,
+        w: TimeWindow,
+        sum: i64,
+        out: &mut WindowCollector<'_, Self::Out, T>,
+    ) -> Result<()> {
+        ToWindowResult.process(key, w, sum, out)
+    }
+}
+
+impl ProcessWindowFunction<u64, Vec<Event>> for SumWindow {
+    type Out = WindowResult<u64, i64>;
+    fn process<T>(
+        &self,
+        key: &u64,
+        w: TimeWindow,
+        events: Vec<Event>,
+        out: &mut WindowCollector<'_, Self::Out, T>,
+    ) -> Result<()> {
+        let distinct: std::collections::BTreeSet<u64> = events.iter().map(|e| e.i).collect();
+        assert_eq!(distinct.len(), events.len(), "a record twice in window {w:?}");
+        assert!(
+            events
+                .iter()
+                .all(|e| e.user == *key && (w.start..w.end).contains(&e.ts)),
+            "a record outside key {key}'s window {w:?}"
+        );
+        let sum = events.iter().map(|e| e.amount).sum();
+        ToWindowResult.process(key, w, sum, out)
+    }
+}
+
 /// Panics at its `fail_at`-th record on subtask 0 of the first attempt.
 struct FailOnce<T> {
     fail_at: u64,
@@ -158,8 +198,38 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     } else {
         windowed
     };
-    let windows = windowed.aggregate("windows", Sum)?.uid("windows");
-    let results = windows.results().transform("fail-once", move || FailOnce {
+    // Four ways to the same sums: an aggregate, a reduce, an aggregate with a window function,
+    // and a process-window function over all of a window's records.
+    let (results, late) = match p.get::<String>("function")?.as_str() {
+        "aggregate" => {
+            let w = windowed.aggregate("windows", Sum)?.uid("windows");
+            (w.results(), w.late())
+        }
+        "reduce" => {
+            let w = windowed
+                .reduce("windows", |a: &Event, b: &Event| Event {
+                    amount: a.amount + b.amount,
+                    ..a.clone()
+                })?
+                .uid("windows");
+            let sums = w.results().map(|r| WindowResult {
+                key: r.key,
+                start: r.start,
+                end: r.end,
+                value: r.value.amount,
+            });
+            (sums, w.late())
+        }
+        "aggregate_with" => {
+            let w = windowed.aggregate_with("windows", Sum, SumWindow)?.uid("windows");
+            (w.results(), w.late())
+        }
+        _ => {
+            let w = windowed.process("windows", SumWindow)?.uid("windows");
+            (w.results(), w.late())
+        }
+    };
+    let results = results.transform("fail-once", move || FailOnce {
         fail_at,
         armed: false,
         seen: 0,
@@ -174,14 +244,12 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
             .uid("results")
             .parallelism(1);
     }
-    windows
-        .late()
-        .sink(
-            "late",
-            SortedFileSink::new(Some(p.get::<String>("late_output")?.into())),
-        )
-        .uid("late")
-        .parallelism(1);
+    late.sink(
+        "late",
+        SortedFileSink::new(Some(p.get::<String>("late_output")?.into())),
+    )
+    .uid("late")
+    .parallelism(1);
     Ok(())
 }
 
@@ -199,6 +267,7 @@ fn definition() -> JobDefinition {
             param("late_output", ""),
             param("lateness", "false"),
             param("sink", "sorted"),
+            param("function", "aggregate"),
         ],
         build,
     }
@@ -304,6 +373,20 @@ fn windows_equal_a_direct_computation_on_both_backends() {
         for backend in [MEMORY, ROCKSDB] {
             let dir = tempfile::tempdir().unwrap();
             let report = run_job(submission(dir.path(), kind, backend, 2, &[], None)).unwrap();
+            assert_eq!(report.outcome, JobOutcome::Finished);
+            assert_matches_direct_computation(dir.path(), kind);
+        }
+    }
+}
+
+#[test]
+fn reduce_aggregate_with_and_process_window_functions_equal_a_direct_computation() {
+    for (kind, backend) in [("sliding-odd", MEMORY), ("session", ROCKSDB), ("tumbling", MEMORY)] {
+        for function in ["reduce", "aggregate_with", "process"] {
+            let dir = tempfile::tempdir().unwrap();
+            let extra = [format!("function={function}")];
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let report = run_job(submission(dir.path(), kind, backend, 2, &extra, None)).unwrap();
             assert_eq!(report.outcome, JobOutcome::Finished);
             assert_matches_direct_computation(dir.path(), kind);
         }

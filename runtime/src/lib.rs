@@ -73,4 +73,7 @@ pub use state::{
 };
 pub use stream::{DataStream, KeyedStream, StreamEnv, WindowedResults, WindowedStream};
 pub use time::WatermarkStrategy;
-pub use window::{AggregateFunction, WindowAssigner, WindowOutput, WindowResult};
+pub use window::{
+    AggregateFunction, ProcessWindowFunction, TimeWindow, ToWindowResult, WindowAssigner, WindowCollector,
+    WindowOutput, WindowResult,
+};

@@ -18,7 +18,10 @@ use crate::operator::{
 use crate::state::{Key, KeyedContext, ReduceFn, ReducingState, StateValue};
 use crate::time::{TimestampFn, WatermarkGenerator, WatermarkStrategy};
 use crate::transform::{FilterOp, FlatMapOp, KeyedProcessOp, MapOp, SinkOp};
-use crate::window::{AggregateFunction, WindowAssigner, WindowFunction, WindowOutput, WindowResult};
+use crate::window::{
+    AggregateFunction, Collect, ProcessWindowFunction, ToWindowResult, WindowAssigner, WindowFunction, WindowOutput,
+    WindowResult,
+};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::rc::Rc;
@@ -236,11 +239,22 @@ impl<T: Data, K: Key> WindowedStream<T, K> {
         self
     }
 
-    /// Folds each window's records incrementally with `agg`; fails when the stream has no
-    /// timestamps (`assign_timestamps_and_watermarks` upstream).
-    pub fn aggregate<A: AggregateFunction<In = T>>(self, name: &str, agg: A) -> Result<WindowedResults<K, A::Out, T>>
+    /// Folds each window's records incrementally with `agg`: one [`WindowResult`] per firing.
+    /// Fails when the stream has no timestamps (`assign_timestamps_and_watermarks` upstream).
+    pub fn aggregate<A: AggregateFunction<In = T>>(
+        self,
+        name: &str,
+        agg: A,
+    ) -> Result<WindowedResults<WindowResult<K, A::Out>, T>> {
+        self.aggregate_with(name, agg, ToWindowResult)
+    }
+
+    /// Folds each window's records incrementally with `agg`, then hands each fired window's
+    /// aggregate to `window_fn` with the key and the window (Flink's `aggregate(agg, fn)`).
+    pub fn aggregate_with<A, W>(self, name: &str, agg: A, window_fn: W) -> Result<WindowedResults<W::Out, T>>
     where
-        A::Out: Data,
+        A: AggregateFunction<In = T>,
+        W: ProcessWindowFunction<K, A::Out>,
     {
         let Some(timestamps) = self.keyed.stream.timestamps.clone() else {
             return Err(crate::error::Error::Config(format!(
@@ -248,19 +262,49 @@ impl<T: Data, K: Key> WindowedStream<T, K> {
                  (call assign_timestamps_and_watermarks before key_by)"
             )));
         };
-        let f = WindowFunction::new(self.assigner, agg, timestamps, self.lateness);
+        let f = WindowFunction::new(self.assigner, agg, window_fn, timestamps, self.lateness);
         Ok(WindowedResults {
             stream: self.keyed.process(name, f),
         })
     }
+
+    /// Folds each window's records pairwise with `reduce`, incrementally.
+    pub fn reduce(
+        self,
+        name: &str,
+        reduce: impl Fn(&T, &T) -> T + Send + Sync + Clone + 'static,
+    ) -> Result<WindowedResults<WindowResult<K, T>, T>>
+    where
+        T: StateValue,
+    {
+        let agg = crate::window::Reduce {
+            f: reduce,
+            _t: PhantomData,
+        };
+        self.aggregate_with(name, agg, ToWindowResult)
+    }
+
+    /// Hands all of each fired window's records (in pane order, then arrival order) to
+    /// `window_fn`. Every record is kept in state until its window is gone: prefer
+    /// `aggregate_with` when an aggregate suffices.
+    pub fn process<W: ProcessWindowFunction<K, Vec<T>>>(
+        self,
+        name: &str,
+        window_fn: W,
+    ) -> Result<WindowedResults<W::Out, T>>
+    where
+        T: StateValue,
+    {
+        self.aggregate_with(name, Collect(PhantomData), window_fn)
+    }
 }
 
-/// What a window operator emits: window results and, apart, the records too late for them.
-pub struct WindowedResults<K, R, T> {
-    stream: DataStream<WindowOutput<K, R, T>>,
+/// What a window operator emits: window output and, apart, the records too late for it.
+pub struct WindowedResults<R, T> {
+    stream: DataStream<WindowOutput<R, T>>,
 }
 
-impl<K: Key, R: Data, T: Data> WindowedResults<K, R, T> {
+impl<R: Data, T: Data> WindowedResults<R, T> {
     /// Sets the stable id of the window operator.
     pub fn uid(mut self, uid: &str) -> Self {
         self.stream = self.stream.uid(uid);
@@ -273,8 +317,8 @@ impl<K: Key, R: Data, T: Data> WindowedResults<K, R, T> {
         self
     }
 
-    /// The fired windows.
-    pub fn results(&self) -> DataStream<WindowResult<K, R>> {
+    /// The fired windows' output.
+    pub fn results(&self) -> DataStream<R> {
         self.stream.clone().flat_map(WindowOutput::result)
     }
 

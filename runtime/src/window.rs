@@ -32,6 +32,124 @@ pub trait AggregateFunction: Send + Sync + Clone + 'static {
     fn merge(&self, acc: &mut Self::Acc, other: &Self::Acc);
     /// The result of a window.
     fn result(&self, acc: &Self::Acc) -> Self::Out;
+    /// The result of a window whose accumulator is no longer needed (saves a copy when the
+    /// result is the accumulator itself).
+    fn into_result(&self, acc: Self::Acc) -> Self::Out {
+        self.result(&acc)
+    }
+}
+
+/// Folds a window's records pairwise (`WindowedStream::reduce`): the result is a record.
+#[derive(Clone)]
+pub(crate) struct Reduce<T, F> {
+    pub f: F,
+    pub _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: StateValue, F: Fn(&T, &T) -> T + Send + Sync + Clone + 'static> AggregateFunction for Reduce<T, F> {
+    type In = T;
+    /// `None` only before the first record (panes and sessions always hold one).
+    type Acc = Option<T>;
+    type Out = T;
+    fn create(&self) -> Option<T> {
+        None
+    }
+    fn add(&self, acc: &mut Option<T>, record: &T) {
+        *acc = Some(match acc.take() {
+            Some(a) => (self.f)(&a, record),
+            None => record.clone(),
+        });
+    }
+    fn merge(&self, acc: &mut Option<T>, other: &Option<T>) {
+        if let Some(o) = other {
+            self.add(acc, o);
+        }
+    }
+    fn result(&self, acc: &Option<T>) -> T {
+        self.into_result(acc.clone())
+    }
+    fn into_result(&self, acc: Option<T>) -> T {
+        acc.expect("a window holds at least one record")
+    }
+}
+
+/// Keeps every record of a window (`WindowedStream::process`, whose function sees them all).
+#[derive(Clone)]
+pub(crate) struct Collect<T>(pub std::marker::PhantomData<fn() -> T>);
+
+impl<T: StateValue> AggregateFunction for Collect<T> {
+    type In = T;
+    type Acc = Vec<T>;
+    type Out = Vec<T>;
+    fn create(&self) -> Vec<T> {
+        Vec::new()
+    }
+    fn add(&self, acc: &mut Vec<T>, record: &T) {
+        acc.push(record.clone());
+    }
+    fn merge(&self, acc: &mut Vec<T>, other: &Vec<T>) {
+        acc.extend_from_slice(other);
+    }
+    fn result(&self, acc: &Vec<T>) -> Vec<T> {
+        acc.clone()
+    }
+    fn into_result(&self, acc: Vec<T>) -> Vec<T> {
+        acc
+    }
+}
+
+/// A window: `[start, end)` in event time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TimeWindow {
+    /// First millisecond.
+    pub start: Timestamp,
+    /// End (exclusive).
+    pub end: Timestamp,
+}
+
+/// Where a window function's output goes, like Flink's `Collector`.
+pub struct WindowCollector<'a, O, T> {
+    out: &'a mut Vec<WindowOutput<O, T>>,
+}
+
+impl<O, T> WindowCollector<'_, O, T> {
+    /// Emits one output record.
+    pub fn collect(&mut self, record: O) {
+        self.out.push(WindowOutput::Result(record));
+    }
+}
+
+/// Turns a fired window's contents into output, knowing the key and the window, like Flink's
+/// `ProcessWindowFunction`. Its input `R` is the window's aggregate
+/// (`WindowedStream::aggregate_with`) or all its records (`WindowedStream::process`).
+pub trait ProcessWindowFunction<K, R>: Send + Sync + Clone + 'static {
+    /// Output records.
+    type Out: Data;
+    /// Called once per firing of `window` for `key` (again for each late update).
+    fn process<T>(
+        &self,
+        key: &K,
+        window: TimeWindow,
+        input: R,
+        out: &mut WindowCollector<'_, Self::Out, T>,
+    ) -> Result<()>;
+}
+
+/// The window function of `aggregate` and `reduce`: one [`WindowResult`] per firing.
+#[derive(Clone, Copy, Default)]
+pub struct ToWindowResult;
+
+impl<K: Key, R: Data> ProcessWindowFunction<K, R> for ToWindowResult {
+    type Out = WindowResult<K, R>;
+    fn process<T>(&self, key: &K, w: TimeWindow, value: R, out: &mut WindowCollector<'_, Self::Out, T>) -> Result<()> {
+        out.collect(WindowResult {
+            key: key.clone(),
+            start: w.start,
+            end: w.end,
+            value,
+        });
+        Ok(())
+    }
 }
 
 /// Which windows a record belongs to.
@@ -135,16 +253,16 @@ impl<K: std::fmt::Display, R: std::fmt::Display> std::fmt::Display for WindowRes
 
 /// What a window operator emits: results, and records too late for any window.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WindowOutput<K, R, T> {
-    /// A fired window.
-    Result(WindowResult<K, R>),
+pub enum WindowOutput<R, T> {
+    /// A fired window's output.
+    Result(R),
     /// A record whose windows had all closed (the late side output).
     Late(T),
 }
 
-impl<K, R, T> WindowOutput<K, R, T> {
+impl<R, T> WindowOutput<R, T> {
     /// The result, if this is one.
-    pub fn result(self) -> Option<WindowResult<K, R>> {
+    pub fn result(self) -> Option<R> {
         match self {
             Self::Result(r) => Some(r),
             Self::Late(_) => None,
@@ -169,21 +287,24 @@ struct Session<A> {
     acc: A,
 }
 
-/// The keyed function behind `KeyedStream::window(..).aggregate(..)`.
-pub(crate) struct WindowFunction<K, A: AggregateFunction> {
+/// The keyed function behind `KeyedStream::window(..)`: aggregates with `agg`, turns fired
+/// windows into output with `window_fn`.
+pub(crate) struct WindowFunction<K, A: AggregateFunction, W> {
     pub assigner: WindowAssigner,
     pub agg: A,
+    pub window_fn: W,
     pub timestamp: TimestampFn<A::In>,
     pub lateness: i64,
     panes: Option<MapState<K, Timestamp, A::Acc>>,
     sessions: Option<ValueState<K, Vec<Session<A::Acc>>>>,
 }
 
-impl<K, A: AggregateFunction> Clone for WindowFunction<K, A> {
+impl<K, A: AggregateFunction, W: Clone> Clone for WindowFunction<K, A, W> {
     fn clone(&self) -> Self {
         Self {
             assigner: self.assigner,
             agg: self.agg.clone(),
+            window_fn: self.window_fn.clone(),
             timestamp: self.timestamp.clone(),
             lateness: self.lateness,
             panes: self.panes.clone(),
@@ -192,11 +313,18 @@ impl<K, A: AggregateFunction> Clone for WindowFunction<K, A> {
     }
 }
 
-impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
-    pub fn new(assigner: WindowAssigner, agg: A, timestamp: TimestampFn<A::In>, lateness: Duration) -> Self {
+impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFunction<K, A, W> {
+    pub fn new(
+        assigner: WindowAssigner,
+        agg: A,
+        window_fn: W,
+        timestamp: TimestampFn<A::In>,
+        lateness: Duration,
+    ) -> Self {
         Self {
             assigner,
             agg,
+            window_fn,
             timestamp,
             // Capped so that window arithmetic on real timestamps cannot overflow.
             lateness: i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX).min(MAX_SPAN),
@@ -212,7 +340,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         ctx: &mut KeyedContext<'_, K>,
         (start, end): (Timestamp, Timestamp),
         later: Timestamp,
-        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+        out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<Option<Timestamp>> {
         let mut entries = self.panes.as_ref().expect("opened").entries(ctx)?;
         entries.sort_unstable_by_key(|(p, _)| *p);
@@ -229,7 +357,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
             }
         }
         if let Some(acc) = acc {
-            self.emit(ctx, start, end, &acc, out);
+            self.emit(ctx, start, end, acc, out)?;
         }
         Ok(later_pane)
     }
@@ -239,15 +367,15 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         ctx: &KeyedContext<'_, K>,
         start: Timestamp,
         end: Timestamp,
-        acc: &A::Acc,
-        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
-    ) {
-        out.push(WindowOutput::Result(WindowResult {
-            key: ctx.key().clone(),
-            start,
-            end,
-            value: self.agg.result(acc),
-        }));
+        acc: A::Acc,
+        out: &mut Vec<WindowOutput<W::Out, A::In>>,
+    ) -> Result<()> {
+        self.window_fn.process(
+            ctx.key(),
+            TimeWindow { start, end },
+            self.agg.into_result(acc),
+            &mut WindowCollector { out },
+        )
     }
 
     fn process_aligned(
@@ -256,7 +384,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         ts: Timestamp,
         (size, slide, pane): (i64, i64, i64),
         ctx: &mut KeyedContext<'_, K>,
-        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+        out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<()> {
         let wm = ctx.current_watermark();
         // The last window holding `ts` starts at the last slide boundary at or before it.
@@ -309,7 +437,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         ts: Timestamp,
         (size, slide, pane): (i64, i64, i64),
         ctx: &mut KeyedContext<'_, K>,
-        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+        out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<()> {
         let end = ts + 1;
         let panes = self.panes.as_ref().expect("opened");
@@ -345,7 +473,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         ts: Timestamp,
         gap: i64,
         ctx: &mut KeyedContext<'_, K>,
-        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+        out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<()> {
         let wm = ctx.current_watermark();
         let state = self.sessions.as_ref().expect("opened");
@@ -390,7 +518,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         let session = Session { start, end, acc };
         if end - 1 <= wm {
             // Within the lateness of a closed session: fire the update now.
-            self.emit(ctx, session.start, session.end, &session.acc, out);
+            self.emit(ctx, session.start, session.end, session.acc.clone(), out)?;
         } else {
             ctx.register_event_time_timer(end - 1)?;
         }
@@ -406,7 +534,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
         &self,
         ts: Timestamp,
         ctx: &mut KeyedContext<'_, K>,
-        out: &mut Vec<WindowOutput<K, A::Out, A::In>>,
+        out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<()> {
         let state = self.sessions.as_ref().expect("opened");
         let Some(mut sessions) = state.get(ctx)? else {
@@ -416,7 +544,7 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
             // A session fires at its own end (merged ones too: an update within the lateness
             // fired at once, this is the on-time result).
             if s.end - 1 == ts {
-                self.emit(ctx, s.start, s.end, &s.acc, out);
+                self.emit(ctx, s.start, s.end, s.acc.clone(), out)?;
             }
         }
         sessions.retain(|s| s.end - 1 + self.lateness > ts);
@@ -428,10 +556,12 @@ impl<K: Key, A: AggregateFunction> WindowFunction<K, A> {
     }
 }
 
-impl<K: Key, A: AggregateFunction> KeyedProcessFunction for WindowFunction<K, A> {
+impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> KeyedProcessFunction
+    for WindowFunction<K, A, W>
+{
     type Key = K;
     type In = A::In;
-    type Out = WindowOutput<K, A::Out, A::In>;
+    type Out = WindowOutput<W::Out, A::In>;
 
     fn open(&mut self, state: &mut StateRegistry<'_, K>, _: &TaskInfo) -> Result<()> {
         match self.assigner {
