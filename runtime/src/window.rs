@@ -338,23 +338,49 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
     fn fire_aligned(
         &self,
         ctx: &mut KeyedContext<'_, K>,
-        (start, end): (Timestamp, Timestamp),
+        (start, end, pane): (Timestamp, Timestamp, i64),
         later: Timestamp,
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<Option<Timestamp>> {
-        let mut entries = self.panes.as_ref().expect("opened").entries(ctx)?;
-        entries.sort_unstable_by_key(|(p, _)| *p);
-        let (mut acc, mut later_pane) = (None::<A::Acc>, None);
-        for (p, a) in entries {
-            if p >= later && later_pane.is_none() {
-                later_pane = Some(p);
+        // The key's panes are read in place, usually in time order (the memory backend keeps a
+        // small map in insertion order): then they merge as they come, with no copy but the
+        // first. Otherwise they are put in time order by position (no sort).
+        let panes = self.panes.as_ref().expect("opened");
+        let mut later_pane: Option<Timestamp> = None;
+        let (mut in_order, mut last) = (true, Timestamp::MIN);
+        panes.for_each(ctx, |p, _| {
+            if *p >= later {
+                later_pane = Some(later_pane.map_or(*p, |l| l.min(*p)));
             }
-            if (start..end).contains(&p) {
-                match &mut acc {
-                    Some(acc) => self.agg.merge(acc, &a),
-                    None => acc = Some(a),
+            if (start..end).contains(p) {
+                in_order &= *p > last;
+                last = *p;
+            }
+            Ok(())
+        })?;
+        let mut acc: Option<A::Acc> = None;
+        let mut merge = |a: &A::Acc| match &mut acc {
+            Some(acc) => self.agg.merge(acc, a),
+            None => acc = Some(a.clone()),
+        };
+        if in_order {
+            panes.for_each(ctx, |p, a| {
+                if (start..end).contains(p) {
+                    merge(a);
                 }
-            }
+                Ok(())
+            })?;
+        } else {
+            let mut window: Vec<Option<A::Acc>> = vec![None; usize::try_from((end - start) / pane).unwrap_or(0)];
+            panes.for_each(ctx, |p, a| {
+                if let Some(slot) = usize::try_from((p - start) / pane).ok().and_then(|i| window.get_mut(i)) {
+                    if (start..end).contains(p) {
+                        *slot = Some(a.clone());
+                    }
+                }
+                Ok(())
+            })?;
+            window.iter().flatten().for_each(&mut merge);
         }
         if let Some(acc) = acc {
             self.emit(ctx, start, end, acc, out)?;
@@ -400,7 +426,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         while start + size > ts {
             let end = start + size;
             if end - 1 <= wm && end - 1 + self.lateness > wm {
-                self.fire_aligned(ctx, (start, end), end, out)?;
+                self.fire_aligned(ctx, (start, end, pane), end, out)?;
             }
             start -= slide;
         }
@@ -445,7 +471,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         // of the slide).
         if (end - size).rem_euclid(slide) == 0 {
             let start = end - size;
-            let next_pane = self.fire_aligned(ctx, (start, end), start + slide, out)?;
+            let next_pane = self.fire_aligned(ctx, (start, end, pane), start + slide, out)?;
             if let Some(p) = next_pane {
                 // The next window with data: the first after this one that holds pane `p`
                 // (skipping empty slides, however many).

@@ -11,6 +11,7 @@
 //! average, whatever the key groups' sizes. A sweep copies a key group shared with a snapshot
 //! only if it finds something expired, so snapshots in flight never see it.
 
+use super::small_map::SmallMap;
 use super::ttl::{StateTtlConfig, TtlList, TtlValue};
 use super::{CurrentKey, Key, StateId, StateValue};
 use crate::element::Timestamp;
@@ -32,9 +33,9 @@ trait Stored: Clone + Send + Sync + 'static {
 #[derive(Clone)]
 struct Single<V>(V);
 
-/// Stored form of map state.
+/// Stored form of map state: small maps as vectors (see `small_map.rs`).
 #[derive(Clone)]
-struct MapEntries<UK, UV>(FxHashMap<UK, UV>);
+struct MapEntries<UK, UV>(SmallMap<UK, UV>);
 
 impl<V: StateValue> Stored for Single<V> {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
@@ -49,7 +50,7 @@ impl<V: StateValue> Stored for Single<V> {
 
 impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
-        for (uk, uv) in &self.0 {
+        for (uk, uv) in self.0.iter() {
             w.entry(key, &postcard::to_allocvec(uk)?, &postcard::to_allocvec(uv)?);
         }
         Ok(())
@@ -62,7 +63,7 @@ impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
                 m.0.insert(uk, uv);
                 Ok(None)
             }
-            None => Ok(Some(MapEntries(FxHashMap::from_iter([(uk, uv)])))),
+            None => Ok(Some(MapEntries(SmallMap::one(uk, uv)))),
         }
     }
 }
@@ -437,18 +438,11 @@ impl MemoryBackend {
         f: impl FnOnce(&mut UV),
     ) -> Result<bool> {
         match self.slot_mut::<K, MapEntries<UK, UV>>(id, c) {
-            Some(m) => {
-                let mut existed = true;
-                f(m.0.entry(uk).or_insert_with(|| {
-                    existed = false;
-                    default()
-                }));
-                Ok(existed)
-            }
+            Some(m) => Ok(m.0.update(uk, default, f)),
             None => {
                 let mut v = default();
                 f(&mut v);
-                let m = MapEntries(FxHashMap::from_iter([(uk, v)]));
+                let m = MapEntries(SmallMap::one(uk, v));
                 Arc::make_mut(self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)).insert(c.key.clone(), m);
                 Ok(false)
             }
@@ -467,7 +461,7 @@ impl MemoryBackend {
                 m.0.insert(uk, uv);
             }
             None => {
-                let m = MapEntries(FxHashMap::from_iter([(uk, uv)]));
+                let m = MapEntries(SmallMap::one(uk, uv));
                 Arc::make_mut(self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)).insert(c.key.clone(), m);
             }
         }
@@ -498,10 +492,24 @@ impl MemoryBackend {
         id: StateId,
         c: &CurrentKey<'_, K>,
     ) -> Result<Vec<(UK, UV)>> {
-        Ok(self
-            .slot::<K, MapEntries<UK, UV>>(id, c)
-            .map(|m| m.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default())
+        let mut out = Vec::new();
+        self.map_for_each::<K, UK, UV>(id, c, |k, v| {
+            out.push((k.clone(), v.clone()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    pub(crate) fn map_for_each<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        mut f: impl FnMut(&UK, &UV) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(m) = self.slot::<K, MapEntries<UK, UV>>(id, c) {
+            m.0.for_each(|k, v| f(k, v))?;
+        }
+        Ok(())
     }
 
     pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(

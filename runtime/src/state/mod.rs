@@ -9,6 +9,7 @@ mod conformance;
 mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
+mod small_map;
 mod ttl;
 #[cfg(feature = "rocksdb")]
 mod write_cache;
@@ -582,6 +583,15 @@ impl KeyedBackend {
         dispatch!(self, b => b.map_entries::<K, UK, UV>(id, c))
     }
 
+    pub(crate) fn map_for_each<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        f: impl FnMut(&UK, &UV) -> Result<()>,
+    ) -> Result<()> {
+        dispatch!(self, b => b.map_for_each::<K, UK, UV>(id, c, f))
+    }
+
     pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(
         &mut self,
         id: StateId,
@@ -835,6 +845,19 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
         match &self.ttl {
             None => ctx.backend.map_remove::<K, UK, UV>(self.id, &ctx.cur, user_key),
             Some(_) => ttl::map_remove::<K, UK, UV>(ctx, self.id, user_key),
+        }
+    }
+
+    /// Visits the current key's entries in place, in no particular order (no copy of the map;
+    /// windows merge their panes this way). With a TTL it reads through `entries`.
+    pub(crate) fn for_each(
+        &self,
+        ctx: &mut KeyedContext<'_, K>,
+        mut f: impl FnMut(&UK, &UV) -> Result<()>,
+    ) -> Result<()> {
+        match &self.ttl {
+            None => ctx.backend.map_for_each::<K, UK, UV>(self.id, &ctx.cur, f),
+            Some(_) => self.entries(ctx)?.iter().try_for_each(|(k, v)| f(k, v)),
         }
     }
 

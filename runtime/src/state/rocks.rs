@@ -750,12 +750,23 @@ impl RocksBackend {
         c: &CurrentKey<'_, K>,
     ) -> Result<Vec<(UK, UV)>> {
         let mut out = Vec::new();
-        self.scan(id, &rocks_key(c.key_group, c.bytes, b""), |k, v| {
-            let (_, _, ns) = split_rocks_key(k)?;
-            out.push((postcard::from_bytes(ns)?, postcard::from_bytes(v)?));
+        self.map_for_each::<K, UK, UV>(id, c, |k, v| {
+            out.push((k.clone(), v.clone()));
             Ok(())
         })?;
         Ok(out)
+    }
+
+    pub(crate) fn map_for_each<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+        mut f: impl FnMut(&UK, &UV) -> Result<()>,
+    ) -> Result<()> {
+        self.scan(id, &rocks_key(c.key_group, c.bytes, b""), |k, v| {
+            let (_, _, ns) = split_rocks_key(k)?;
+            f(&postcard::from_bytes(ns)?, &postcard::from_bytes(v)?)
+        })
     }
 
     pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(
