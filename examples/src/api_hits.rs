@@ -33,7 +33,9 @@
 //! (dealt round-robin in name order) must follow each other in time, or `max_delay_ms` must
 //! cover the overlap.
 //!
-//! `fail_at=N` panics once in the parsing operator at its N-th line (subtask 0, first attempt).
+//! `fail_at=N` panics once in the parsing operator at its N-th line (subtask 0, first attempt),
+//! or at the first line after that once a checkpoint has completed, so that the restart always
+//! restores one.
 
 use crate::transactions::splitmix64;
 use serde::{Deserialize, Serialize};
@@ -208,10 +210,14 @@ pub fn api_path(target: &str) -> std::result::Result<String, ParseError> {
             .is_some_and(|t| t.eq_ignore_ascii_case(scheme))
     });
     let target = match absolute {
-        // `http://host/path?q`: the path starts at the first '/' after the authority.
+        // `http://host/path?q`: the path starts at the first '/' after the authority, which
+        // ends at the first '/', '?' or '#'; without a '/' there (`http://host?q`) it is `/`.
         Some(scheme) => {
             let rest = &target[scheme.len()..];
-            rest.find(['/', '?', '#']).map_or("/", |i| &rest[i..])
+            match rest.find(['/', '?', '#']) {
+                Some(i) if rest[i..].starts_with('/') => &rest[i..],
+                _ => "/",
+            }
         }
         None => target,
     };
@@ -715,6 +721,11 @@ impl Operator for ParseLog {
         })
     }
 
+    fn checkpoint_complete(&mut self, _: CheckpointId) -> Result<()> {
+        self.fail_at.checkpoint_complete();
+        Ok(())
+    }
+
     fn end_of_input(&mut self, _: &mut Vec<Hit>) -> Result<()> {
         self.malformed.summary();
         Ok(())
@@ -802,7 +813,7 @@ fn log_lines(p: &JobParams, env: &mut StreamEnv) -> Result<(DataStream<String>, 
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     let max_delay = Duration::from_millis(p.get("max_delay_ms")?);
-    let fail_at = crate::FailAt::new(p.get("fail_at")?);
+    let fail_at = crate::FailAt::after_a_checkpoint(p.get("fail_at")?);
     let late_output = p.optional("late_output");
     let (lines, pinned) = log_lines(p, env)?;
     let pin = |s: DataStream<Hit>| match pinned {
@@ -869,7 +880,12 @@ pub fn definition() -> JobDefinition {
                 "5000",
                 "how far out of order lines may be (watermark bound), ms of event time",
             ),
-            crate::FailAt::PARAM,
+            param(
+                "fail_at",
+                "0",
+                "panic once at this line of subtask 0 (first attempt only), or at the first line after it once \
+                 a checkpoint has completed; 0 = never",
+            ),
             param(
                 "output",
                 "",
@@ -930,6 +946,10 @@ mod tests {
         assert_eq!(path("/"), "/");
         assert_eq!(path("/api/search?q=1/2"), "/api/search");
         assert_eq!(path("https://h:8443"), "/");
+        assert_eq!(path("http://h?x=1"), "/");
+        assert_eq!(path("http://h#top"), "/");
+        assert_eq!(path("http://h?next=/api/1"), "/");
+        assert_eq!(path("HTTP://h/api/7?x=1"), "/api/{id}");
         assert!(api_path("*").unwrap_err().to_string().contains("not a path"));
     }
 

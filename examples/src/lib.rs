@@ -29,6 +29,9 @@ pub(crate) struct FailAt {
     at: u64,
     armed: bool,
     seen: u64,
+    /// Whether the failure waits for a completed checkpoint.
+    after_checkpoint: bool,
+    checkpointed: bool,
 }
 
 impl FailAt {
@@ -43,16 +46,31 @@ impl FailAt {
         Self { at, ..Self::default() }
     }
 
+    /// Fails at record `at` or, if no checkpoint has completed by then, at the first record
+    /// after one has: the restart then restores a checkpoint, however slowly the first one
+    /// completes. The operator reports completions through [`Self::checkpoint_complete`].
+    pub(crate) fn after_a_checkpoint(at: u64) -> Self {
+        Self {
+            after_checkpoint: true,
+            ..Self::new(at)
+        }
+    }
+
     /// Arms it in the subtask and attempt that fail.
     pub(crate) fn open(&mut self, info: &sluice_runtime::TaskInfo) {
         self.armed = self.at > 0 && info.attempt == 0 && info.subtask == 0;
     }
 
+    /// A checkpoint completed.
+    pub(crate) fn checkpoint_complete(&mut self) {
+        self.checkpointed = true;
+    }
+
     /// Counts a record; panics at the chosen one.
     pub(crate) fn record(&mut self) {
         self.seen += 1;
-        if self.armed && self.seen == self.at {
-            panic!("injected failure at record {} (fail_at)", self.at);
+        if self.armed && self.seen >= self.at && (self.checkpointed || !self.after_checkpoint) {
+            panic!("injected failure at record {} (fail_at={})", self.seen, self.at);
         }
     }
 }

@@ -223,7 +223,8 @@ impl<'a, K: Key> StateRegistry<'a, K> {
 
     /// A registry whose states expire after `ttl` (value, list, map and reducing state alike):
     /// `state.with_ttl(cfg).value_state::<u64>("seen")?`. Adding or removing a TTL on an
-    /// existing state is not a compatible change (its stored form differs): rename the state.
+    /// existing state is not a compatible change (its stored form differs): a restore refuses
+    /// it with an error naming the state; rename the state instead. Changing the TTL is fine.
     pub fn with_ttl(&mut self, ttl: StateTtlConfig) -> StateRegistry<'_, K> {
         StateRegistry {
             backend: &mut *self.backend,

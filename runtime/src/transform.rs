@@ -100,13 +100,15 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
         self.backend.as_mut().expect("opened before use")
     }
 
-    /// Fires the due timers of `domain`, up to a round's worth of output; `now` is the
-    /// processing time (the watermark decides event time).
+    /// Fires the due timers of `domain`, up to a round's worth of output; `now` is the wall
+    /// clock, which becomes the round's processing time unless that would go back (the
+    /// watermark decides event time).
     fn fire(&mut self, domain: TimeDomain, now: Timestamp, out: &mut Vec<P::Out>) -> Result<()> {
         let (Some(backend), Some(timers)) = (self.backend.as_mut(), self.timers.as_mut()) else {
             return Ok(());
         };
         let range = backend.range();
+        let now = backend.advance_processing_time(now);
         let state = timers.state(domain);
         while out.len() < FIRE_ROUND {
             let Some((ts, bytes)) = timers.pop_due(domain, now) else {
@@ -169,7 +171,7 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
     fn process(&mut self, batch: Vec<P::In>, out: &mut Vec<P::Out>) -> Result<()> {
         let backend = self.backend.as_mut().expect("opened before use");
         let range = backend.range();
-        let now = crate::state::processing_time_now();
+        let now = backend.advance_processing_time(crate::state::processing_time_now());
         for record in batch {
             let key = (self.key)(&record);
             self.key_bytes.clear();
@@ -243,7 +245,9 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
     }
 
     fn end_of_input(&mut self, out: &mut Vec<P::Out>) -> Result<()> {
-        let backend = self.backend.as_ref().expect("opened before use");
+        let backend = self.backend.as_mut().expect("opened before use");
+        // Whole-state scans of TTL state judge expiry as of now.
+        backend.advance_processing_time(crate::state::processing_time_now());
         self.f.end_of_input(backend, out)
     }
 }

@@ -34,6 +34,7 @@ pub trait AggregateFunction: Send + Sync + Clone + 'static {
     fn result(&self, acc: &Self::Acc) -> Self::Out;
     /// The result of a window whose accumulator is no longer needed (saves a copy when the
     /// result is the accumulator itself).
+    #[allow(clippy::wrong_self_convention)] // `into` the accumulator, not `self`
     fn into_result(&self, acc: Self::Acc) -> Self::Out {
         self.result(&acc)
     }

@@ -5,11 +5,14 @@
 //! entry format then runs off the task thread.
 //!
 //! States with a TTL are cleaned incrementally, so that keys never read again do not stay
-//! forever: every access to such a state earns it [`CHECKS_PER_ACCESS`] entry checks, and once
-//! they pay for the next key group in turn, that key group is swept (expired values dropped),
-//! cycling through the key groups. Cleanup costs at most that many checks per access on
-//! average, whatever the key groups' sizes. A sweep copies a key group shared with a snapshot
-//! only if it finds something expired, so snapshots in flight never see it.
+//! forever: every access to such a state earns it [`CHECKS_PER_ACCESS`] checks, and once they
+//! cover the next key group's keys, that key group is swept (expired values dropped), cycling
+//! through the key groups. A sweep is charged one check per element it looks at (a value, a list
+//! element, a map entry), however many a key holds; one that costs more than the credit leaves
+//! a debt that later accesses pay off before the next sweep. So cleanup costs at most that many
+//! element checks per access on average, whatever the sizes of key groups, lists and maps. A
+//! sweep copies a key group shared with a snapshot only if it finds something expired, so
+//! snapshots in flight never see it.
 
 use super::small_map::SmallMap;
 use super::ttl::{StateTtlConfig, TtlList, TtlValue};
@@ -17,8 +20,8 @@ use super::{CurrentKey, Key, StateId, StateValue};
 use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
-use crate::snapshot::{for_each_entry, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
-use rustc_hash::FxHashMap;
+use crate::snapshot::{for_each_entry, state_names, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::any::Any;
 use std::sync::Arc;
 
@@ -70,6 +73,8 @@ impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
 
 /// A stored form whose values carry TTL timestamps.
 trait Expiring {
+    /// How many timestamped elements it holds: what checking it costs.
+    fn checks(&self) -> usize;
     /// Whether any part of it is expired at `now`.
     fn any_expired(&self, cfg: &StateTtlConfig, now: Timestamp) -> bool;
     /// Drops the expired parts; false when nothing is left.
@@ -77,6 +82,9 @@ trait Expiring {
 }
 
 impl<V> Expiring for Single<TtlValue<V>> {
+    fn checks(&self) -> usize {
+        1
+    }
     fn any_expired(&self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
         cfg.is_expired(self.0.ts, now)
     }
@@ -86,6 +94,9 @@ impl<V> Expiring for Single<TtlValue<V>> {
 }
 
 impl<V> Expiring for Single<TtlList<V>> {
+    fn checks(&self) -> usize {
+        self.0.elements.len()
+    }
     fn any_expired(&self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
         self.0.elements.iter().any(|e| cfg.is_expired(e.ts, now))
     }
@@ -95,6 +106,9 @@ impl<V> Expiring for Single<TtlList<V>> {
 }
 
 impl<UK, UV> Expiring for MapEntries<UK, TtlValue<UV>> {
+    fn checks(&self) -> usize {
+        self.0.len()
+    }
     fn any_expired(&self, cfg: &StateTtlConfig, now: Timestamp) -> bool {
         self.0.values().any(|v| cfg.is_expired(v.ts, now))
     }
@@ -104,14 +118,16 @@ impl<UK, UV> Expiring for MapEntries<UK, TtlValue<UV>> {
     }
 }
 
-/// Entry checks a TTL state earns per access for its incremental cleanup.
+/// Element checks a TTL state earns per access for its incremental cleanup.
 pub(crate) const CHECKS_PER_ACCESS: usize = 16;
 
-/// Incremental cleanup of one TTL state: which key group is next and the checks earned.
+/// Incremental cleanup of one TTL state: which key group is next and the checks earned (less
+/// than zero: a debt).
 struct Sweeper<S> {
     cfg: StateTtlConfig,
     next: usize,
-    credit: usize,
+    credit: i64,
+    checks: fn(&S) -> usize,
     any_expired: fn(&S, &StateTtlConfig, Timestamp) -> bool,
     retain: fn(&mut S, &StateTtlConfig, Timestamp) -> bool,
 }
@@ -122,6 +138,7 @@ impl<S: Expiring> Sweeper<S> {
             cfg: *cfg,
             next: 0,
             credit: 0,
+            checks: S::checks,
             any_expired: S::any_expired,
             retain: S::retain_unexpired,
         }
@@ -144,18 +161,28 @@ impl<K: Key, S: Stored> Table<K, S> {
         if self.maps.is_empty() {
             return;
         }
-        s.credit = s.credit.saturating_add(CHECKS_PER_ACCESS);
+        s.credit = s.credit.saturating_add(CHECKS_PER_ACCESS as i64);
         let i = s.next % self.maps.len();
         let map = &mut self.maps[i];
-        if s.credit < map.len() {
+        // Every key holds at least one element: the sweep costs at least its keys.
+        if s.credit < map.len() as i64 {
             return;
         }
-        s.credit -= map.len();
         s.next = i + 1;
+        let (cfg, checks) = (&s.cfg, s.checks);
+        let mut checked = 0;
         // Look before copying: a key group shared with a snapshot is copied only to change it.
-        if map.values().any(|v| (s.any_expired)(v, &s.cfg, now)) {
-            Arc::make_mut(map).retain(|_, v| (s.retain)(v, &s.cfg, now));
+        let any_expired = map.values().any(|v| {
+            checked += checks(v);
+            (s.any_expired)(v, cfg, now)
+        });
+        if any_expired {
+            Arc::make_mut(map).retain(|_, v| {
+                checked += checks(v);
+                (s.retain)(v, cfg, now)
+            });
         }
+        s.credit -= checked as i64;
     }
 }
 
@@ -224,6 +251,10 @@ pub struct MemoryBackend {
     tables: Vec<Box<dyn ErasedTable>>,
     names: Vec<String>,
     restored: RestoredKeyGroups,
+    /// The names of the states in `restored`'s key groups of this range.
+    restored_names: FxHashSet<String>,
+    /// Processing time (see `KeyedBackend::processing_time`).
+    clock: Timestamp,
 }
 
 impl MemoryBackend {
@@ -234,12 +265,40 @@ impl MemoryBackend {
             tables: Vec::new(),
             names: Vec::new(),
             restored: RestoredKeyGroups::default(),
+            restored_names: FxHashSet::default(),
+            clock: Timestamp::MIN,
         }
     }
 
     /// Hands over restored canonical blocks; states pick their entries up when registered.
     pub fn set_restored(&mut self, restored: RestoredKeyGroups) {
+        // A block that cannot be read fails the registration of its states instead.
+        self.restored_names = (restored.blocks.iter())
+            .filter(|(kg, _)| self.range.contains(*kg))
+            .filter_map(|(_, payload)| state_names(payload).ok())
+            .flatten()
+            .collect();
         self.restored = restored;
+    }
+
+    pub(crate) fn processing_time(&self) -> Timestamp {
+        self.clock
+    }
+
+    pub(crate) fn advance_processing_time(&mut self, wall: Timestamp) -> Timestamp {
+        self.clock = self.clock.max(wall);
+        self.clock
+    }
+
+    /// The TTL of state `name` (as stored) if it is registered.
+    pub(crate) fn registered_ttl(&self, name: &str) -> Option<Option<StateTtlConfig>> {
+        let id = self.names.iter().position(|n| n == name)?;
+        Some(self.tables[id].ttl())
+    }
+
+    /// Whether the restored state holds entries of state `name` (as stored).
+    pub(crate) fn restored_state(&self, name: &str) -> bool {
+        self.restored_names.contains(name)
     }
 
     /// The key groups this backend owns.
@@ -253,14 +312,8 @@ impl MemoryBackend {
     }
 
     fn register<K: Key, S: Stored>(&mut self, name: &str, sweeper: Option<Sweeper<S>>) -> Result<StateId> {
+        // `KeyedBackend` checked the TTL.
         if let Some(id) = self.names.iter().position(|n| n == name) {
-            let ttl = sweeper.as_ref().map(|s| s.cfg);
-            if self.tables[id].ttl() != ttl {
-                return Err(Error::Config(format!(
-                    "state '{name}' is registered twice with different TTLs ({:?} and {ttl:?})",
-                    self.tables[id].ttl()
-                )));
-            }
             if self.tables[id].as_any().is::<Table<K, S>>() {
                 return Ok(id);
             }

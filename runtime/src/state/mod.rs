@@ -53,7 +53,8 @@ pub struct KeyedContext<'a, K> {
     pub(crate) backend: &'a mut KeyedBackend,
     /// The operator's timers; `None` outside a keyed operator (tools, tests).
     pub(crate) timers: Option<&'a mut TimerService>,
-    /// Processing time (ms since the Unix epoch), read once per batch or timer round.
+    /// Processing time (ms since the Unix epoch), read once per batch or timer round; never
+    /// goes back (see [`KeyedBackend::advance_processing_time`]).
     pub(crate) now: Timestamp,
 }
 
@@ -417,17 +418,36 @@ impl KeyedBackend {
         crate::operator::StateRegistry::new(self)
     }
 
-    /// Runs `f` with `key` as the current key (for tests and tools; operators get a context).
+    /// The backend's processing time: the `now` of the latest batch or timer round (or
+    /// `with_key`), `Timestamp::MIN` before the first. TTL states' whole-state scans (`entries`,
+    /// `all_entries`) judge expiry by it, and RocksDB's TTL compaction filters never judge by a
+    /// later time, so they drop only what every read from then on treats as absent.
+    pub fn processing_time(&self) -> Timestamp {
+        dispatch!(self, b => b.processing_time())
+    }
+
+    /// Moves the backend's processing time on to `wall` (the wall clock, read once per batch or
+    /// timer round) and returns it: the `now` for that batch. Processing time never goes back,
+    /// also when the wall clock does.
+    pub fn advance_processing_time(&mut self, wall: Timestamp) -> Timestamp {
+        dispatch!(self, b => b.advance_processing_time(wall))
+    }
+
+    /// Runs `f` with `key` as the current key (for tests and tools; operators get a context), at
+    /// the processing time of the wall clock now.
     pub fn with_key<K: Key, R>(
         &mut self,
         key: &K,
         max_parallelism: u16,
         f: impl FnOnce(&mut KeyedContext<'_, K>) -> R,
     ) -> Result<R> {
-        self.with_key_at(key, max_parallelism, processing_time_now(), f)
+        let now = self.advance_processing_time(processing_time_now());
+        self.with_key_at(key, max_parallelism, now, f)
     }
 
-    /// [`Self::with_key`] at the processing time `now` (tests of time-dependent state).
+    /// [`Self::with_key`] at the processing time `now` (tests of time-dependent state), which
+    /// becomes the backend's processing time if later. Time must not go back from one call to
+    /// the next: RocksDB's compaction may already have dropped what expired by the latest.
     pub fn with_key_at<K: Key, R>(
         &mut self,
         key: &K,
@@ -444,6 +464,7 @@ impl KeyedBackend {
                 kg.0
             )));
         }
+        self.advance_processing_time(now);
         let mut ctx = KeyedContext {
             cur: CurrentKey {
                 key,
@@ -458,12 +479,54 @@ impl KeyedBackend {
         Ok(f(&mut ctx))
     }
 
+    /// Registers state `name`, with `ttl` if any, under the name it is stored under
+    /// ([`ttl::stored_name`]): on the memory backend through `memory` (which knows the stored
+    /// types), on RocksDB by name alone (it stores bytes). The checks for both backends: a state
+    /// registered again must have the same TTL, and a restored state must have been stored with
+    /// a TTL exactly when it is registered with one.
+    fn register_checked(
+        &mut self,
+        name: &str,
+        ttl: Option<&StateTtlConfig>,
+        memory: impl FnOnce(&mut MemoryBackend, &str) -> Result<StateId>,
+    ) -> Result<StateId> {
+        let stored = ttl::stored_name(name, ttl.is_some());
+        let other = ttl::stored_name(name, ttl.is_none());
+        let earlier = dispatch!(&*self, b => b.registered_ttl(&stored).or_else(|| b.registered_ttl(&other)));
+        match earlier {
+            Some(earlier) if earlier.as_ref() != ttl => {
+                return Err(Error::Config(format!(
+                    "state '{name}' is registered twice with different TTLs ({earlier:?} and {ttl:?})"
+                )));
+            }
+            Some(_) => {}
+            None if dispatch!(&*self, b => b.restored_state(&other)) => {
+                let (then, now) = if ttl.is_some() {
+                    ("without a TTL", "with one")
+                } else {
+                    ("with a TTL", "without one")
+                };
+                return Err(Error::Incompatible(format!(
+                    "state '{name}' is restored from a snapshot holding it {then}, but registered {now}: \
+                     adding or removing a state's TTL is not a compatible change (its values are stored \
+                     differently); give the state a new name"
+                )));
+            }
+            None => {}
+        }
+        match self {
+            KeyedBackend::Memory(m) => memory(m, &stored),
+            #[cfg(feature = "rocksdb")]
+            KeyedBackend::RocksDb(r) => r.register(&stored, ttl),
+        }
+    }
+
     pub(crate) fn register_value<K: Key, V: StateValue>(&mut self, name: &str) -> Result<StateId> {
-        dispatch!(self, b => b.register_value::<K, V>(name))
+        self.register_checked(name, None, |m, name| m.register_value::<K, V>(name))
     }
 
     pub(crate) fn register_map<K: Key, UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<StateId> {
-        dispatch!(self, b => b.register_map::<K, UK, UV>(name))
+        self.register_checked(name, None, |m, name| m.register_map::<K, UK, UV>(name))
     }
 
     /// Registers a value (or reducing) state whose values expire after `cfg`'s TTL.
@@ -472,7 +535,7 @@ impl KeyedBackend {
         name: &str,
         cfg: &StateTtlConfig,
     ) -> Result<StateId> {
-        dispatch!(self, b => b.register_ttl_value::<K, V>(name, cfg))
+        self.register_checked(name, Some(cfg), |m, name| m.register_ttl_value::<K, V>(name, cfg))
     }
 
     /// Registers a list state whose elements expire after `cfg`'s TTL.
@@ -481,7 +544,7 @@ impl KeyedBackend {
         name: &str,
         cfg: &StateTtlConfig,
     ) -> Result<StateId> {
-        dispatch!(self, b => b.register_ttl_list::<K, V>(name, cfg))
+        self.register_checked(name, Some(cfg), |m, name| m.register_ttl_list::<K, V>(name, cfg))
     }
 
     /// Registers a map state whose entries expire after `cfg`'s TTL.
@@ -490,7 +553,7 @@ impl KeyedBackend {
         name: &str,
         cfg: &StateTtlConfig,
     ) -> Result<StateId> {
-        dispatch!(self, b => b.register_ttl_map::<K, UK, UV>(name, cfg))
+        self.register_checked(name, Some(cfg), |m, name| m.register_ttl_map::<K, UK, UV>(name, cfg))
     }
 
     /// A TTL state was used at `now`: the memory backend's incremental cleanup advances.
@@ -635,10 +698,9 @@ pub struct MapState<K, UK, UV> {
 
 /// A value per key that folds every added value with a reduce function.
 pub struct ReducingState<K, V> {
-    id: StateId,
-    ttl: Option<StateTtlConfig>,
+    /// The reduced value: a value state.
+    value: ValueState<K, V>,
     reduce: ReduceFn<V>,
-    _t: Marker<K>,
 }
 
 macro_rules! handle_clone {
@@ -657,10 +719,8 @@ handle_clone!(MapState<K, UK, UV>);
 impl<K, V> Clone for ReducingState<K, V> {
     fn clone(&self) -> Self {
         Self {
-            id: self.id,
-            ttl: self.ttl,
+            value: self.value.clone(),
             reduce: self.reduce.clone(),
-            _t: PhantomData,
         }
     }
 }
@@ -720,11 +780,12 @@ impl<K: Key, V: StateValue> ValueState<K, V> {
     }
 
     /// Every (key, value) of this subtask, e.g. to emit results at the end of input. With a TTL,
-    /// the values unexpired as of the wall clock now.
+    /// the values unexpired as of the backend's processing time (at the end of input: the wall
+    /// clock then; see [`KeyedBackend::processing_time`]).
     pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, V)>> {
         match &self.ttl {
             None => backend.value_entries::<K, V>(self.id),
-            Some(cfg) => ttl::value_entries(backend, self.id, cfg, processing_time_now()),
+            Some(cfg) => ttl::value_entries(backend, self.id, cfg),
         }
     }
 }
@@ -760,7 +821,7 @@ impl<K: Key, V: StateValue> ListState<K, V> {
             None => ctx
                 .backend
                 .value_update::<K, Vec<V>>(self.id, &ctx.cur, Vec::new, |l| l.push(value)),
-            Some(_) => ttl::list_add(ctx, self.id, value),
+            Some(cfg) => ttl::list_add(ctx, self.id, cfg, value),
         }
     }
 
@@ -783,12 +844,12 @@ impl<K: Key, V: StateValue> ListState<K, V> {
         }
     }
 
-    /// Every (key, list) of this subtask. With a TTL, the elements unexpired as of the wall
-    /// clock now (keys with none are left out).
+    /// Every (key, list) of this subtask. With a TTL, the elements unexpired as of the
+    /// backend's processing time (keys with none are left out).
     pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, Vec<V>)>> {
         match &self.ttl {
             None => backend.value_entries::<K, Vec<V>>(self.id),
-            Some(cfg) => ttl::list_entries(backend, self.id, cfg, processing_time_now()),
+            Some(cfg) => ttl::list_entries(backend, self.id, cfg),
         }
     }
 }
@@ -878,11 +939,11 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
     }
 
     /// Every (key, user key, value) of this subtask. With a TTL, the entries unexpired as of
-    /// the wall clock now.
+    /// the backend's processing time.
     pub fn all_entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, UK, UV)>> {
         match &self.ttl {
             None => backend.map_all::<K, UK, UV>(self.id),
-            Some(cfg) => ttl::map_all(backend, self.id, cfg, processing_time_now()),
+            Some(cfg) => ttl::map_all(backend, self.id, cfg),
         }
     }
 }
@@ -895,24 +956,15 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
         ttl: Option<StateTtlConfig>,
         reduce: ReduceFn<V>,
     ) -> Result<Self> {
-        let id = match &ttl {
-            None => backend.register_value::<K, V>(name)?,
-            Some(cfg) => backend.register_ttl_value::<K, V>(name, cfg)?,
-        };
         Ok(Self {
-            id,
-            ttl,
+            value: ValueState::register(backend, name, ttl)?,
             reduce,
-            _t: PhantomData,
         })
     }
 
     /// The reduced value of the current key.
     pub fn get(&self, ctx: &mut KeyedContext<'_, K>) -> Result<Option<V>> {
-        match &self.ttl {
-            None => ctx.backend.value_get::<K, V>(self.id, &ctx.cur),
-            Some(cfg) => ttl::value_get(ctx, self.id, cfg),
-        }
+        self.value.get(ctx)
     }
 
     /// Folds `value` into the current key's value (an expired value is replaced, not folded).
@@ -920,15 +972,18 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
         // One lookup: the value itself when the key has none yet, else folded into the old one.
         let value = std::cell::Cell::new(Some(value));
         let first = || value.take().expect("taken once");
-        match &self.ttl {
-            None => ctx.backend.value_update::<K, V>(self.id, &ctx.cur, first, |old| {
-                if let Some(v) = value.take() {
-                    *old = (self.reduce)(old, &v);
-                }
-            }),
-            Some(cfg) => ttl::value_update(ctx, self.id, cfg, first, |old, existed| {
-                if let Some(v) = value.take().filter(|_| existed) {
-                    *old = (self.reduce)(old, &v);
+        let fold = |old: &mut V| {
+            if let Some(v) = value.take() {
+                *old = (self.reduce)(old, &v);
+            }
+        };
+        let id = self.value.id;
+        match &self.value.ttl {
+            None => ctx.backend.value_update::<K, V>(id, &ctx.cur, first, fold),
+            // An absent or expired value was replaced by the added one (`first`): nothing to fold.
+            Some(cfg) => ttl::value_update(ctx, id, cfg, first, |old, existed| {
+                if existed {
+                    fold(old)
                 }
             }),
         }
@@ -936,18 +991,12 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
 
     /// Removes the current key's value.
     pub fn clear(&self, ctx: &mut KeyedContext<'_, K>) -> Result<()> {
-        match &self.ttl {
-            None => ctx.backend.value_remove::<K, V>(self.id, &ctx.cur),
-            Some(_) => ttl::value_remove::<K, V>(ctx, self.id),
-        }
+        self.value.clear(ctx)
     }
 
-    /// Every (key, value) of this subtask. With a TTL, the values unexpired as of the wall
-    /// clock now.
+    /// Every (key, value) of this subtask. With a TTL, the values unexpired as of the backend's
+    /// processing time.
     pub fn entries(&self, backend: &KeyedBackend) -> Result<Vec<(K, V)>> {
-        match &self.ttl {
-            None => backend.value_entries::<K, V>(self.id),
-            Some(cfg) => ttl::value_entries(backend, self.id, cfg, processing_time_now()),
-        }
+        self.value.entries(backend)
     }
 }

@@ -12,11 +12,13 @@
 //!
 //! The column family of a state with a TTL drops expired entries when RocksDB compacts it (a
 //! compaction filter reading each value's leading timestamp, see `ttl.rs`), so keys never read
-//! again do not stay forever. This is safe with the write cache in front: the filter only drops
-//! an entry whose stored value is expired, which a read would treat as absent anyway, and a
+//! again do not stay forever. The filter judges expiry by the backend's processing time (an
+//! atomic the task thread advances at every batch and timer round, before their reads), never
+//! by the wall clock: reads use that time or a later one, so an entry the filter drops is one
+//! every read from then on treats as absent. This is safe with the write cache in front too: a
 //! newer value or deletion of the key still in the cache shadows whatever RocksDB holds. A list
 //! is dropped once its newest element expired; expired elements of a list that still has live
-//! ones go at its next read.
+//! ones go at its next read or append (see `ttl::list_add`).
 
 use super::ttl::{stored_timestamp, StateTtlConfig};
 use super::write_cache::{self, Background, Cached, Entries, WriteCache};
@@ -105,17 +107,17 @@ fn block_cache() -> &'static rocksdb::Cache {
 /// when a state registers with a TTL), and the clock the filters judge expiry by.
 struct TtlFilters {
     ttls: HashMap<String, Arc<AtomicI64>>,
-    /// `WALL_CLOCK`, or a fixed time (a test hook).
+    /// The backend's processing time: the `now` of the batch or timer round being processed
+    /// (`Timestamp::MIN` before the first, so that nothing is dropped before any read), which
+    /// no later read goes below. Only the task thread writes it.
     clock: Arc<AtomicI64>,
 }
-
-const WALL_CLOCK: i64 = i64::MIN;
 
 impl TtlFilters {
     fn new() -> Self {
         Self {
             ttls: HashMap::new(),
-            clock: Arc::new(AtomicI64::new(WALL_CLOCK)),
+            clock: Arc::new(AtomicI64::new(Timestamp::MIN)),
         }
     }
 
@@ -134,8 +136,9 @@ impl TtlFilters {
     }
 }
 
-/// Makes a [`TtlFilter`] per compaction, with the column family's TTL and the time then. It
-/// only reads atomics: RocksDB may call it from several compaction threads at once.
+/// Makes a [`TtlFilter`] per compaction, with the column family's TTL and the backend's
+/// processing time then. It only reads atomics: RocksDB may call it from several compaction
+/// threads at once.
 struct TtlFilterFactory {
     ttl_ms: Arc<AtomicI64>,
     clock: Arc<AtomicI64>,
@@ -145,13 +148,9 @@ impl CompactionFilterFactory for TtlFilterFactory {
     type Filter = TtlFilter;
 
     fn create(&mut self, _: CompactionFilterContext) -> TtlFilter {
-        let now = match self.clock.load(Ordering::Acquire) {
-            WALL_CLOCK => super::processing_time_now(),
-            fixed => fixed,
-        };
         TtlFilter {
             ttl_ms: self.ttl_ms.load(Ordering::Acquire),
-            now,
+            now: self.clock.load(Ordering::Acquire),
         }
     }
 
@@ -484,15 +483,32 @@ impl RocksBackend {
         self.names.is_empty()
     }
 
-    fn register(&mut self, name: &str, ttl: Option<&StateTtlConfig>) -> Result<StateId> {
+    pub(crate) fn processing_time(&self) -> Timestamp {
+        self.filters.clock.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn advance_processing_time(&mut self, wall: Timestamp) -> Timestamp {
+        let now = self.processing_time().max(wall);
+        self.filters.clock.store(now, Ordering::Release);
+        now
+    }
+
+    /// The TTL of state `name` (as stored) if it is registered.
+    pub(crate) fn registered_ttl(&self, name: &str) -> Option<Option<StateTtlConfig>> {
+        let id = self.names.iter().position(|n| n == name)?;
+        Some(self.ttls[id])
+    }
+
+    /// Whether the restored state holds state `name` (as stored): it has a column family.
+    pub(crate) fn restored_state(&self, name: &str) -> bool {
+        self.db.cf_handle(name).is_some()
+    }
+
+    /// Registers state `name` (as stored; `KeyedBackend` checked its TTL). Every kind of state
+    /// is the same to RocksDB: bytes in a column family.
+    pub(crate) fn register(&mut self, name: &str, ttl: Option<&StateTtlConfig>) -> Result<StateId> {
         let ttl = ttl.copied();
         if let Some(id) = self.names.iter().position(|n| n == name) {
-            if self.ttls[id] != ttl {
-                return Err(Error::Config(format!(
-                    "state '{name}' is registered twice with different TTLs ({:?} and {ttl:?})",
-                    self.ttls[id]
-                )));
-            }
             return Ok(id);
         }
         self.ensure_cf(name)?;
@@ -504,38 +520,6 @@ impl RocksBackend {
         self.ttls.push(ttl);
         self.cache.register(self.names.len() - 1);
         Ok(self.names.len() - 1)
-    }
-
-    pub(crate) fn register_value<K: Key, V: StateValue>(&mut self, name: &str) -> Result<StateId> {
-        self.register(name, None)
-    }
-
-    pub(crate) fn register_map<K: Key, UK: Key, UV: StateValue>(&mut self, name: &str) -> Result<StateId> {
-        self.register(name, None)
-    }
-
-    pub(crate) fn register_ttl_value<K: Key, V: StateValue>(
-        &mut self,
-        name: &str,
-        cfg: &StateTtlConfig,
-    ) -> Result<StateId> {
-        self.register(name, Some(cfg))
-    }
-
-    pub(crate) fn register_ttl_list<K: Key, V: StateValue>(
-        &mut self,
-        name: &str,
-        cfg: &StateTtlConfig,
-    ) -> Result<StateId> {
-        self.register(name, Some(cfg))
-    }
-
-    pub(crate) fn register_ttl_map<K: Key, UK: Key, UV: StateValue>(
-        &mut self,
-        name: &str,
-        cfg: &StateTtlConfig,
-    ) -> Result<StateId> {
-        self.register(name, Some(cfg))
     }
 
     /// Test hook: the entries state `id` holds, expired ones included (the write cache merged
@@ -557,16 +541,21 @@ impl RocksBackend {
     }
 
     /// Test hook: compacts every state's column family fully, the TTL filters judging expiry
-    /// as of `now` instead of the wall clock.
+    /// as they always do, by the backend's processing time.
     #[cfg(test)]
-    pub(crate) fn compact_at(&mut self, now: Timestamp) -> Result<()> {
+    pub(crate) fn compact(&mut self) -> Result<()> {
         self.cache.settle()?;
-        self.filters.clock.store(now, Ordering::Release);
         for id in 0..self.names.len() {
             self.db.compact_range_cf(self.cf(id), None::<&[u8]>, None::<&[u8]>);
         }
-        self.filters.clock.store(WALL_CLOCK, Ordering::Release);
         Ok(())
+    }
+
+    /// Test hook: [`Self::compact`] once processing time has come to `now`.
+    #[cfg(test)]
+    pub(crate) fn compact_at(&mut self, now: Timestamp) -> Result<()> {
+        self.advance_processing_time(now);
+        self.compact()
     }
 
     fn cf(&self, id: StateId) -> &ColumnFamily {

@@ -1,7 +1,8 @@
 //! Time-to-live for keyed state, like Flink's `StateTtlConfig`: a state registered with a TTL
 //! forgets a value once it has not been written (or, optionally, read) for that long.
 //!
-//! - **Time** is processing time: the `now` of the [`KeyedContext`], read once per batch.
+//! - **Time** is processing time: the `now` of the [`KeyedContext`], read once per batch or
+//!   timer round and never going back (see [`KeyedBackend::advance_processing_time`]).
 //! - **Expiry** is inclusive, as in Flink: a value last touched at `ts` is expired when
 //!   `ts + ttl <= now`, so it is still there at `ts + ttl - 1` and gone at `ts + ttl`.
 //! - **Visibility**: expired values are never returned (Flink's `NeverReturnExpired`). A read
@@ -10,14 +11,19 @@
 //! - **Granularity**: one timestamp per value of value and reducing state, per entry of map
 //!   state, per element of list state.
 //! - **Stored form**: a value is the postcard bytes of `(timestamp, value)`; a list is
-//!   `(newest element timestamp, [(timestamp, element)])`. Both backends store these bytes, so
-//!   checkpoints, savepoints, restores and rescaling carry the timestamps unchanged, and the
-//!   leading timestamp lets RocksDB's compaction filter judge an entry without its types.
-//!   Enabling or disabling TTL on an existing state is therefore not a compatible change: give
-//!   the state a new name (like Flink, which refuses such a restore).
+//!   `(newest element timestamp, [(timestamp, element)])`, its elements in time order. Both
+//!   backends store these bytes, so checkpoints, savepoints, restores and rescaling carry the
+//!   timestamps unchanged, and the leading timestamp lets RocksDB's compaction filter judge an
+//!   entry without its types.
+//! - **Names**: a TTL state is stored under its name behind a reserved prefix
+//!   ([`stored_name`]). Restoring a snapshot whose state `x` had no TTL into a job that
+//!   registers `x` with one (or the reverse) is therefore an error naming `x`, not a silent
+//!   misreading of the bytes (like Flink, which refuses such a restore): give the state a new
+//!   name. Changing the TTL's length or update type is compatible.
 //! - **Cleanup** of values that are never read again: the memory backend sweeps one key group of
 //!   a TTL state at a time as that state is used (see `memory.rs`); RocksDB drops expired
-//!   entries in compaction (see `rocks.rs`).
+//!   entries in compaction (see `rocks.rs`). An append to a list drops its expired elements
+//!   once they are half of it, so that a list that only receives appends stays bounded.
 //!
 //! The handles' TTL paths live here; without a TTL the handles call the backend directly, as
 //! before, with no extra serialization or allocation.
@@ -26,6 +32,7 @@ use super::{Key, KeyedBackend, KeyedContext, StateId, StateValue};
 use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// When a value's timestamp is refreshed.
@@ -136,31 +143,63 @@ pub(crate) fn stored_timestamp(bytes: &[u8]) -> Option<Timestamp> {
     postcard::take_from_bytes::<Timestamp>(bytes).ok().map(|(ts, _)| ts)
 }
 
+/// What the names of TTL states are stored under begin with: no function can register such a
+/// name (names beginning with `__` are the runtime's).
+const TTL_NAME_PREFIX: &str = "__ttl__/";
+
+/// The name state `name` is stored under, with or without a TTL: the two never meet, so a
+/// snapshot's state cannot be read with the other stored form (see the module docs).
+pub(crate) fn stored_name(name: &str, ttl: bool) -> Cow<'_, str> {
+    if ttl {
+        Cow::Owned(format!("{TTL_NAME_PREFIX}{name}"))
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// A read at `now` of a stored value: `None` when absent or expired. `store` removes an expired
+/// value (`None`) or puts a live one back with its timestamp refreshed (`OnReadAndWrite`).
+fn read<V: Clone>(
+    cfg: &StateTtlConfig,
+    now: Timestamp,
+    found: Option<TtlValue<V>>,
+    store: impl FnOnce(Option<TtlValue<V>>) -> Result<()>,
+) -> Result<Option<V>> {
+    let Some(t) = found else { return Ok(None) };
+    if cfg.is_expired(t.ts, now) {
+        store(None)?;
+        return Ok(None);
+    }
+    if cfg.refresh_on_read() && t.ts != now {
+        store(Some(TtlValue {
+            ts: now,
+            value: t.value.clone(),
+        }))?;
+    }
+    Ok(Some(t.value))
+}
+
+/// The value of a stored one if it is unexpired at `now` (whole-state scans, which change
+/// nothing).
+fn live<V>(cfg: &StateTtlConfig, now: Timestamp) -> impl Fn(TtlValue<V>) -> Option<V> + '_ {
+    move |t| (!cfg.is_expired(t.ts, now)).then_some(t.value)
+}
+
 // The TTL paths of the handles. Each tells the backend it was used (`ttl_accessed`), which
-// drives the memory backend's incremental cleanup.
+// drives the memory backend's incremental cleanup. Whole-state scans judge expiry as of the
+// backend's processing time.
 
 pub(super) fn value_get<K: Key, V: StateValue>(
     ctx: &mut KeyedContext<'_, K>,
     id: StateId,
     cfg: &StateTtlConfig,
 ) -> Result<Option<V>> {
-    let now = ctx.now;
-    let backend = &mut *ctx.backend;
-    let found = backend.value_get::<K, TtlValue<V>>(id, &ctx.cur)?;
-    let result = match found {
-        None => None,
-        Some(t) if cfg.is_expired(t.ts, now) => {
-            backend.value_remove::<K, TtlValue<V>>(id, &ctx.cur)?;
-            None
-        }
-        Some(t) => {
-            if cfg.refresh_on_read() && t.ts != now {
-                let value = t.value.clone();
-                backend.value_put::<K, TtlValue<V>>(id, &ctx.cur, TtlValue { ts: now, value })?;
-            }
-            Some(t.value)
-        }
-    };
+    let (now, backend, cur) = (ctx.now, &mut *ctx.backend, &ctx.cur);
+    let found = backend.value_get::<K, TtlValue<V>>(id, cur)?;
+    let result = read(cfg, now, found, |t| match t {
+        None => backend.value_remove::<K, TtlValue<V>>(id, cur),
+        Some(t) => backend.value_put(id, cur, t),
+    })?;
     backend.ttl_accessed(id, now);
     Ok(result)
 }
@@ -218,18 +257,17 @@ pub(super) fn value_remove<K: Key, V: StateValue>(ctx: &mut KeyedContext<'_, K>,
     Ok(())
 }
 
-/// Every unexpired (key, value) as of `now`.
+/// Every unexpired (key, value).
 pub(super) fn value_entries<K: Key, V: StateValue>(
     backend: &KeyedBackend,
     id: StateId,
     cfg: &StateTtlConfig,
-    now: Timestamp,
 ) -> Result<Vec<(K, V)>> {
+    let live = live(cfg, backend.processing_time());
     Ok(backend
         .value_entries::<K, TtlValue<V>>(id)?
         .into_iter()
-        .filter(|(_, t)| !cfg.is_expired(t.ts, now))
-        .map(|(k, t)| (k, t.value))
+        .filter_map(|(k, t)| live(t).map(|v| (k, v)))
         .collect())
 }
 
@@ -261,11 +299,17 @@ pub(super) fn list_get<K: Key, V: StateValue>(
     Ok(out)
 }
 
-pub(super) fn list_add<K: Key, V: StateValue>(ctx: &mut KeyedContext<'_, K>, id: StateId, value: V) -> Result<()> {
+/// Appends at `now`. Elements are appended in time order, so once the middle one expired at
+/// least half of them did: they are dropped then. A list that keeps receiving appends and is
+/// never read so holds at most about twice its live elements (RocksDB's compaction filter drops
+/// a list only once all of them expired), at an amortized O(1) per append in memory.
+pub(super) fn list_add<K: Key, V: StateValue>(
+    ctx: &mut KeyedContext<'_, K>,
+    id: StateId,
+    cfg: &StateTtlConfig,
+    value: V,
+) -> Result<()> {
     let now = ctx.now;
-    // Appends like Flink: expired elements go at the next read or sweep, not here, so that an
-    // add stays a push in the memory backend.
-    let value = std::cell::Cell::new(Some(value));
     ctx.backend.value_update::<K, TtlList<V>>(
         id,
         &ctx.cur,
@@ -274,9 +318,12 @@ pub(super) fn list_add<K: Key, V: StateValue>(ctx: &mut KeyedContext<'_, K>, id:
             elements: Vec::with_capacity(1),
         },
         |l| {
-            if let Some(value) = value.take() {
-                l.elements.push(TtlValue { ts: now, value });
+            // `retain` judges each element, so a list restored out of order loses nothing live.
+            let middle = l.elements.get(l.elements.len() / 2);
+            if middle.is_some_and(|e| cfg.is_expired(e.ts, now)) {
+                l.retain_unexpired(cfg, now);
             }
+            l.elements.push(TtlValue { ts: now, value });
             l.newest = l.newest.max(now);
         },
     )?;
@@ -305,13 +352,13 @@ pub(super) fn list_remove<K: Key, V: StateValue>(ctx: &mut KeyedContext<'_, K>, 
     Ok(())
 }
 
-/// Every key's unexpired elements as of `now`; keys with none are left out.
+/// Every key's unexpired elements; keys with none are left out.
 pub(super) fn list_entries<K: Key, V: StateValue>(
     backend: &KeyedBackend,
     id: StateId,
     cfg: &StateTtlConfig,
-    now: Timestamp,
 ) -> Result<Vec<(K, Vec<V>)>> {
+    let now = backend.processing_time();
     Ok(backend
         .value_entries::<K, TtlList<V>>(id)?
         .into_iter()
@@ -328,22 +375,12 @@ pub(super) fn map_get<K: Key, UK: Key, UV: StateValue>(
     cfg: &StateTtlConfig,
     uk: &UK,
 ) -> Result<Option<UV>> {
-    let now = ctx.now;
-    let backend = &mut *ctx.backend;
-    let result = match backend.map_get::<K, UK, TtlValue<UV>>(id, &ctx.cur, uk)? {
-        None => None,
-        Some(t) if cfg.is_expired(t.ts, now) => {
-            backend.map_remove::<K, UK, TtlValue<UV>>(id, &ctx.cur, uk)?;
-            None
-        }
-        Some(t) => {
-            if cfg.refresh_on_read() && t.ts != now {
-                let value = t.value.clone();
-                backend.map_put::<K, UK, TtlValue<UV>>(id, &ctx.cur, uk.clone(), TtlValue { ts: now, value })?;
-            }
-            Some(t.value)
-        }
-    };
+    let (now, backend, cur) = (ctx.now, &mut *ctx.backend, &ctx.cur);
+    let found = backend.map_get::<K, UK, TtlValue<UV>>(id, cur, uk)?;
+    let result = read(cfg, now, found, |t| match t {
+        None => backend.map_remove::<K, UK, TtlValue<UV>>(id, cur, uk),
+        Some(t) => backend.map_put(id, cur, uk.clone(), t),
+    })?;
     backend.ttl_accessed(id, now);
     Ok(result)
 }
@@ -414,19 +451,16 @@ pub(super) fn map_entries<K: Key, UK: Key, UV: StateValue>(
     id: StateId,
     cfg: &StateTtlConfig,
 ) -> Result<Vec<(UK, UV)>> {
-    let now = ctx.now;
-    let backend = &mut *ctx.backend;
+    let (now, backend, cur) = (ctx.now, &mut *ctx.backend, &ctx.cur);
     let mut out = Vec::new();
-    for (uk, t) in backend.map_entries::<K, UK, TtlValue<UV>>(id, &ctx.cur)? {
-        if cfg.is_expired(t.ts, now) {
-            backend.map_remove::<K, UK, TtlValue<UV>>(id, &ctx.cur, &uk)?;
-            continue;
+    for (uk, t) in backend.map_entries::<K, UK, TtlValue<UV>>(id, cur)? {
+        let value = read(cfg, now, Some(t), |t| match t {
+            None => backend.map_remove::<K, UK, TtlValue<UV>>(id, cur, &uk),
+            Some(t) => backend.map_put(id, cur, uk.clone(), t),
+        })?;
+        if let Some(v) = value {
+            out.push((uk, v));
         }
-        if cfg.refresh_on_read() && t.ts != now {
-            let value = t.value.clone();
-            backend.map_put::<K, UK, TtlValue<UV>>(id, &ctx.cur, uk.clone(), TtlValue { ts: now, value })?;
-        }
-        out.push((uk, t.value));
     }
     backend.ttl_accessed(id, now);
     Ok(out)
@@ -438,18 +472,17 @@ pub(super) fn map_clear<K: Key, UK: Key, UV: StateValue>(ctx: &mut KeyedContext<
     Ok(())
 }
 
-/// Every unexpired (key, user key, value) as of `now`.
+/// Every unexpired (key, user key, value).
 pub(super) fn map_all<K: Key, UK: Key, UV: StateValue>(
     backend: &KeyedBackend,
     id: StateId,
     cfg: &StateTtlConfig,
-    now: Timestamp,
 ) -> Result<Vec<(K, UK, UV)>> {
+    let live = live(cfg, backend.processing_time());
     Ok(backend
         .map_all::<K, UK, TtlValue<UV>>(id)?
         .into_iter()
-        .filter(|(_, _, t)| !cfg.is_expired(t.ts, now))
-        .map(|(k, uk, t)| (k, uk, t.value))
+        .filter_map(|(k, uk, t)| live(t).map(|v| (k, uk, v)))
         .collect())
 }
 
