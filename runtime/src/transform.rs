@@ -281,8 +281,7 @@ impl<S: SinkFunction> Operator for SinkOp<S> {
 mod tests {
     use super::*;
     use crate::config::StateBackendKind;
-    use crate::keygroup::{range_for_subtask, KeyGroupRange};
-    use crate::snapshot::{read_block, RestoredKeyGroups, StateFileWriter};
+    use crate::keygroup::range_for_subtask;
     use crate::state::ValueState;
 
     /// Arms a processing-time timer an hour ahead for each key; a second record of a key moves
@@ -346,24 +345,6 @@ mod tests {
         KeyedProcessOp::new(Reminder::default(), Arc::new(|k: &u32| *k))
     }
 
-    /// The canonical key-group blocks of `range` in a snapshot (what a savepoint restores).
-    fn blocks_of(snapshot: &OperatorSnapshot, range: KeyGroupRange) -> RestoredKeyGroups {
-        let mut w = StateFileWriter::new();
-        let index = snapshot.keyed.as_ref().unwrap().write_canonical(&mut w).unwrap();
-        let file = w.finish();
-        let blocks = range
-            .iter()
-            .map(|kg| {
-                let off = index.offsets[index.range.index_of(kg)];
-                (kg, read_block(&file, off, "t").unwrap().to_vec())
-            })
-            .collect();
-        RestoredKeyGroups {
-            blocks,
-            rocksdb: vec![],
-        }
-    }
-
     #[test]
     fn processing_time_timers_fire_when_due_and_are_restored_by_key_group_at_another_parallelism() {
         for backend in [
@@ -397,7 +378,7 @@ mod tests {
                 let range = range_for_subtask(128, 3, subtask);
                 let mut op = reminder_op();
                 let restored = crate::operator::RestoredState {
-                    keyed: blocks_of(&snapshot, range),
+                    keyed: snapshot.keyed.as_ref().unwrap().canonical_blocks(Some(range)),
                     operator: Default::default(),
                 };
                 op.open(&info(backend, subtask, 3, dir.path()), Some(restored)).unwrap();

@@ -10,9 +10,7 @@ use crate::keygroup::{range_for_subtask, KeyGroupRange};
 use crate::operator::{OperatorSnapshot, TaskInfo};
 use crate::protocol::AckedState;
 use crate::restore::RestoreSource;
-use crate::snapshot::{
-    read_block, CheckpointMetadata, OperatorSnapshotMeta, RestoredKeyGroups, StateFileWriter, FORMAT_VERSION,
-};
+use crate::snapshot::{CheckpointMetadata, OperatorSnapshotMeta, RestoredKeyGroups, FORMAT_VERSION};
 use crate::storage::{CheckpointPaths, Storage};
 use crate::task::chain::PendingSnapshot;
 use crate::task::{persist, PersistTarget};
@@ -330,21 +328,7 @@ fn a_rocksdb_checkpoint_holds_the_state_of_its_barrier_whatever_follows() {
 }
 
 fn canonical_blocks(snapshot: &KeyedSnapshot) -> RestoredKeyGroups {
-    let mut w = StateFileWriter::new();
-    let index = snapshot.write_canonical(&mut w).unwrap();
-    let file = w.finish();
-    let blocks = index
-        .range
-        .iter()
-        .map(|kg| {
-            let off = index.offsets[index.range.index_of(kg)];
-            (kg, read_block(&file, off, "t").unwrap().to_vec())
-        })
-        .collect();
-    RestoredKeyGroups {
-        blocks,
-        rocksdb: vec![],
-    }
+    snapshot.canonical_blocks(None)
 }
 
 /// The canonical (savepoint) format: written by one backend, read by the other.
@@ -651,14 +635,18 @@ fn a_ttl_value_expires_at_exactly_its_ttl_and_an_expired_read_removes_it() {
         assert_eq!(s.stored(&b), [1; 4], "{kind:?}");
         // Whole-state scans judge expiry as of the backend's processing time, like reads: at
         // t + TTL key 2's state is there...
-        assert_eq!(s.values.entries(&b).unwrap(), vec![(2, "v2".to_string())], "{kind:?}");
-        assert_eq!(s.lists.entries(&b).unwrap(), vec![(2, vec![2])], "{kind:?}");
-        assert_eq!(
-            s.maps.all_entries(&b).unwrap(),
-            vec![(2, "a".to_string(), 2)],
-            "{kind:?}"
-        );
-        assert_eq!(s.sums.entries(&b).unwrap(), vec![(2, 2)], "{kind:?}");
+        // Every whole-state scan sees exactly the key `k` that `s.write` wrote.
+        let scans_see_only = |b: &KeyedBackend, k: u64| {
+            assert_eq!(s.values.entries(b).unwrap(), vec![(k, format!("v{k}"))], "{kind:?}");
+            assert_eq!(s.lists.entries(b).unwrap(), vec![(k, vec![k as i32])], "{kind:?}");
+            assert_eq!(
+                s.maps.all_entries(b).unwrap(),
+                vec![(k, "a".to_string(), k)],
+                "{kind:?}"
+            );
+            assert_eq!(s.sums.entries(b).unwrap(), vec![(k, k as i64)], "{kind:?}");
+        };
+        scans_see_only(&b, 2);
         b.with_key_at(&2u64, M, t + TTL + 1, |ctx| {
             assert!(s.maps.entries(ctx).unwrap().is_empty());
         })
@@ -666,14 +654,7 @@ fn a_ttl_value_expires_at_exactly_its_ttl_and_an_expired_read_removes_it() {
         assert_eq!(s.stored(&b)[2], 0, "{kind:?}: map entries() removed the expired entry");
         // ... and at t + TTL + 1, the latest time a read used, it is not.
         s.write(&mut b, 4, t + TTL + 1);
-        assert_eq!(s.values.entries(&b).unwrap(), vec![(4, "v4".to_string())], "{kind:?}");
-        assert_eq!(s.lists.entries(&b).unwrap(), vec![(4, vec![4])], "{kind:?}");
-        assert_eq!(
-            s.maps.all_entries(&b).unwrap(),
-            vec![(4, "a".to_string(), 4)],
-            "{kind:?}"
-        );
-        assert_eq!(s.sums.entries(&b).unwrap(), vec![(4, 4)], "{kind:?}");
+        scans_see_only(&b, 4);
     }
 }
 

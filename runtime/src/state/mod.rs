@@ -316,6 +316,28 @@ pub enum KeyedSnapshot {
 }
 
 impl KeyedSnapshot {
+    /// The canonical key-group blocks of `range` (all when `None`), as a savepoint restore
+    /// hands them to a backend (tests).
+    #[cfg(test)]
+    pub(crate) fn canonical_blocks(&self, range: Option<KeyGroupRange>) -> RestoredKeyGroups {
+        let mut w = StateFileWriter::new();
+        let index = self.write_canonical(&mut w).expect("canonical write");
+        let file = w.finish();
+        let blocks = range
+            .unwrap_or(index.range)
+            .iter()
+            .map(|kg| {
+                let off = index.offsets[index.range.index_of(kg)];
+                let block = crate::snapshot::read_block(&file, off, "test").expect("a written block");
+                (kg, block.to_vec())
+            })
+            .collect();
+        RestoredKeyGroups {
+            blocks,
+            rocksdb: vec![],
+        }
+    }
+
     /// Writes canonical key-group blocks (savepoints; the memory backend's checkpoints too).
     pub fn write_canonical(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
         match self {
@@ -643,7 +665,12 @@ impl KeyedBackend {
         id: StateId,
         c: &CurrentKey<'_, K>,
     ) -> Result<Vec<(UK, UV)>> {
-        dispatch!(self, b => b.map_entries::<K, UK, UV>(id, c))
+        let mut out = Vec::new();
+        self.map_for_each::<K, UK, UV>(id, c, |k, v| {
+            out.push((k.clone(), v.clone()));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     pub(crate) fn map_for_each<K: Key, UK: Key, UV: StateValue>(

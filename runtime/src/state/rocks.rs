@@ -733,19 +733,6 @@ impl RocksBackend {
         self.delete_raw(id, map_key(c, uk)?)
     }
 
-    pub(crate) fn map_entries<K: Key, UK: Key, UV: StateValue>(
-        &self,
-        id: StateId,
-        c: &CurrentKey<'_, K>,
-    ) -> Result<Vec<(UK, UV)>> {
-        let mut out = Vec::new();
-        self.map_for_each::<K, UK, UV>(id, c, |k, v| {
-            out.push((k.clone(), v.clone()));
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
     pub(crate) fn map_for_each<K: Key, UK: Key, UV: StateValue>(
         &self,
         id: StateId,
