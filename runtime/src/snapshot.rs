@@ -411,6 +411,8 @@ pub struct EntryWriter<'a> {
     out: &'a mut Vec<u8>,
     count_at: usize,
     count: u64,
+    /// Reused for serializing namespaces and values: no allocation per entry.
+    scratch: Vec<u8>,
 }
 
 impl<'a> EntryWriter<'a> {
@@ -424,7 +426,26 @@ impl<'a> EntryWriter<'a> {
             out,
             count_at,
             count: 0,
+            scratch: Vec::new(),
         }
+    }
+
+    /// Adds an entry, serializing its namespace and value (postcard) on the way.
+    pub fn entry_of<N: serde::Serialize + ?Sized, V: serde::Serialize + ?Sized>(
+        &mut self,
+        key: &[u8],
+        namespace: &N,
+        value: &V,
+    ) -> Result<()> {
+        self.scratch.clear();
+        let scratch = postcard::to_extend(namespace, std::mem::take(&mut self.scratch))?;
+        let ns_len = scratch.len();
+        self.scratch = postcard::to_extend(value, scratch)?;
+        put_bytes(self.out, key);
+        put_bytes(self.out, &self.scratch[..ns_len]);
+        put_bytes(self.out, &self.scratch[ns_len..]);
+        self.count += 1;
+        Ok(())
     }
 
     /// Adds an entry.

@@ -343,46 +343,32 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         later: Timestamp,
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<Option<Timestamp>> {
-        // The key's panes are read in place, usually in time order (the memory backend keeps a
-        // small map in insertion order): then they merge as they come, with no copy but the
-        // first. Otherwise they are put in time order by position (no sort).
-        let panes = self.panes.as_ref().expect("opened");
-        let mut later_pane: Option<Timestamp> = None;
-        let (mut in_order, mut last) = (true, Timestamp::MIN);
-        panes.for_each(ctx, |p, _| {
-            if *p >= later {
-                later_pane = Some(later_pane.map_or(*p, |l| l.min(*p)));
-            }
-            if (start..end).contains(p) {
-                in_order &= *p > last;
-                last = *p;
-            }
-            Ok(())
-        })?;
-        let mut acc: Option<A::Acc> = None;
-        let mut merge = |a: &A::Acc| match &mut acc {
-            Some(acc) => self.agg.merge(acc, a),
-            None => acc = Some(a.clone()),
-        };
-        if in_order {
-            panes.for_each(ctx, |p, a| {
-                if (start..end).contains(p) {
-                    merge(a);
+        // One pass over the key's panes, borrowed in place: the window's panes go to their
+        // position (so they merge in time order without sorting), and the first pane at or
+        // after `later` is noted. Only the first pane's accumulator is copied.
+        let n = usize::try_from((end - start) / pane).unwrap_or(0);
+        let (acc, later_pane) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
+            let mut window: Vec<Option<&A::Acc>> = vec![None; n];
+            let mut later_pane: Option<Timestamp> = None;
+            for &(&p, a) in entries {
+                if p >= later {
+                    later_pane = Some(later_pane.map_or(p, |l| l.min(p)));
                 }
-                Ok(())
-            })?;
-        } else {
-            let mut window: Vec<Option<A::Acc>> = vec![None; usize::try_from((end - start) / pane).unwrap_or(0)];
-            panes.for_each(ctx, |p, a| {
-                if let Some(slot) = usize::try_from((p - start) / pane).ok().and_then(|i| window.get_mut(i)) {
-                    if (start..end).contains(p) {
-                        *slot = Some(a.clone());
+                if (start..end).contains(&p) {
+                    if let Some(slot) = usize::try_from((p - start) / pane).ok().and_then(|i| window.get_mut(i)) {
+                        *slot = Some(a);
                     }
                 }
-                Ok(())
-            })?;
-            window.iter().flatten().for_each(&mut merge);
-        }
+            }
+            let mut acc: Option<A::Acc> = None;
+            for a in window.into_iter().flatten() {
+                match &mut acc {
+                    Some(acc) => self.agg.merge(acc, a),
+                    None => acc = Some(a.clone()),
+                }
+            }
+            (acc, later_pane)
+        })?;
         if let Some(acc) = acc {
             self.emit(ctx, start, end, acc, out)?;
         }

@@ -42,8 +42,7 @@ struct MapEntries<UK, UV>(SmallMap<UK, UV>);
 
 impl<V: StateValue> Stored for Single<V> {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
-        w.entry(key, b"", &postcard::to_allocvec(&self.0)?);
-        Ok(())
+        w.entry_of(key, &(), &self.0)
     }
 
     fn decode(_: Option<&mut Self>, _: &[u8], value: &[u8]) -> Result<Option<Self>> {
@@ -53,10 +52,7 @@ impl<V: StateValue> Stored for Single<V> {
 
 impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
-        for (uk, uv) in self.0.iter() {
-            w.entry(key, &postcard::to_allocvec(uk)?, &postcard::to_allocvec(uv)?);
-        }
-        Ok(())
+        self.0.for_each(|uk, uv| w.entry_of(key, uk, uv))
     }
 
     fn decode(existing: Option<&mut Self>, namespace: &[u8], value: &[u8]) -> Result<Option<Self>> {
@@ -540,16 +536,16 @@ impl MemoryBackend {
         Ok(())
     }
 
-    pub(crate) fn map_for_each<K: Key, UK: Key, UV: StateValue>(
+    pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        mut f: impl FnMut(&UK, &UV) -> Result<()>,
-    ) -> Result<()> {
-        if let Some(m) = self.slot::<K, MapEntries<UK, UV>>(id, c) {
-            m.0.for_each(|k, v| f(k, v))?;
+        f: impl FnOnce(&[(&UK, &UV)]) -> R,
+    ) -> R {
+        match self.slot::<K, MapEntries<UK, UV>>(id, c) {
+            Some(m) => f(&m.0.refs()),
+            None => f(&[]),
         }
-        Ok(())
     }
 
     pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(

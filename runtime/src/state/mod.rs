@@ -665,21 +665,24 @@ impl KeyedBackend {
         id: StateId,
         c: &CurrentKey<'_, K>,
     ) -> Result<Vec<(UK, UV)>> {
-        let mut out = Vec::new();
-        self.map_for_each::<K, UK, UV>(id, c, |k, v| {
-            out.push((k.clone(), v.clone()));
-            Ok(())
-        })?;
-        Ok(out)
+        self.map_with_entries::<K, UK, UV, _>(id, c, |es| {
+            es.iter().map(|(k, v)| ((*k).clone(), (*v).clone())).collect()
+        })
     }
 
-    pub(crate) fn map_for_each<K: Key, UK: Key, UV: StateValue>(
+    /// Runs `f` over the current key's entries, borrowed in place where the backend can (no
+    /// copy of the map's values in memory), in no particular order.
+    pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnMut(&UK, &UV) -> Result<()>,
-    ) -> Result<()> {
-        dispatch!(self, b => b.map_for_each::<K, UK, UV>(id, c, f))
+        f: impl FnOnce(&[(&UK, &UV)]) -> R,
+    ) -> Result<R> {
+        match self {
+            KeyedBackend::Memory(b) => Ok(b.map_with_entries::<K, UK, UV, R>(id, c, f)),
+            #[cfg(feature = "rocksdb")]
+            KeyedBackend::RocksDb(b) => b.map_with_entries::<K, UK, UV, R>(id, c, f),
+        }
     }
 
     pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(
@@ -936,16 +939,21 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
         }
     }
 
-    /// Visits the current key's entries in place, in no particular order (no copy of the map;
-    /// windows merge their panes this way). With a TTL it reads through `entries`.
-    pub(crate) fn for_each(
+    /// Runs `f` over the current key's entries, borrowed in place where the backend can (windows
+    /// merge their panes this way), in no particular order. With a TTL it reads through
+    /// `entries`.
+    pub(crate) fn with_entries<R>(
         &self,
         ctx: &mut KeyedContext<'_, K>,
-        mut f: impl FnMut(&UK, &UV) -> Result<()>,
-    ) -> Result<()> {
+        f: impl FnOnce(&[(&UK, &UV)]) -> R,
+    ) -> Result<R> {
         match &self.ttl {
-            None => ctx.backend.map_for_each::<K, UK, UV>(self.id, &ctx.cur, f),
-            Some(_) => self.entries(ctx)?.iter().try_for_each(|(k, v)| f(k, v)),
+            None => ctx.backend.map_with_entries::<K, UK, UV, R>(self.id, &ctx.cur, f),
+            Some(_) => {
+                let owned = self.entries(ctx)?;
+                let entries: Vec<(&UK, &UV)> = owned.iter().map(|(k, v)| (k, v)).collect();
+                Ok(f(&entries))
+            }
         }
     }
 

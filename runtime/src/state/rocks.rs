@@ -733,16 +733,20 @@ impl RocksBackend {
         self.delete_raw(id, map_key(c, uk)?)
     }
 
-    pub(crate) fn map_for_each<K: Key, UK: Key, UV: StateValue>(
+    pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        mut f: impl FnMut(&UK, &UV) -> Result<()>,
-    ) -> Result<()> {
+        f: impl FnOnce(&[(&UK, &UV)]) -> R,
+    ) -> Result<R> {
+        let mut owned: Vec<(UK, UV)> = Vec::new();
         self.scan(id, &rocks_key(c.key_group, c.bytes, b""), |k, v| {
             let (_, _, ns) = split_rocks_key(k)?;
-            f(&postcard::from_bytes(ns)?, &postcard::from_bytes(v)?)
-        })
+            owned.push((postcard::from_bytes(ns)?, postcard::from_bytes(v)?));
+            Ok(())
+        })?;
+        let entries: Vec<(&UK, &UV)> = owned.iter().map(|(k, v)| (k, v)).collect();
+        Ok(f(&entries))
     }
 
     pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(

@@ -143,7 +143,15 @@ impl<K, V> SmallMap<K, V> {
         }
     }
 
-    /// Calls `f` on every entry, in place (no boxed iterator: the hot path of window firing).
+    /// Every entry, borrowed (no boxed iterator: the hot path of window firing).
+    pub fn refs(&self) -> Vec<(&K, &V)> {
+        match self {
+            Self::Small(v) => v.iter().map(|(k, v)| (k, v)).collect(),
+            Self::Large(m) => m.iter().collect(),
+        }
+    }
+
+    /// Calls `f` on every entry, in place.
     pub fn for_each<E>(&self, mut f: impl FnMut(&K, &V) -> Result<(), E>) -> Result<(), E> {
         match self {
             Self::Small(v) => v.iter().try_for_each(|(k, v)| f(k, v)),
