@@ -33,9 +33,9 @@
 //! (dealt round-robin in name order) must follow each other in time, or `max_delay_ms` must
 //! cover the overlap.
 //!
-//! `fail_at=N` panics once in the parsing operator at its N-th line (subtask 0, first attempt),
-//! or at the first line after that once a checkpoint has completed, so that the restart always
-//! restores one.
+//! `fail_at=N` panics once in the parsing operator at its N-th line (subtask 0, first attempt);
+//! with `fail_after_checkpoint=true`, if no checkpoint has completed by then, at the first line
+//! after one has, so that the restart always restores one.
 
 use crate::transactions::splitmix64;
 use serde::{Deserialize, Serialize};
@@ -813,7 +813,7 @@ fn log_lines(p: &JobParams, env: &mut StreamEnv) -> Result<(DataStream<String>, 
 
 fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     let max_delay = Duration::from_millis(p.get("max_delay_ms")?);
-    let fail_at = crate::FailAt::after_a_checkpoint(p.get("fail_at")?);
+    let fail_at = crate::FailAt::from_params(p)?;
     let late_output = p.optional("late_output");
     let (lines, pinned) = log_lines(p, env)?;
     let pin = |s: DataStream<Hit>| match pinned {
@@ -880,12 +880,8 @@ pub fn definition() -> JobDefinition {
                 "5000",
                 "how far out of order lines may be (watermark bound), ms of event time",
             ),
-            param(
-                "fail_at",
-                "0",
-                "panic once at this line of subtask 0 (first attempt only), or at the first line after it once \
-                 a checkpoint has completed; 0 = never",
-            ),
+            crate::FailAt::PARAM,
+            crate::FailAt::AFTER_CHECKPOINT_PARAM,
             param(
                 "output",
                 "",

@@ -95,6 +95,11 @@ impl KeyedProcessFunction for DailyTotals {
         Ok(())
     }
 
+    fn checkpoint_complete(&mut self, _: sluice_runtime::CheckpointId) -> Result<()> {
+        self.fail_at.checkpoint_complete();
+        Ok(())
+    }
+
     fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, out: &mut Vec<DailyTotal>) -> Result<()> {
         self.fail_at.record();
         let hour = t.event_time.div_euclid(HOUR);
@@ -153,7 +158,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     .process(
         "daily-totals",
         DailyTotals {
-            fail_at: crate::FailAt::new(p.get("fail_at")?),
+            fail_at: crate::FailAt::from_params(p)?,
             hourly: None,
         },
     )
@@ -175,6 +180,7 @@ pub fn definition() -> JobDefinition {
             param("rate", "0", "events per second in total, 0 = unlimited"),
             param("ms_per_event", "100", "event time between two events, ms"),
             crate::FailAt::PARAM,
+            crate::FailAt::AFTER_CHECKPOINT_PARAM,
             param(
                 "output",
                 "",

@@ -86,6 +86,11 @@ impl KeyedProcessFunction for Dedup {
         Ok(())
     }
 
+    fn checkpoint_complete(&mut self, _: sluice_runtime::CheckpointId) -> Result<()> {
+        self.fail_at.checkpoint_complete();
+        Ok(())
+    }
+
     fn process(&mut self, r: Record, ctx: &mut KeyedContext<'_, u64>, out: &mut Vec<Record>) -> Result<()> {
         self.fail_at.record();
         let last_kept = self.last_kept.as_ref().expect("opened");
@@ -126,7 +131,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
         "dedup",
         Dedup {
             ttl_ms,
-            fail_at: crate::FailAt::new(p.get("fail_at")?),
+            fail_at: crate::FailAt::from_params(p)?,
             last_kept: None,
         },
     )
@@ -156,6 +161,7 @@ pub fn definition() -> JobDefinition {
                 "how long a kept id suppresses its copies, ms of event time",
             ),
             crate::FailAt::PARAM,
+            crate::FailAt::AFTER_CHECKPOINT_PARAM,
             param(
                 "output",
                 "",

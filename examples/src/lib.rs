@@ -42,8 +42,26 @@ impl FailAt {
         "panic once at this record of subtask 0 (first attempt only), 0 = never",
     );
 
+    /// Whether the failure waits for a completed checkpoint (`fail_after_checkpoint`).
+    pub(crate) const AFTER_CHECKPOINT_PARAM: sluice_runtime::ParamSpec = sluice_runtime::ParamSpec::new(
+        "fail_after_checkpoint",
+        "false",
+        "with fail_at: when no checkpoint has completed by that record, fail at the first record after one \
+         has (the restart then restores a checkpoint, however slow the first one)",
+    );
+
     pub(crate) fn new(at: u64) -> Self {
         Self { at, ..Self::default() }
+    }
+
+    /// From the job parameters `fail_at` and `fail_after_checkpoint`.
+    pub(crate) fn from_params(p: &sluice_runtime::JobParams) -> sluice_runtime::Result<Self> {
+        let at = p.get("fail_at")?;
+        Ok(if p.get("fail_after_checkpoint")? {
+            Self::after_a_checkpoint(at)
+        } else {
+            Self::new(at)
+        })
     }
 
     /// Fails at record `at` or, if no checkpoint has completed by then, at the first record

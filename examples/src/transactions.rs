@@ -85,10 +85,11 @@ pub struct RunningTotals {
 impl RunningTotals {
     /// `fail_at = 0` never fails.
     pub fn new(fail_at: u64) -> Self {
-        Self {
-            fail_at: crate::FailAt::new(fail_at),
-            totals: None,
-        }
+        Self::failing(crate::FailAt::new(fail_at))
+    }
+
+    fn failing(fail_at: crate::FailAt) -> Self {
+        Self { fail_at, totals: None }
     }
 }
 
@@ -100,6 +101,11 @@ impl KeyedProcessFunction for RunningTotals {
     fn open(&mut self, state: &mut StateRegistry<'_, u64>, info: &TaskInfo) -> Result<()> {
         self.totals = Some(state.value_state("totals")?);
         self.fail_at.open(info);
+        Ok(())
+    }
+
+    fn checkpoint_complete(&mut self, _: sluice_runtime::CheckpointId) -> Result<()> {
+        self.fail_at.checkpoint_complete();
         Ok(())
     }
 
@@ -141,7 +147,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     env.source("transactions", generator)
         .uid("transactions-source")
         .key_by(|t: &Transaction| t.user)
-        .process("running-totals", RunningTotals::new(p.get("fail_at")?))
+        .process("running-totals", RunningTotals::failing(crate::FailAt::from_params(p)?))
         .uid("running-totals")
         .sink(
             "totals-output",
@@ -184,6 +190,7 @@ pub fn definition() -> JobDefinition {
                 help: "generator lanes (units of source redistribution)",
             },
             crate::FailAt::PARAM,
+            crate::FailAt::AFTER_CHECKPOINT_PARAM,
             ParamSpec {
                 name: "output",
                 default: "",

@@ -19,6 +19,9 @@ fn failover_at(parallelism: usize, state_backend: StateBackendKind) {
         format!("seed={seed}"),
         "rate=100000".into(),
         format!("fail_at={}", 70_000 / parallelism as u64),
+        // The restart must restore a checkpoint, even when a loaded machine is slow to
+        // complete the first one.
+        "fail_after_checkpoint=true".into(),
         format!("output={}", out.display()),
     ];
     let params = job.params_from_settings(&settings).unwrap();

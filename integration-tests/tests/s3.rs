@@ -44,7 +44,11 @@ fn rocksdb_job_with_checkpoints_on_s3_recovers_from_a_failure_exactly_and_leaves
     let s3 = S3Server::with_buckets(&["failover"]);
     let dir = tempfile::tempdir().unwrap();
     let ck = "s3://failover/checkpoints";
-    let settings = ["rate=100000".to_string(), "fail_at=35000".to_string()];
+    let settings = [
+        "rate=100000".to_string(),
+        "fail_at=35000".to_string(),
+        "fail_after_checkpoint=true".to_string(),
+    ];
     let report = run_job(submission(dir.path(), ck, 2, &settings, None)).unwrap();
 
     assert_eq!(report.outcome, JobOutcome::Finished);

@@ -293,6 +293,11 @@ pub trait KeyedProcessFunction: Send + Sync + Clone + 'static {
     ) -> Result<()> {
         Ok(())
     }
+    /// The checkpoint is complete (its `_metadata` is written), like Flink's
+    /// `CheckpointListener`.
+    fn checkpoint_complete(&mut self, _checkpoint: CheckpointId) -> Result<()> {
+        Ok(())
+    }
     /// Every input has ended; `state` gives access to every key's state.
     fn end_of_input(&mut self, _state: &KeyedBackend, _out: &mut Vec<Self::Out>) -> Result<()> {
         Ok(())

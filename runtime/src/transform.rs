@@ -241,7 +241,7 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
 
     fn checkpoint_complete(&mut self, checkpoint: CheckpointId) -> Result<()> {
         self.backend().checkpoint_complete(checkpoint);
-        Ok(())
+        self.f.checkpoint_complete(checkpoint)
     }
 
     fn end_of_input(&mut self, out: &mut Vec<P::Out>) -> Result<()> {
