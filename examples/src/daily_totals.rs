@@ -80,7 +80,6 @@ pub fn event(seed: u64, users: u64, ms_per_event: u64, i: u64) -> Transaction {
 
 #[derive(Clone)]
 struct DailyTotals {
-    fail_at: crate::FailAt,
     hourly: Option<ValueState<u64, Hourly>>,
 }
 
@@ -89,19 +88,12 @@ impl KeyedProcessFunction for DailyTotals {
     type In = Transaction;
     type Out = DailyTotal;
 
-    fn open(&mut self, state: &mut StateRegistry<'_, u64>, info: &TaskInfo) -> Result<()> {
+    fn open(&mut self, state: &mut StateRegistry<'_, u64>, _: &TaskInfo) -> Result<()> {
         self.hourly = Some(state.value_state("hourly")?);
-        self.fail_at.open(info);
-        Ok(())
-    }
-
-    fn checkpoint_complete(&mut self, _: sluice_runtime::CheckpointId) -> Result<()> {
-        self.fail_at.checkpoint_complete();
         Ok(())
     }
 
     fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, out: &mut Vec<DailyTotal>) -> Result<()> {
-        self.fail_at.record();
         let hour = t.event_time.div_euclid(HOUR);
         let (mut total, mut created, mut newer_hour) = (None, false, false);
         self.hourly.as_ref().expect("opened").update_with(
@@ -155,13 +147,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
         |t: &Transaction| t.event_time,
     )?
     .key_by(|t: &Transaction| t.user)
-    .process(
-        "daily-totals",
-        DailyTotals {
-            fail_at: crate::FailAt::from_params(p)?,
-            hourly: None,
-        },
-    )
+    .process("daily-totals", crate::Failing::new(p, DailyTotals { hourly: None })?)
     .uid("daily-totals");
     crate::exactly_once_output(totals, "totals-output", p.optional("output"));
     Ok(())

@@ -71,7 +71,6 @@ pub fn expected(events: u64, seed: u64, max_distance: u64, ttl_ms: i64) -> Vec<R
 #[derive(Clone)]
 struct Dedup {
     ttl_ms: i64,
-    fail_at: crate::FailAt,
     last_kept: Option<ValueState<u64, i64>>,
 }
 
@@ -80,19 +79,12 @@ impl KeyedProcessFunction for Dedup {
     type In = Record;
     type Out = Record;
 
-    fn open(&mut self, state: &mut StateRegistry<'_, u64>, info: &TaskInfo) -> Result<()> {
+    fn open(&mut self, state: &mut StateRegistry<'_, u64>, _: &TaskInfo) -> Result<()> {
         self.last_kept = Some(state.value_state("last-kept")?);
-        self.fail_at.open(info);
-        Ok(())
-    }
-
-    fn checkpoint_complete(&mut self, _: sluice_runtime::CheckpointId) -> Result<()> {
-        self.fail_at.checkpoint_complete();
         Ok(())
     }
 
     fn process(&mut self, r: Record, ctx: &mut KeyedContext<'_, u64>, out: &mut Vec<Record>) -> Result<()> {
-        self.fail_at.record();
         let last_kept = self.last_kept.as_ref().expect("opened");
         if last_kept.get(ctx)?.is_some_and(|t| r.event_time - t < self.ttl_ms) {
             return Ok(());
@@ -129,11 +121,13 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     .key_by(|r: &Record| r.id)
     .process(
         "dedup",
-        Dedup {
-            ttl_ms,
-            fail_at: crate::FailAt::from_params(p)?,
-            last_kept: None,
-        },
+        crate::Failing::new(
+            p,
+            Dedup {
+                ttl_ms,
+                last_kept: None,
+            },
+        )?,
     )
     .uid("dedup");
     crate::exactly_once_output(kept, "kept-output", p.optional("output"));

@@ -20,7 +20,11 @@ pub mod wordcount;
 
 use sluice_operators::discard_sink::DiscardSink;
 use sluice_operators::file_sink::ExactlyOnceFileSink;
-use sluice_runtime::{DataStream, JobRegistry};
+use sluice_runtime::element::Timestamp;
+use sluice_runtime::{
+    CheckpointId, DataStream, JobRegistry, KeyedBackend, KeyedContext, KeyedProcessFunction, Result, StateRegistry,
+    TaskInfo,
+};
 
 /// The `fail_at` job parameter: a panic at the N-th record of subtask 0 on the first attempt
 /// only (0: never), to exercise failover.
@@ -50,28 +54,15 @@ impl FailAt {
          has (the restart then restores a checkpoint, however slow the first one)",
     );
 
-    pub(crate) fn new(at: u64) -> Self {
-        Self { at, ..Self::default() }
-    }
-
-    /// From the job parameters `fail_at` and `fail_after_checkpoint`.
+    /// From the job parameters `fail_at` and `fail_after_checkpoint`. Waiting for a checkpoint,
+    /// the failure comes at record `at` or, if none has completed by then, at the first record
+    /// after one has (reported through [`Self::checkpoint_complete`]).
     pub(crate) fn from_params(p: &sluice_runtime::JobParams) -> sluice_runtime::Result<Self> {
-        let at = p.get("fail_at")?;
-        Ok(if p.get("fail_after_checkpoint")? {
-            Self::after_a_checkpoint(at)
-        } else {
-            Self::new(at)
+        Ok(Self {
+            at: p.get("fail_at")?,
+            after_checkpoint: p.get("fail_after_checkpoint")?,
+            ..Self::default()
         })
-    }
-
-    /// Fails at record `at` or, if no checkpoint has completed by then, at the first record
-    /// after one has: the restart then restores a checkpoint, however slowly the first one
-    /// completes. The operator reports completions through [`Self::checkpoint_complete`].
-    pub(crate) fn after_a_checkpoint(at: u64) -> Self {
-        Self {
-            after_checkpoint: true,
-            ..Self::new(at)
-        }
     }
 
     /// Arms it in the subtask and attempt that fail.
@@ -90,6 +81,62 @@ impl FailAt {
         if self.armed && self.seen >= self.at && (self.checkpointed || !self.after_checkpoint) {
             panic!("injected failure at record {} (fail_at={})", self.seen, self.at);
         }
+    }
+}
+
+/// A keyed function with the job's `fail_at` injected before each of its records: the jobs'
+/// functions stay free of failure plumbing.
+#[derive(Clone)]
+pub(crate) struct Failing<P> {
+    fail_at: FailAt,
+    inner: P,
+}
+
+impl<P> Failing<P> {
+    /// `inner`, failing as the job parameters `fail_at` and `fail_after_checkpoint` say.
+    pub(crate) fn new(p: &sluice_runtime::JobParams, inner: P) -> sluice_runtime::Result<Self> {
+        Ok(Self {
+            fail_at: FailAt::from_params(p)?,
+            inner,
+        })
+    }
+}
+
+impl<P: KeyedProcessFunction> KeyedProcessFunction for Failing<P> {
+    type Key = P::Key;
+    type In = P::In;
+    type Out = P::Out;
+
+    fn open(&mut self, state: &mut StateRegistry<'_, P::Key>, info: &TaskInfo) -> Result<()> {
+        self.fail_at.open(info);
+        self.inner.open(state, info)
+    }
+
+    fn process(&mut self, record: P::In, ctx: &mut KeyedContext<'_, P::Key>, out: &mut Vec<P::Out>) -> Result<()> {
+        self.fail_at.record();
+        self.inner.process(record, ctx, out)
+    }
+
+    fn on_timer(&mut self, ts: Timestamp, ctx: &mut KeyedContext<'_, P::Key>, out: &mut Vec<P::Out>) -> Result<()> {
+        self.inner.on_timer(ts, ctx, out)
+    }
+
+    fn on_processing_time_timer(
+        &mut self,
+        ts: Timestamp,
+        ctx: &mut KeyedContext<'_, P::Key>,
+        out: &mut Vec<P::Out>,
+    ) -> Result<()> {
+        self.inner.on_processing_time_timer(ts, ctx, out)
+    }
+
+    fn checkpoint_complete(&mut self, checkpoint: CheckpointId) -> Result<()> {
+        self.fail_at.checkpoint_complete();
+        self.inner.checkpoint_complete(checkpoint)
+    }
+
+    fn end_of_input(&mut self, state: &KeyedBackend, out: &mut Vec<P::Out>) -> Result<()> {
+        self.inner.end_of_input(state, out)
     }
 }
 

@@ -76,21 +76,9 @@ pub fn expected_totals(events: u64, users: u64, seed: u64) -> Vec<UserTotal> {
 }
 
 /// Keyed running total and count per user; emits every user's final total at end of input.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct RunningTotals {
-    fail_at: crate::FailAt,
     totals: Option<ValueState<u64, (i64, u64)>>,
-}
-
-impl RunningTotals {
-    /// `fail_at = 0` never fails.
-    pub fn new(fail_at: u64) -> Self {
-        Self::failing(crate::FailAt::new(fail_at))
-    }
-
-    fn failing(fail_at: crate::FailAt) -> Self {
-        Self { fail_at, totals: None }
-    }
 }
 
 impl KeyedProcessFunction for RunningTotals {
@@ -98,19 +86,12 @@ impl KeyedProcessFunction for RunningTotals {
     type In = Transaction;
     type Out = UserTotal;
 
-    fn open(&mut self, state: &mut StateRegistry<'_, u64>, info: &TaskInfo) -> Result<()> {
+    fn open(&mut self, state: &mut StateRegistry<'_, u64>, _: &TaskInfo) -> Result<()> {
         self.totals = Some(state.value_state("totals")?);
-        self.fail_at.open(info);
-        Ok(())
-    }
-
-    fn checkpoint_complete(&mut self, _: sluice_runtime::CheckpointId) -> Result<()> {
-        self.fail_at.checkpoint_complete();
         Ok(())
     }
 
     fn process(&mut self, t: Transaction, ctx: &mut KeyedContext<'_, u64>, _: &mut Vec<UserTotal>) -> Result<()> {
-        self.fail_at.record();
         let totals = self.totals.as_ref().expect("opened");
         totals.update_with(
             ctx,
@@ -147,7 +128,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     env.source("transactions", generator)
         .uid("transactions-source")
         .key_by(|t: &Transaction| t.user)
-        .process("running-totals", RunningTotals::failing(crate::FailAt::from_params(p)?))
+        .process("running-totals", crate::Failing::new(p, RunningTotals::default())?)
         .uid("running-totals")
         .sink(
             "totals-output",

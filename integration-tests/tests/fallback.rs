@@ -110,7 +110,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     env.source("transactions", generator)
         .uid("transactions-source")
         .key_by(|t: &Transaction| t.user)
-        .process("running-totals", RunningTotals::new(0))
+        .process("running-totals", RunningTotals::default())
         .uid("running-totals")
         .sink("totals-output", sink)
         .uid("totals-output")

@@ -205,7 +205,7 @@ fn renamed_totals(p: &sluice_runtime::JobParams, env: &mut sluice_runtime::Strea
     env.source("transactions", generator)
         .uid("transactions-source")
         .key_by(|t: &Transaction| t.user)
-        .process("running-totals", RunningTotals::new(0))
+        .process("running-totals", RunningTotals::default())
         .uid("totals-v2")
         .sink(
             "totals-output",
