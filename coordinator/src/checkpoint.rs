@@ -163,13 +163,6 @@ impl Attempt {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl CheckpointCoordinator {
     pub(crate) fn new(
         graph: Arc<JobGraph>,
@@ -399,7 +392,7 @@ impl CheckpointCoordinator {
         };
         let barrier = CheckpointBarrier {
             id,
-            timestamp_ms: now_ms(),
+            timestamp_ms: u64::try_from(sluice_runtime::state::processing_time_now()).unwrap_or(0),
             kind,
         };
         self.next_id += 1;

@@ -8,7 +8,6 @@ pub(crate) mod input;
 pub(crate) mod output;
 
 use crate::checkpoint::{CheckpointBarrier, CheckpointId};
-use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::operator::{OperatorSnapshot, SourceFunction, SourcePoll};
 use crate::protocol::{AckedState, TaskCommand, TaskEvent, TaskId};
@@ -433,10 +432,7 @@ impl<S: SourceFunction> TaskDriver for SourceDriver<S> {
             if rt.cancelled() {
                 return Err(Error::Cancelled);
             }
-            let timer = self.chain.next_processing_time().map(due_in);
-            if timer == Some(None) {
-                self.chain.processing_time(processing_time_now())?;
-            }
+            let timer = processing_timers(&mut self.chain)?;
             let poll = self.source.poll(&mut buf)?;
             if !buf.is_empty() {
                 let capacity = buf.capacity();
@@ -451,11 +447,7 @@ impl<S: SourceFunction> TaskDriver for SourceDriver<S> {
                 SourcePoll::Idle(wait) => {
                     self.chain.flush()?;
                     // Wake up for a processing-time timer down the chain, too.
-                    let wait = match timer {
-                        Some(Some(due)) => wait.min(due),
-                        Some(None) => Duration::ZERO,
-                        None => wait,
-                    };
+                    let wait = timer.map_or(wait, |due| wait.min(due));
                     match rt.control.recv_timeout(wait) {
                         Ok(cmd) => self.handle(rt, cmd)?,
                         Err(RecvTimeoutError::Timeout) => {}
@@ -468,10 +460,18 @@ impl<S: SourceFunction> TaskDriver for SourceDriver<S> {
     }
 }
 
-/// How long until processing time `t`; `None` when it has come.
-fn due_in(t: Timestamp) -> Option<Duration> {
+/// Runs one round of the processing-time timers due down `chain` (one clock read); how long
+/// until the next round (zero right after one), `None` when the chain has no timers.
+fn processing_timers<T>(chain: &mut Chain<T>) -> Result<Option<Duration>> {
+    let Some(t) = chain.next_processing_time() else {
+        return Ok(None);
+    };
     let now = processing_time_now();
-    (t > now).then(|| Duration::from_millis(u64::try_from(t - now).unwrap_or(u64::MAX)))
+    if t > now {
+        return Ok(Some(Duration::from_millis(u64::try_from(t - now).unwrap_or(u64::MAX))));
+    }
+    chain.processing_time(now)?;
+    Ok(Some(Duration::ZERO))
 }
 
 /// Runs a task fed by channels.
@@ -483,16 +483,9 @@ pub(crate) struct InputDriver<T> {
 impl<T: Send + 'static> TaskDriver for InputDriver<T> {
     fn run(mut self: Box<Self>, rt: &mut TaskRuntime) -> Result<()> {
         loop {
-            let deadline = match self.chain.next_processing_time() {
-                Some(t) => match due_in(t) {
-                    None => {
-                        self.chain.processing_time(processing_time_now())?;
-                        continue;
-                    }
-                    Some(wait) => Some(Instant::now() + wait),
-                },
-                None => None,
-            };
+            // After a round of due timers the deadline is now: the gate reads what is ready
+            // (input, commands) without blocking before the next round.
+            let deadline = processing_timers(&mut self.chain)?.map(|wait| Instant::now() + wait);
             match self.gate.next_until(&rt.control, deadline)? {
                 GateEvent::Data(batch) => self.chain.process(batch)?,
                 GateEvent::Deadline => {}
