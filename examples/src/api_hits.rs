@@ -43,8 +43,8 @@ use sluice_operators::file_source::TextFileSource;
 use sluice_operators::generator::LaneGenerator;
 use sluice_runtime::snapshot::{OperatorListState, OperatorState, Redistribution};
 use sluice_runtime::{
-    AggregateFunction, CheckpointId, DataStream, Error, JobDefinition, JobParams, Operator, OperatorSnapshot,
-    ParamSpec, RestoredState, Result, StreamEnv, TaskInfo, WatermarkStrategy, WindowAssigner, WindowResult,
+    CheckpointId, Count, DataStream, Error, JobDefinition, JobParams, Operator, OperatorSnapshot, ParamSpec,
+    RestoredState, Result, StreamEnv, TaskInfo, WatermarkStrategy, WindowAssigner, WindowResult,
 };
 use std::collections::BTreeMap;
 use std::fmt;
@@ -623,21 +623,11 @@ impl Rejections {
 
     fn open(&mut self, info: &TaskInfo, restored: Option<&RestoredState>) -> Result<()> {
         (self.operator, self.subtask) = (info.name.clone(), info.subtask);
-        let entries = restored
-            .and_then(|r| r.operator.get(self.what))
-            .map(|s| s.entries.as_slice())
-            .unwrap_or_default();
-        for e in entries {
-            if e.len() != 16 {
-                return Err(Error::Incompatible(format!(
-                    "restored '{}' counts are {} bytes, not 16",
-                    self.what,
-                    e.len()
-                )));
+        if let Some(list) = restored.and_then(|r| r.operator.get(self.what)) {
+            for (seen, rejected) in list.decode::<(u64, u64)>(self.what)? {
+                self.seen += seen;
+                self.rejected += rejected;
             }
-            let word = |at: usize| u64::from_le_bytes(e[at..at + 8].try_into().expect("16 bytes"));
-            self.seen += word(0);
-            self.rejected += word(8);
         }
         Ok(())
     }
@@ -658,16 +648,9 @@ impl Rejections {
         }
     }
 
-    fn state(&self) -> OperatorState {
-        let mut entry = self.seen.to_le_bytes().to_vec();
-        entry.extend(self.rejected.to_le_bytes());
-        OperatorState::from([(
-            self.what.to_string(),
-            OperatorListState {
-                mode: Redistribution::Split,
-                entries: vec![entry],
-            },
-        )])
+    fn state(&self) -> Result<OperatorState> {
+        let list = OperatorListState::of(Redistribution::Split, &[(self.seen, self.rejected)])?;
+        Ok(OperatorState::from([(self.what.to_string(), list)]))
     }
 
     fn summary(&self) {
@@ -717,7 +700,7 @@ impl Operator for ParseLog {
     fn snapshot(&mut self, _: CheckpointId) -> Result<OperatorSnapshot> {
         Ok(OperatorSnapshot {
             keyed: None,
-            operator: self.malformed.state(),
+            operator: self.malformed.state()?,
         })
     }
 
@@ -755,35 +738,13 @@ impl Operator for LateHits {
     fn snapshot(&mut self, _: CheckpointId) -> Result<OperatorSnapshot> {
         Ok(OperatorSnapshot {
             keyed: None,
-            operator: self.0.state(),
+            operator: self.0.state()?,
         })
     }
 
     fn end_of_input(&mut self, _: &mut Vec<Hit>) -> Result<()> {
         self.0.summary();
         Ok(())
-    }
-}
-
-/// Counts requests.
-#[derive(Clone)]
-pub struct CountHits;
-
-impl AggregateFunction for CountHits {
-    type In = Hit;
-    type Acc = u64;
-    type Out = u64;
-    fn create(&self) -> u64 {
-        0
-    }
-    fn add(&self, acc: &mut u64, _: &Hit) {
-        *acc += 1;
-    }
-    fn merge(&self, acc: &mut u64, other: &u64) {
-        *acc += other;
-    }
-    fn result(&self, acc: &u64) -> u64 {
-        *acc
     }
 }
 
@@ -832,7 +793,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
         .uid("watermarks"))
     .key_by(|h: &Hit| h.path.clone())
     .window(WindowAssigner::tumbling(Duration::from_millis(MINUTE_MS as u64))?)
-    .aggregate("count-per-minute", CountHits)?
+    .aggregate("count-per-minute", Count::default())?
     .uid("count-per-minute");
     let counts = windows
         .results()
@@ -1107,9 +1068,9 @@ mod tests {
         // Two old subtasks' counts restored into one (a rescale): they add up.
         let mut other = Rejections::new("malformed line", "skipped", Some("lines"));
         other.reject("y");
-        let mut operator = r.state();
+        let mut operator = r.state().unwrap();
         let entries = &mut operator.get_mut("malformed line").unwrap().entries;
-        entries.extend(other.state().remove("malformed line").unwrap().entries);
+        entries.extend(other.state().unwrap().remove("malformed line").unwrap().entries);
         let restored = RestoredState {
             keyed: Default::default(),
             operator,

@@ -78,6 +78,12 @@ pub fn event(seed: u64, users: u64, ms_per_event: u64, i: u64) -> Transaction {
     }
 }
 
+/// When a user whose newest event is in `hour` has nothing left that counts: a day after that
+/// hour ends.
+fn expiry(hour: i64) -> Timestamp {
+    (hour + 25) * HOUR - 1
+}
+
 #[derive(Clone)]
 struct DailyTotals {
     hourly: Option<ValueState<u64, Hourly>>,
@@ -112,7 +118,7 @@ impl KeyedProcessFunction for DailyTotals {
         )?;
         if created || newer_hour {
             // A day after the newest hour ends, nothing of this user counts any more.
-            ctx.register_event_time_timer((hour + 25) * HOUR - 1)?;
+            ctx.register_event_time_timer(expiry(hour))?;
         }
         if let Some(total) = total {
             out.push(DailyTotal {
@@ -126,7 +132,7 @@ impl KeyedProcessFunction for DailyTotals {
 
     fn on_timer(&mut self, ts: Timestamp, ctx: &mut KeyedContext<'_, u64>, _: &mut Vec<DailyTotal>) -> Result<()> {
         let hourly = self.hourly.as_ref().expect("opened");
-        if hourly.get(ctx)?.is_some_and(|h| (h.newest_hour + 25) * HOUR - 1 <= ts) {
+        if hourly.get(ctx)?.is_some_and(|h| expiry(h.newest_hour) <= ts) {
             hourly.clear(ctx)?;
         }
         Ok(())

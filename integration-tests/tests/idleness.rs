@@ -6,8 +6,8 @@ use sluice_coordinator::{run_job, JobOutcome, JobSubmission};
 use sluice_runtime::config::JobConfig;
 use sluice_runtime::snapshot::OperatorState;
 use sluice_runtime::{
-    AggregateFunction, JobDefinition, JobParams, ParamSpec, Result, SinkFunction, SourceFunction, SourcePoll,
-    StreamEnv, TaskInfo, WatermarkStrategy, WindowAssigner, WindowResult,
+    Count, JobDefinition, JobParams, ParamSpec, Result, SinkFunction, SourceFunction, SourcePoll, StreamEnv, TaskInfo,
+    WatermarkStrategy, WindowAssigner, WindowResult,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -63,27 +63,6 @@ impl SourceFunction for OneQuietSubtask {
 }
 
 #[derive(Clone)]
-struct Count;
-
-impl AggregateFunction for Count {
-    type In = i64;
-    type Acc = u64;
-    type Out = u64;
-    fn create(&self) -> u64 {
-        0
-    }
-    fn add(&self, acc: &mut u64, _: &i64) {
-        *acc += 1;
-    }
-    fn merge(&self, acc: &mut u64, other: &u64) {
-        *acc += other;
-    }
-    fn result(&self, acc: &u64) -> u64 {
-        *acc
-    }
-}
-
-#[derive(Clone)]
 struct CountingSink;
 
 impl SinkFunction for CountingSink {
@@ -115,7 +94,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     .assign_timestamps_and_watermarks(strategy)
     .key_by(|i: &i64| i % 10)
     .window(WindowAssigner::tumbling(Duration::from_secs(60))?)
-    .aggregate("counts", Count)?
+    .aggregate("counts", Count::default())?
     .results()
     .sink("count", CountingSink)
     .parallelism(1);

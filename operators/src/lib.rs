@@ -20,7 +20,7 @@ pub mod generator;
 pub mod sorted_sink;
 
 use sluice_runtime::snapshot::{OperatorListState, OperatorState, Redistribution};
-use sluice_runtime::{Error, Result};
+use sluice_runtime::Result;
 
 /// Serializes entries into one split-mode operator list state named `name`.
 pub(crate) fn split_state<T: serde::Serialize>(name: &str, entries: &[T]) -> Result<OperatorState> {
@@ -33,26 +33,13 @@ pub(crate) fn list_state<T: serde::Serialize>(
     mode: Redistribution,
     entries: &[T],
 ) -> Result<OperatorState> {
-    let entries = entries
-        .iter()
-        .map(postcard::to_allocvec)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Serde(e.to_string()))?;
     Ok(OperatorState::from([(
         name.to_string(),
-        OperatorListState { mode, entries },
+        OperatorListState::of(mode, entries)?,
     )]))
 }
 
 /// Reads back the entries of list state `name`, if present.
 pub(crate) fn read_list<T: serde::de::DeserializeOwned>(state: &OperatorState, name: &str) -> Result<Option<Vec<T>>> {
-    state
-        .get(name)
-        .map(|l| {
-            l.entries
-                .iter()
-                .map(|e| postcard::from_bytes(e).map_err(|e| Error::Serde(format!("operator state '{name}': {e}"))))
-                .collect()
-        })
-        .transpose()
+    state.get(name).map(|l| l.decode(name)).transpose()
 }

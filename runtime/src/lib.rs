@@ -74,6 +74,6 @@ pub use state::{
 pub use stream::{DataStream, KeyedStream, StreamEnv, WindowedResults, WindowedStream};
 pub use time::WatermarkStrategy;
 pub use window::{
-    AggregateFunction, ProcessWindowFunction, TimeWindow, ToWindowResult, WindowAssigner, WindowCollector,
+    AggregateFunction, Count, ProcessWindowFunction, TimeWindow, ToWindowResult, WindowAssigner, WindowCollector,
     WindowOutput, WindowResult,
 };

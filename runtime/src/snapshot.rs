@@ -95,6 +95,25 @@ pub struct OperatorListState {
     pub entries: Vec<Vec<u8>>,
 }
 
+impl OperatorListState {
+    /// A list state holding `entries`, each serialized with postcard.
+    pub fn of<T: Serialize>(mode: Redistribution, entries: &[T]) -> Result<Self> {
+        let entries = entries
+            .iter()
+            .map(postcard::to_allocvec)
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Self { mode, entries })
+    }
+
+    /// The entries read back; an unreadable one is an error naming the state `name`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Vec<T>> {
+        self.entries
+            .iter()
+            .map(|e| postcard::from_bytes(e).map_err(|e| Error::Serde(format!("operator state '{name}': {e}"))))
+            .collect()
+    }
+}
+
 /// All operator state of one subtask, by state name.
 pub type OperatorState = BTreeMap<String, OperatorListState>;
 

@@ -272,16 +272,12 @@ impl<T: Data, K: Key> WindowedStream<T, K> {
     pub fn reduce(
         self,
         name: &str,
-        reduce: impl Fn(&T, &T) -> T + Send + Sync + Clone + 'static,
+        reduce: impl Fn(&T, &T) -> T + Send + Sync + 'static,
     ) -> Result<WindowedResults<WindowResult<K, T>, T>>
     where
         T: StateValue,
     {
-        let agg = crate::window::Reduce {
-            f: reduce,
-            _t: PhantomData,
-        };
-        self.aggregate_with(name, agg, ToWindowResult)
+        self.aggregate_with(name, crate::window::ReduceAggregate(Arc::new(reduce)), ToWindowResult)
     }
 
     /// Hands all of each fired window's records (in pane order, then arrival order) to

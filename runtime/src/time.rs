@@ -10,9 +10,9 @@
 
 use crate::checkpoint::CheckpointId;
 use crate::element::Timestamp;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::operator::{Data, Operator, OperatorSnapshot, RestoredState, TaskInfo};
-use crate::snapshot::{OperatorListState, Redistribution};
+use crate::snapshot::{OperatorListState, OperatorState, Redistribution};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +70,22 @@ impl<T> WatermarkStrategy<T> {
 
 const WATERMARK_STATE: &str = "watermark";
 
+/// A watermark as union operator state: every restored subtask sees every old subtask's.
+pub(crate) fn watermark_state(state: &mut OperatorState, watermark: Timestamp) -> Result<()> {
+    let list = OperatorListState::of(Redistribution::Union, &[watermark])?;
+    state.insert(WATERMARK_STATE.to_string(), list);
+    Ok(())
+}
+
+/// The smallest watermark of the old subtasks, if any was restored: no record that was late
+/// for one of them counts as on time after the restore.
+pub(crate) fn restored_watermark(restored: Option<&RestoredState>) -> Result<Option<Timestamp>> {
+    let Some(list) = restored.and_then(|r| r.operator.get(WATERMARK_STATE)) else {
+        return Ok(None);
+    };
+    Ok(list.decode::<Timestamp>(WATERMARK_STATE)?.into_iter().min())
+}
+
 /// The operator `assign_timestamps_and_watermarks` adds: records pass through unchanged.
 pub(crate) struct WatermarkGenerator<T> {
     strategy: WatermarkStrategy<T>,
@@ -109,17 +125,7 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
     type Out = T;
 
     fn open(&mut self, _: &TaskInfo, restored: Option<RestoredState>) -> Result<()> {
-        let entries = restored
-            .as_ref()
-            .and_then(|r| r.operator.get(WATERMARK_STATE))
-            .map(|s| s.entries.as_slice())
-            .unwrap_or_default();
-        let mut restored_min: Option<Timestamp> = None;
-        for e in entries {
-            let w: Timestamp = postcard::from_bytes(e)
-                .map_err(|err| Error::Incompatible(format!("restored watermark is not readable: {err}")))?;
-            restored_min = Some(restored_min.map_or(w, |m| m.min(w)));
-        }
+        let restored_min = restored_watermark(restored.as_ref())?;
         if let Some(w) = restored_min.filter(|w| *w > Timestamp::MIN) {
             self.max_timestamp = w.saturating_add(self.bound).saturating_add(1);
             self.advance_to(w);
@@ -166,13 +172,7 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
         // Even at its start (MIN): a restore takes the smallest of all, so a generator that had
         // not advanced yet keeps the restored event time where it was.
         let mut snapshot = OperatorSnapshot::default();
-        snapshot.operator.insert(
-            WATERMARK_STATE.to_string(),
-            OperatorListState {
-                mode: Redistribution::Union,
-                entries: vec![postcard::to_allocvec(&self.emitted)?],
-            },
-        );
+        watermark_state(&mut snapshot.operator, self.emitted)?;
         Ok(snapshot)
     }
 

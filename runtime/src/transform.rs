@@ -9,7 +9,6 @@ use crate::operator::{
     Data, KeySelector, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState, SinkFunction, StateRegistry,
     TaskInfo,
 };
-use crate::snapshot::{OperatorListState, Redistribution};
 use crate::state::{CurrentKey, KeyedBackend, KeyedContext, TimeDomain, TimerService};
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -75,11 +74,6 @@ pub(crate) struct KeyedProcessOp<P: KeyedProcessFunction> {
     key_bytes: Vec<u8>,
 }
 
-/// The keyed operator's event-time clock, as operator state (union): every subtask had the
-/// same clock at an aligned barrier, and a restored one starts from it, so a record that was
-/// late before a failure is late after it too.
-const WATERMARK_STATE: &str = "watermark";
-
 /// Outputs of timers fired before the chain moves them on (a watermark at the end of input
 /// fires every window at once).
 const FIRE_ROUND: usize = 4096;
@@ -143,14 +137,8 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
 
     fn open(&mut self, info: &TaskInfo, restored: Option<RestoredState>) -> Result<()> {
         self.max_parallelism = info.max_parallelism;
-        let restored = restored.unwrap_or_default();
-        let mut clock: Option<Timestamp> = None;
-        for e in restored.operator.get(WATERMARK_STATE).map_or(&[][..], |s| &s.entries) {
-            let w: Timestamp = postcard::from_bytes(e)
-                .map_err(|err| Error::Incompatible(format!("restored watermark is not readable: {err}")))?;
-            clock = Some(clock.map_or(w, |c| c.min(w)));
-        }
-        let restored = restored.keyed;
+        let clock = crate::time::restored_watermark(restored.as_ref())?;
+        let restored = restored.unwrap_or_default().keyed;
         let mut backend = KeyedBackend::open(
             info.state_backend,
             info.key_group_range(),
@@ -227,14 +215,10 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
         };
         let mut operator = crate::snapshot::OperatorState::new();
         // Even at MIN: a restore takes the smallest clock of all old subtasks.
+        // The event-time clock: every subtask had the same one at an aligned barrier, and a
+        // restored one starts from it, so a record late before a failure is late after it.
         if let Some(t) = self.timers.as_ref() {
-            operator.insert(
-                WATERMARK_STATE.to_string(),
-                OperatorListState {
-                    mode: Redistribution::Union,
-                    entries: vec![postcard::to_allocvec(&t.watermark())?],
-                },
-            );
+            crate::time::watermark_state(&mut operator, t.watermark())?;
         }
         Ok(OperatorSnapshot { keyed, operator })
     }

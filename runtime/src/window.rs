@@ -40,14 +40,44 @@ pub trait AggregateFunction: Send + Sync + Clone + 'static {
     }
 }
 
-/// Folds a window's records pairwise (`WindowedStream::reduce`): the result is a record.
-#[derive(Clone)]
-pub(crate) struct Reduce<T, F> {
-    pub f: F,
-    pub _t: std::marker::PhantomData<fn() -> T>,
+/// Counts a window's records: `aggregate(name, Count::default())`.
+pub struct Count<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> Default for Count<T> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
 }
 
-impl<T: StateValue, F: Fn(&T, &T) -> T + Send + Sync + Clone + 'static> AggregateFunction for Reduce<T, F> {
+impl<T> Clone for Count<T> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl<T: Data> AggregateFunction for Count<T> {
+    type In = T;
+    type Acc = u64;
+    type Out = u64;
+    fn create(&self) -> u64 {
+        0
+    }
+    fn add(&self, acc: &mut u64, _: &T) {
+        *acc += 1;
+    }
+    fn merge(&self, acc: &mut u64, other: &u64) {
+        *acc += other;
+    }
+    fn result(&self, acc: &u64) -> u64 {
+        *acc
+    }
+}
+
+/// Folds a window's records pairwise (`WindowedStream::reduce`): the result is a record.
+#[derive(Clone)]
+pub(crate) struct ReduceAggregate<T>(pub crate::state::ReduceFn<T>);
+
+impl<T: StateValue> AggregateFunction for ReduceAggregate<T> {
     type In = T;
     /// `None` only before the first record (panes and sessions always hold one).
     type Acc = Option<T>;
@@ -57,7 +87,7 @@ impl<T: StateValue, F: Fn(&T, &T) -> T + Send + Sync + Clone + 'static> Aggregat
     }
     fn add(&self, acc: &mut Option<T>, record: &T) {
         *acc = Some(match acc.take() {
-            Some(a) => (self.f)(&a, record),
+            Some(a) => (self.0)(&a, record),
             None => record.clone(),
         });
     }
@@ -350,7 +380,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         let (acc, later_pane) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
             let mut window: Vec<Option<&A::Acc>> = vec![None; n];
             let mut later_pane: Option<Timestamp> = None;
-            for &(&p, a) in entries {
+            for (&p, a) in entries {
                 if p >= later {
                     later_pane = Some(later_pane.map_or(p, |l| l.min(p)));
                 }

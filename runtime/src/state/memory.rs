@@ -52,7 +52,7 @@ impl<V: StateValue> Stored for Single<V> {
 
 impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
-        self.0.for_each(|uk, uv| w.entry_of(key, uk, uv))
+        self.0.iter().try_for_each(|(uk, uv)| w.entry_of(key, uk, uv))
     }
 
     fn decode(existing: Option<&mut Self>, namespace: &[u8], value: &[u8]) -> Result<Option<Self>> {
@@ -536,15 +536,23 @@ impl MemoryBackend {
         Ok(())
     }
 
+    pub(crate) fn map_entries<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+    ) -> Result<Vec<(UK, UV)>> {
+        Ok(self.map_with_entries::<K, UK, UV, _>(id, c, |es| es.map(|(k, v)| (k.clone(), v.clone())).collect()))
+    }
+
     pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnOnce(&[(&UK, &UV)]) -> R,
+        f: impl FnOnce(&mut dyn Iterator<Item = (&UK, &UV)>) -> R,
     ) -> R {
         match self.slot::<K, MapEntries<UK, UV>>(id, c) {
-            Some(m) => f(&m.0.refs()),
-            None => f(&[]),
+            Some(m) => f(&mut m.0.iter()),
+            None => f(&mut std::iter::empty()),
         }
     }
 

@@ -665,9 +665,7 @@ impl KeyedBackend {
         id: StateId,
         c: &CurrentKey<'_, K>,
     ) -> Result<Vec<(UK, UV)>> {
-        self.map_with_entries::<K, UK, UV, _>(id, c, |es| {
-            es.iter().map(|(k, v)| ((*k).clone(), (*v).clone())).collect()
-        })
+        dispatch!(self, b => b.map_entries::<K, UK, UV>(id, c))
     }
 
     /// Runs `f` over the current key's entries, borrowed in place where the backend can (no
@@ -676,7 +674,7 @@ impl KeyedBackend {
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnOnce(&[(&UK, &UV)]) -> R,
+        f: impl FnOnce(&mut dyn Iterator<Item = (&UK, &UV)>) -> R,
     ) -> Result<R> {
         match self {
             KeyedBackend::Memory(b) => Ok(b.map_with_entries::<K, UK, UV, R>(id, c, f)),
@@ -945,15 +943,11 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
     pub(crate) fn with_entries<R>(
         &self,
         ctx: &mut KeyedContext<'_, K>,
-        f: impl FnOnce(&[(&UK, &UV)]) -> R,
+        f: impl FnOnce(&mut dyn Iterator<Item = (&UK, &UV)>) -> R,
     ) -> Result<R> {
         match &self.ttl {
             None => ctx.backend.map_with_entries::<K, UK, UV, R>(self.id, &ctx.cur, f),
-            Some(_) => {
-                let owned = self.entries(ctx)?;
-                let entries: Vec<(&UK, &UV)> = owned.iter().map(|(k, v)| (k, v)).collect();
-                Ok(f(&entries))
-            }
+            Some(_) => Ok(f(&mut self.entries(ctx)?.iter().map(|(k, v)| (k, v)))),
         }
     }
 

@@ -733,20 +733,29 @@ impl RocksBackend {
         self.delete_raw(id, map_key(c, uk)?)
     }
 
+    pub(crate) fn map_entries<K: Key, UK: Key, UV: StateValue>(
+        &self,
+        id: StateId,
+        c: &CurrentKey<'_, K>,
+    ) -> Result<Vec<(UK, UV)>> {
+        let mut out = Vec::new();
+        self.scan(id, &rocks_key(c.key_group, c.bytes, b""), |k, v| {
+            let (_, _, ns) = split_rocks_key(k)?;
+            out.push((postcard::from_bytes(ns)?, postcard::from_bytes(v)?));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Entries are decoded from RocksDB, then lent to `f`.
     pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnOnce(&[(&UK, &UV)]) -> R,
+        f: impl FnOnce(&mut dyn Iterator<Item = (&UK, &UV)>) -> R,
     ) -> Result<R> {
-        let mut owned: Vec<(UK, UV)> = Vec::new();
-        self.scan(id, &rocks_key(c.key_group, c.bytes, b""), |k, v| {
-            let (_, _, ns) = split_rocks_key(k)?;
-            owned.push((postcard::from_bytes(ns)?, postcard::from_bytes(v)?));
-            Ok(())
-        })?;
-        let entries: Vec<(&UK, &UV)> = owned.iter().map(|(k, v)| (k, v)).collect();
-        Ok(f(&entries))
+        let owned = self.map_entries::<K, UK, UV>(id, c)?;
+        Ok(f(&mut owned.iter().map(|(k, v)| (k, v))))
     }
 
     pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(

@@ -136,37 +136,38 @@ impl<K, V> SmallMap<K, V> {
         self.len() == 0
     }
 
-    pub fn iter(&self) -> Box<dyn Iterator<Item = (&K, &V)> + '_> {
+    /// Every entry, borrowed: vector order while small.
+    pub fn iter(&self) -> Iter<'_, K, V> {
         match self {
-            Self::Small(v) => Box::new(v.iter().map(|(k, v)| (k, v))),
-            Self::Large(m) => Box::new(m.iter()),
+            Self::Small(v) => Iter::Small(v.iter()),
+            Self::Large(m) => Iter::Large(m.iter()),
         }
     }
 
-    /// Every entry, borrowed (no boxed iterator: the hot path of window firing).
-    pub fn refs(&self) -> Vec<(&K, &V)> {
-        match self {
-            Self::Small(v) => v.iter().map(|(k, v)| (k, v)).collect(),
-            Self::Large(m) => m.iter().collect(),
-        }
-    }
-
-    /// Calls `f` on every entry, in place.
-    pub fn for_each<E>(&self, mut f: impl FnMut(&K, &V) -> Result<(), E>) -> Result<(), E> {
-        match self {
-            Self::Small(v) => v.iter().try_for_each(|(k, v)| f(k, v)),
-            Self::Large(m) => m.iter().try_for_each(|(k, v)| f(k, v)),
-        }
-    }
-
-    pub fn values(&self) -> Box<dyn Iterator<Item = &V> + '_> {
-        Box::new(self.iter().map(|(_, v)| v))
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
     }
 
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
         match self {
             Self::Small(v) => v.retain_mut(|(k, v)| keep(k, v)),
             Self::Large(m) => m.retain(|k, v| keep(k, v)),
+        }
+    }
+}
+
+/// The entries of a [`SmallMap`].
+pub(crate) enum Iter<'a, K, V> {
+    Small(std::slice::Iter<'a, (K, V)>),
+    Large(std::collections::hash_map::Iter<'a, K, V>),
+}
+
+impl<'a, K, V> Iterator for Iter<'a, K, V> {
+    type Item = (&'a K, &'a V);
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Self::Small(i) => i.next().map(|(k, v)| (k, v)),
+            Self::Large(i) => i.next(),
         }
     }
 }
