@@ -40,6 +40,10 @@ pub struct CheckpointStats {
 /// How an attempt ended.
 pub(crate) enum AttemptEnd {
     Finished,
+    /// Cancelled by the user.
+    Canceled,
+    /// A stop-with-savepoint completed: the job ends without processing anything after it.
+    Stopped,
     Failed {
         cause: String,
         unusable_snapshot: bool,
@@ -57,18 +61,31 @@ pub enum MasterCommand {
         /// Where the outcome goes.
         reply: tokio::sync::oneshot::Sender<Result<String, String>>,
     },
+    /// Take a savepoint under `target` and stop the job after it: the sources emit nothing
+    /// after its barrier, and the job ends (FINISHED) once it is complete.
+    Stop {
+        /// Base URL, as for `Savepoint`.
+        target: String,
+        /// Where the outcome goes.
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
+    /// Cancel the job: its tasks stop now, nothing more is checkpointed.
+    Cancel,
 }
 
 /// A savepoint asked for and not yet triggered.
 struct SavepointRequest {
     storage: Storage,
     reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    /// Stop the job after it.
+    stop: bool,
 }
 
 /// A savepoint in flight: where its files go, and who waits for it.
 struct SavepointInFlight {
     target: SavepointTarget,
     reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    stop: bool,
 }
 
 struct Pending {
@@ -102,6 +119,14 @@ struct Draining {
 /// What a running job's checkpoints have come to so far.
 #[derive(Clone, Debug, Default)]
 pub struct Progress {
+    /// Where the job is in its life (while it runs: created, running or restarting).
+    pub state: crate::master::JobState,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Completed checkpoints' figures, in order.
+    pub checkpoints: Vec<CheckpointStats>,
+    /// Checkpoints retained now.
+    pub retained: Vec<CheckpointId>,
     /// Checkpoints completed.
     pub completed: u64,
     /// Checkpoints declined, timed out or failed (savepoints excluded).
@@ -203,6 +228,16 @@ impl CheckpointCoordinator {
         self.progress = Some(progress);
     }
 
+    /// Publishes the job's state and restart count to whoever watches the job.
+    pub(crate) fn report_state(&self, state: crate::master::JobState, restarts: u32) {
+        if let Some(p) = &self.progress {
+            p.send_modify(|p| {
+                p.state = state;
+                p.restarts = restarts;
+            });
+        }
+    }
+
     /// Claims the directory of the job `url` belongs to, once the first restore has succeeded.
     pub(crate) fn claim_after_restore(&mut self, url: String) {
         self.claim = Some(url);
@@ -256,7 +291,9 @@ impl CheckpointCoordinator {
             let event = tokio::select! {
                 e = events.recv() => e,
                 Some(cmd) = commands.recv() => {
-                    self.on_command(&mut a, cmd);
+                    if let Some(end) = self.on_command(&mut a, cmd) {
+                        break end;
+                    }
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or(far).into()), if deadline.is_some() => {
@@ -279,8 +316,8 @@ impl CheckpointCoordinator {
         };
         // Shared files uploaded for checkpoints that will not complete now.
         let mut orphans: Vec<String> = Vec::new();
-        if let AttemptEnd::Failed { secondary, .. } = &end {
-            let mut root_found = !secondary;
+        if !matches!(end, AttemptEnd::Finished) {
+            let mut root_found = !matches!(end, AttemptEnd::Failed { secondary: true, .. });
             deployment.cancel();
             while a.terminated.len() < a.all.len() {
                 match events.recv().await {
@@ -295,7 +332,7 @@ impl CheckpointCoordinator {
                             secondary: false,
                         } = outcome
                         {
-                            if !root_found {
+                            if !root_found && matches!(end, AttemptEnd::Failed { .. }) {
                                 root_found = true;
                                 end = AttemptEnd::Failed {
                                     cause: format!("task {task} failed: {cause}"),
@@ -327,11 +364,11 @@ impl CheckpointCoordinator {
             self.delete_location(d.id, d.location.as_ref()).await;
         }
         self.delete_unreferenced_shared(orphans, completed).await;
-        if matches!(end, AttemptEnd::Finished) {
+        if !matches!(end, AttemptEnd::Failed { .. }) {
             for r in self.savepoint_queue.drain(..) {
                 let _ = r
                     .reply
-                    .send(Err("the job finished before the savepoint could be taken".into()));
+                    .send(Err("the job ended before the savepoint could be taken".into()));
             }
         }
         end
@@ -351,18 +388,23 @@ impl CheckpointCoordinator {
         None
     }
 
-    fn on_command(&mut self, a: &mut Attempt, cmd: MasterCommand) {
-        match cmd {
-            MasterCommand::Savepoint { target, reply } => match Storage::open(&target) {
-                Ok(storage) => {
-                    self.savepoint_queue.push_back(SavepointRequest { storage, reply });
-                    self.maybe_trigger_savepoint(a);
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
-                }
-            },
+    fn on_command(&mut self, a: &mut Attempt, cmd: MasterCommand) -> Option<AttemptEnd> {
+        let (target, reply, stop) = match cmd {
+            MasterCommand::Cancel => return Some(AttemptEnd::Canceled),
+            MasterCommand::Savepoint { target, reply } => (target, reply, false),
+            MasterCommand::Stop { target, reply } => (target, reply, true),
+        };
+        match Storage::open(&target) {
+            Ok(storage) => {
+                self.savepoint_queue
+                    .push_back(SavepointRequest { storage, reply, stop });
+                self.maybe_trigger_savepoint(a);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+            }
         }
+        None
     }
 
     /// A requested savepoint goes next, as soon as no checkpoint is in flight.
@@ -396,21 +438,28 @@ impl CheckpointCoordinator {
             kind,
         };
         self.next_id += 1;
+        let stop = savepoint.as_ref().is_some_and(|r| r.stop);
         let savepoint = savepoint.map(|r| {
             let short: String = self.paths.job_id().chars().take(8).collect();
             let target = SavepointTarget {
                 storage: r.storage,
                 dir: format!("savepoint-{short}-{}/", id.0),
             };
-            self.savepoints
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, target.clone());
-            SavepointInFlight { target, reply: r.reply }
+            self.savepoints.insert(id, target.clone());
+            SavepointInFlight {
+                target,
+                reply: r.reply,
+                stop: r.stop,
+            }
         });
         debug!(checkpoint = barrier.id.0, "triggering checkpoint");
         for s in &a.sources {
-            a.send(*s, TaskCommand::TriggerCheckpoint(barrier));
+            let cmd = if stop {
+                TaskCommand::TriggerStop(barrier)
+            } else {
+                TaskCommand::TriggerCheckpoint(barrier)
+            };
+            a.send(*s, cmd);
         }
         a.pending = Some(Pending {
             barrier,
@@ -679,11 +728,15 @@ impl CheckpointCoordinator {
             max_async_micros: p.max_async,
         });
         self.consecutive_failures = 0;
-        if let Some(p) = &self.progress {
-            p.send_modify(|p| p.completed = self.stats.len() as u64);
-        }
         a.broadcast(TaskCommand::CheckpointComplete(id));
         let removed = completed.add(id, shared);
+        if let Some(p) = &self.progress {
+            p.send_modify(|p| {
+                p.completed = self.stats.len() as u64;
+                p.checkpoints.extend(self.stats.last().cloned());
+                p.retained = completed.ids().collect();
+            });
+        }
         self.delete_removed(removed).await;
         self.retry_deletions().await;
         self.schedule_next(a, p.started);
@@ -706,14 +759,20 @@ impl CheckpointCoordinator {
             let _ = sp
                 .reply
                 .send(Err(format!("writing the savepoint's _metadata failed: {e}")));
+            // Stopped sources resume.
+            a.broadcast(TaskCommand::AbortCheckpoint(id));
             self.delete_location(id, Some(&sp.target)).await;
         } else {
             let url = sp.target.storage.location(sp.target.dir.trim_end_matches('/'));
             info!(savepoint = id.0, %url, duration_ms = p.started.elapsed().as_secs_f64() * 1e3, "savepoint completed");
             let _ = sp.reply.send(Ok(url));
             a.broadcast(TaskCommand::CheckpointComplete(id));
+            if sp.stop {
+                self.savepoints.remove(id);
+                return Some(AttemptEnd::Stopped);
+            }
         }
-        self.savepoints.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.savepoints.remove(id);
         self.schedule_next(a, p.started);
         self.maybe_trigger_savepoint(a);
         None
@@ -724,7 +783,7 @@ impl CheckpointCoordinator {
         match location {
             None => self.delete_checkpoint(id).await,
             Some(t) => {
-                self.savepoints.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                self.savepoints.remove(id);
                 if let Err(e) = t.storage.delete_dir(&t.dir).await {
                     warn!(savepoint = id.0, error = %e, "cannot delete a failed savepoint");
                 }

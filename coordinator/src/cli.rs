@@ -32,32 +32,115 @@ enum Command {
     },
     /// List the built-in jobs and their parameters
     Jobs,
-    /// Start a coordinator (cluster mode: not built yet)
-    Coordinator(NotBuilt),
-    /// Start a worker (cluster mode: not built yet)
-    Worker(NotBuilt),
-    /// Submit a job to a coordinator (cluster mode: not built yet)
-    Submit(NotBuilt),
-    /// List a cluster's jobs (cluster mode: not built yet)
-    List(NotBuilt),
-    /// Show a job's status (cluster mode: not built yet)
-    Status(NotBuilt),
-    /// List a job's checkpoints (cluster mode: not built yet)
-    Checkpoints(NotBuilt),
-    /// Take a savepoint of a running job (cluster mode: not built yet)
-    Savepoint(NotBuilt),
-    /// Stop a job with a final savepoint (cluster mode: not built yet)
-    Stop(NotBuilt),
-    /// Cancel a job (cluster mode: not built yet)
-    Cancel(NotBuilt),
-    /// Restore a snapshot at a new parallelism (cluster mode: not built yet)
-    Restore(NotBuilt),
+    /// Start a coordinator: the REST API and the workers' control port
+    Coordinator {
+        /// Address of the REST API (port 0: any free port; printed once listening)
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: String,
+        /// Shared secret workers and mutating calls must present
+        #[arg(long, env = "SLUICE_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        #[command(flatten)]
+        s3: S3Flags,
+    },
+    /// Start a worker that runs subtasks for a coordinator
+    Worker {
+        /// The coordinator's REST address
+        #[arg(long, env = "SLUICE_COORDINATOR")]
+        coordinator: String,
+        /// Slots offered: each runs one subtask of every task of a job
+        #[arg(long, default_value_t = 1)]
+        slots: usize,
+        /// Local working directory (RocksDB instances); default: under the system temp dir
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+        /// The cluster's shared secret
+        #[arg(long, env = "SLUICE_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// Address the data port listens on (port 0: any free port)
+        #[arg(long, default_value = "127.0.0.1:0")]
+        data_bind: String,
+        #[command(flatten)]
+        s3: S3Flags,
+    },
+    /// Submit a job to a coordinator; prints its id
+    Submit {
+        /// The job's name (see `sluice jobs`)
+        job: String,
+        #[command(flatten)]
+        flags: Box<JobFlags>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List a cluster's jobs
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a job's status
+    Status {
+        /// The job's id
+        job_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List a job's completed and retained checkpoints
+    Checkpoints {
+        /// The job's id
+        job_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Take a savepoint of a running job; prints its URL once complete
+    Savepoint {
+        /// The job's id
+        job_id: String,
+        /// Where the savepoint goes (default: `savepoints` under the job's checkpoint dir)
+        #[arg(long)]
+        target: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop a job after a final savepoint; prints the savepoint's URL
+    Stop {
+        /// The job's id
+        job_id: String,
+        /// Where the savepoint goes (default: `savepoints` under the job's checkpoint dir)
+        #[arg(long)]
+        savepoint: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a job
+    Cancel {
+        /// The job's id
+        job_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resubmit the job of a savepoint or retained checkpoint, e.g. at a new parallelism
+    Restore {
+        /// The savepoint or `chk-<n>` directory
+        url: String,
+        #[command(flatten)]
+        flags: Box<JobFlags>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
+/// How a command reaches a cluster.
 #[derive(Args)]
-struct NotBuilt {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+struct ClientArgs {
+    /// The coordinator's REST address
+    #[arg(long, env = "SLUICE_COORDINATOR", default_value = "127.0.0.1:8081")]
+    coordinator: String,
+    /// The cluster's shared secret (needed by submit, savepoint, stop, cancel, restore)
+    #[arg(long, env = "SLUICE_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// text, or json (one JSON object on stdout)
+    #[arg(long, default_value = "text")]
+    output: String,
 }
 
 /// Flags every job takes.
@@ -270,8 +353,8 @@ fn dispatch(cli: Cli, registry: &JobRegistry) -> Result<ExitCode, String> {
             .map_err(|e| e.to_string())?;
             print_report(&report);
             Ok(match report.outcome {
-                JobOutcome::Finished => ExitCode::SUCCESS,
-                JobOutcome::Failed(_) => ExitCode::FAILURE,
+                JobOutcome::Finished | JobOutcome::Stopped => ExitCode::SUCCESS,
+                JobOutcome::Failed(_) | JobOutcome::Canceled => ExitCode::FAILURE,
             })
         }
         Command::Jobs => {
@@ -285,21 +368,116 @@ fn dispatch(cli: Cli, registry: &JobRegistry) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Coordinator(_)
-        | Command::Worker(_)
-        | Command::Submit(_)
-        | Command::List(_)
-        | Command::Status(_)
-        | Command::Checkpoints(_)
-        | Command::Savepoint(_)
-        | Command::Stop(_)
-        | Command::Cancel(_)
-        | Command::Restore(_) => Err(
-            "cluster mode (coordinator, worker, submit, list, status, checkpoints, savepoint, stop, cancel, \
-             restore) is not built yet; run jobs in one process with `sluice run`"
-                .into(),
-        ),
+        Command::Coordinator { listen, secret, s3 } => {
+            set_s3_options(s3.to_options()?);
+            let secret = require_secret(secret)?;
+            crate::cluster::server::run(registry.clone(), &listen, secret).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Worker {
+            coordinator,
+            slots,
+            data_dir,
+            secret,
+            data_bind,
+            s3,
+        } => {
+            set_s3_options(s3.to_options()?);
+            if slots == 0 {
+                return Err("--slots must be at least 1".into());
+            }
+            let options = crate::cluster::worker::WorkerOptions {
+                coordinator,
+                secret: require_secret(secret)?,
+                slots,
+                data_dir: data_dir.unwrap_or_else(|| JobConfig::default().data_dir),
+                data_bind,
+            };
+            crate::cluster::worker::run(registry.clone(), options).map(|_| ExitCode::SUCCESS)
+        }
+        command => crate::cluster::commands::run(command_request(command, registry)?),
     }
+}
+
+fn require_secret(secret: Option<String>) -> Result<String, String> {
+    secret
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| "a cluster needs a shared secret: pass --secret or set SLUICE_SECRET".to_string())
+}
+
+/// A bare path is taken relative to this process's directory: the cluster runs elsewhere.
+fn absolute(location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    match std::path::absolute(location) {
+        Ok(p) => p.display().to_string(),
+        Err(_) => location.to_string(),
+    }
+}
+
+/// Turns a client command into the request the cluster module sends.
+fn command_request(command: Command, registry: &JobRegistry) -> Result<crate::cluster::commands::Request, String> {
+    use crate::cluster::commands::{Call, Request};
+    let job_config = |flags: &JobFlags| -> Result<JobConfig, String> {
+        set_s3_options(flags.s3.to_options()?);
+        let mut config = flags.to_config()?;
+        config.checkpoint_dir = absolute(&config.checkpoint_dir);
+        config.from_savepoint = config.from_savepoint.as_deref().map(absolute);
+        Ok(config)
+    };
+    let (client, call) = match command {
+        Command::Submit { job, flags, client } => {
+            // Checked here too: a typo is reported without a round trip.
+            registry.get(&job).map_err(|e| e.to_string())?;
+            let config = job_config(&flags)?;
+            (
+                client,
+                Call::Submit {
+                    job,
+                    settings: flags.set.clone(),
+                    config,
+                },
+            )
+        }
+        Command::Restore { url, flags, client } => {
+            let config = job_config(&flags)?;
+            let url = absolute(&url);
+            (
+                client,
+                Call::Restore {
+                    url,
+                    settings: flags.set.clone(),
+                    config,
+                },
+            )
+        }
+        Command::List { client } => (client, Call::List),
+        Command::Status { job_id, client } => (client, Call::Status(job_id)),
+        Command::Checkpoints { job_id, client } => (client, Call::Checkpoints(job_id)),
+        Command::Savepoint { job_id, target, client } => {
+            (client, Call::Savepoint(job_id, target.as_deref().map(absolute)))
+        }
+        Command::Stop {
+            job_id,
+            savepoint,
+            client,
+        } => (client, Call::Stop(job_id, savepoint.as_deref().map(absolute))),
+        Command::Cancel { job_id, client } => (client, Call::Cancel(job_id)),
+        Command::Run { .. } | Command::Jobs | Command::Coordinator { .. } | Command::Worker { .. } => {
+            unreachable!("handled by dispatch")
+        }
+    };
+    let json = match client.output.as_str() {
+        "json" => true,
+        "text" => false,
+        other => return Err(format!("unknown --output '{other}' (expected text or json)")),
+    };
+    Ok(Request {
+        coordinator: client.coordinator,
+        secret: client.secret.filter(|s| !s.is_empty()),
+        json,
+        call,
+    })
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -321,6 +499,8 @@ fn peak_rss_mib() -> Option<f64> {
 fn print_report(r: &JobReport) {
     let state = match &r.outcome {
         JobOutcome::Finished => "FINISHED".to_string(),
+        JobOutcome::Stopped => "FINISHED (stopped with a savepoint)".to_string(),
+        JobOutcome::Canceled => "CANCELED".to_string(),
         JobOutcome::Failed(cause) => format!("FAILED: {cause}"),
     };
     let secs = r.elapsed.as_secs_f64();

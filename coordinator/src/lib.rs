@@ -7,7 +7,11 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod cluster;
 pub mod master;
 pub mod retention;
 
-pub use master::{run_job, spawn_job, JobHandle, JobOutcome, JobReport, JobSubmission, RestartRecord, RestoredFrom};
+pub use master::{
+    run_job, spawn_job, JobControl, JobHandle, JobOutcome, JobReport, JobState, JobSubmission, RestartRecord,
+    RestoredFrom,
+};

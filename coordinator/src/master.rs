@@ -52,8 +52,59 @@ pub struct RestartRecord {
 pub enum JobOutcome {
     /// Every source exhausted, every sink flushed.
     Finished,
+    /// Stopped after a final savepoint (reported as FINISHED, as Flink does).
+    Stopped,
+    /// Cancelled by the user.
+    Canceled,
     /// Restarts ran out.
     Failed(String),
+}
+
+/// A job's state, as `sluice status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum JobState {
+    /// Accepted, not deployed yet.
+    #[default]
+    Created,
+    /// Deployed.
+    Running,
+    /// Failing over: the next attempt is not deployed yet (it may wait for slots).
+    Restarting,
+    /// Ended: input exhausted, or stopped with a savepoint.
+    Finished,
+    /// Ended: restarts ran out.
+    Failed,
+    /// Ended: cancelled.
+    Canceled,
+}
+
+impl JobState {
+    /// The final state of a job that ended with `outcome`.
+    pub fn of(outcome: &JobOutcome) -> Self {
+        match outcome {
+            JobOutcome::Finished | JobOutcome::Stopped => Self::Finished,
+            JobOutcome::Canceled => Self::Canceled,
+            JobOutcome::Failed(_) => Self::Failed,
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+/// Where a job's tasks run.
+#[derive(Clone, Default)]
+pub enum Placement {
+    /// Threads of this process (`sluice run`).
+    #[default]
+    Local,
+    /// Slots of a cluster's workers.
+    Cluster(Arc<crate::cluster::Cluster>),
 }
 
 /// What happened during a run.
@@ -121,15 +172,64 @@ pub fn run_job(sub: JobSubmission) -> Result<JobReport> {
     spawn_job(sub)?.wait()
 }
 
+/// Checks that a savepoint fits `max_parallelism_from_snapshot` and takes the snapshot's max
+/// parallelism when asked to.
+fn adopt_snapshot_max_parallelism(sub: &mut JobSubmission, snapshot: &RestoreSource) -> Result<()> {
+    if sub.config.max_parallelism_from_snapshot {
+        // Max parallelism is fixed for the life of the state: take the snapshot's.
+        let (m, url) = (snapshot.metadata().max_parallelism, snapshot.url());
+        if sub.config.parallelism > m as usize {
+            return Err(Error::Config(format!(
+                "parallelism {} is above the max parallelism {m} of {url}; max parallelism cannot change",
+                sub.config.parallelism
+            )));
+        }
+        sub.config.max_parallelism = m;
+    }
+    Ok(())
+}
+
 /// A job running in this process, on its own threads.
 pub struct JobHandle {
-    job_id: String,
-    commands: tokio::sync::mpsc::UnboundedSender<MasterCommand>,
-    progress: tokio::sync::watch::Receiver<Progress>,
+    control: JobControl,
     thread: std::thread::JoinHandle<Result<JobReport>>,
 }
 
+/// What controls and watches a running job; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct JobControl {
+    job_id: String,
+    commands: tokio::sync::mpsc::UnboundedSender<MasterCommand>,
+    progress: tokio::sync::watch::Receiver<Progress>,
+}
+
+impl std::ops::Deref for JobHandle {
+    type Target = JobControl;
+    fn deref(&self) -> &JobControl {
+        &self.control
+    }
+}
+
 impl JobHandle {
+    /// A controller of the job that can outlive this borrow.
+    pub fn control(&self) -> JobControl {
+        self.control.clone()
+    }
+
+    /// Whether the job has ended (its report is ready).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the job to end.
+    pub fn wait(self) -> Result<JobReport> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::User("the job master panicked".into())))
+    }
+}
+
+impl JobControl {
     /// The job's id.
     pub fn job_id(&self) -> &str {
         &self.job_id
@@ -156,6 +256,45 @@ impl JobHandle {
         }
     }
 
+    /// Stops the job after a final savepoint under `target` and returns its URL; the job ends
+    /// FINISHED without processing anything after the savepoint. Blocks, like `savepoint`.
+    pub fn stop(&self, target: &str) -> Result<String> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(MasterCommand::Stop {
+                target: target.to_string(),
+                reply,
+            })
+            .map_err(|_| Error::Config(format!("job {} is no longer running", self.job_id)))?;
+        match outcome.blocking_recv() {
+            Ok(Ok(url)) => Ok(url),
+            Ok(Err(e)) => Err(Error::Config(e)),
+            Err(_) => Err(Error::Config(format!(
+                "job {} ended before the savepoint completed",
+                self.job_id
+            ))),
+        }
+    }
+
+    /// Cancels the job (returns at once; `wait` for its end).
+    pub fn cancel(&self) {
+        let _ = self.commands.send(MasterCommand::Cancel);
+    }
+
+    /// The job's state and checkpoint figures now.
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// Blocks until the job has ended (its report is ready to collect).
+    pub fn wait_ended(&self) {
+        let mut progress = self.progress.clone();
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
+            // The master drops the sending side when it returns.
+            rt.block_on(async { while progress.changed().await.is_ok() {} });
+        }
+    }
+
     /// Blocks until `n` checkpoints have completed; false if the job ended first. Call it from a
     /// plain thread, not from async code.
     pub fn wait_for_checkpoints(&self, n: u64) -> bool {
@@ -176,18 +315,17 @@ impl JobHandle {
         let result = rt.block_on(progress.wait_for(reached)).ok().map(|p| p.clone());
         result
     }
-
-    /// Waits for the job to end.
-    pub fn wait(self) -> Result<JobReport> {
-        self.thread
-            .join()
-            .unwrap_or_else(|_| Err(Error::User("the job master panicked".into())))
-    }
 }
 
 /// Starts a job in this process; configuration and snapshot problems are reported before any
 /// thread starts.
-pub fn spawn_job(mut sub: JobSubmission) -> Result<JobHandle> {
+pub fn spawn_job(sub: JobSubmission) -> Result<JobHandle> {
+    spawn_job_on(sub, Placement::Local)
+}
+
+/// Starts a job whose tasks run where `placement` says; configuration and snapshot problems
+/// are reported before any task is deployed.
+pub fn spawn_job_on(mut sub: JobSubmission, placement: Placement) -> Result<JobHandle> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sluice-io")
@@ -198,18 +336,25 @@ pub fn spawn_job(mut sub: JobSubmission) -> Result<JobHandle> {
         Some(url) => Some(runtime.block_on(RestoreSource::open_url(url))?),
         None => None,
     };
-    if let (Some(snapshot), true) = (&initial, sub.config.max_parallelism_from_snapshot) {
-        // Max parallelism is fixed for the life of the state: take the snapshot's.
-        let (m, url) = (snapshot.metadata().max_parallelism, snapshot.url());
-        if sub.config.parallelism > m as usize {
-            return Err(Error::Config(format!(
-                "parallelism {} is above the max parallelism {m} of {url}; max parallelism cannot change",
-                sub.config.parallelism
-            )));
-        }
-        sub.config.max_parallelism = m;
+    if let Some(snapshot) = &initial {
+        adopt_snapshot_max_parallelism(&mut sub, snapshot)?;
     }
-    let master = JobMaster::start(sub, initial, runtime.handle().clone())?;
+    let mut master = JobMaster::start(sub, initial, runtime.handle().clone())?;
+    if let Placement::Cluster(_) = &placement {
+        // A cluster answers the submission: storage and snapshot problems are found now.
+        runtime.block_on(master.storage.check_writable(&master.paths.job_dir()))?;
+        let initial = master.initial.take();
+        if let Some(source) = &initial {
+            runtime.block_on(check_savepoint(
+                source,
+                master.sub.job.name,
+                &master.graph,
+                &master.sub.config,
+            ))?;
+        }
+        master.initial = initial;
+    }
+    master.placement = placement;
     let job_id = master.job_id.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
     let (progress_tx, progress) = tokio::sync::watch::channel(Progress::default());
@@ -218,9 +363,11 @@ pub fn spawn_job(mut sub: JobSubmission) -> Result<JobHandle> {
         .spawn(move || runtime.block_on(master.run(receiver, progress_tx)))
         .map_err(|e| Error::Config(format!("cannot start the job master: {e}")))?;
     Ok(JobHandle {
-        job_id,
-        commands,
-        progress,
+        control: JobControl {
+            job_id,
+            commands,
+            progress,
+        },
         thread,
     })
 }
@@ -234,6 +381,7 @@ struct JobMaster {
     /// The snapshot the job starts from, opened (and its `_metadata` read) once, by `spawn_job`.
     initial: Option<RestoreSource>,
     handle: tokio::runtime::Handle,
+    placement: Placement,
 }
 
 impl JobMaster {
@@ -249,6 +397,7 @@ impl JobMaster {
             storage,
             initial,
             handle,
+            placement: Placement::Local,
         })
     }
 
@@ -317,17 +466,35 @@ impl JobMaster {
                 savepoints: coordinator.savepoint_targets(),
                 rescale_merge: cfg.rescale_merge,
                 finish_hooks: Default::default(),
+                placement: None,
             };
             let finish_hooks = dcfg.finish_hooks.clone();
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let deployment = deploy(&self.graph, &dcfg, tx, self.handle.clone())?;
+            let deployment = match &self.placement {
+                Placement::Local => deploy(&self.graph, &dcfg, tx, self.handle.clone())?,
+                Placement::Cluster(cluster) => {
+                    let deployed = tokio::select! {
+                        d = cluster.deploy(&self.sub, &self.graph, &dcfg, tx) => d,
+                        // Waiting for slots: only a cancel is served (a savepoint needs tasks).
+                        end = wait_for_cancel(&mut commands) => {
+                            let outcome = end;
+                            return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
+                        }
+                    };
+                    deployed?
+                }
+            };
+            coordinator.report_state(JobState::Running, restarts.len() as u32);
             let end = coordinator
                 .run_attempt(deployment, rx, &mut commands, &mut completed)
                 .await;
             match end {
                 AttemptEnd::Finished => {
                     // Every task ended with its input: no restart can come any more.
-                    finish_hooks.run()?;
+                    match &self.placement {
+                        Placement::Local => finish_hooks.run()?,
+                        Placement::Cluster(cluster) => cluster.finish(&self.job_id, attempt).await?,
+                    }
                     return Ok(self.report(
                         JobOutcome::Finished,
                         restarts,
@@ -336,6 +503,14 @@ impl JobMaster {
                         &completed,
                         started,
                     ));
+                }
+                AttemptEnd::Canceled | AttemptEnd::Stopped => {
+                    let outcome = match end {
+                        AttemptEnd::Canceled => JobOutcome::Canceled,
+                        _ => JobOutcome::Stopped,
+                    };
+                    info!(job = %self.job_id, ?outcome, "job ended");
+                    return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
                 }
                 AttemptEnd::Failed {
                     cause,
@@ -370,6 +545,7 @@ impl JobMaster {
                         restored_from: RestoredFrom::Nothing,
                     });
                     next_restore = RestoreChoice::Latest;
+                    coordinator.report_state(JobState::Restarting, restarts.len() as u32);
                     tokio::time::sleep(cfg.restart.delay).await;
                 }
             }
@@ -432,6 +608,20 @@ impl JobMaster {
             source_records: coordinator.source_records(),
             restore_times: coordinator.restore_times().to_vec(),
             elapsed: started.elapsed(),
+        }
+    }
+}
+
+/// Serves the job's commands while no attempt runs: a cancel ends the job, savepoints are refused.
+async fn wait_for_cancel(commands: &mut tokio::sync::mpsc::UnboundedReceiver<MasterCommand>) -> JobOutcome {
+    loop {
+        match commands.recv().await {
+            Some(MasterCommand::Cancel) => return JobOutcome::Canceled,
+            // Nobody can cancel any more: wait for the slots.
+            None => std::future::pending::<()>().await,
+            Some(MasterCommand::Savepoint { reply, .. } | MasterCommand::Stop { reply, .. }) => {
+                let _ = reply.send(Err("the job is not running (it waits for free slots)".into()));
+            }
         }
     }
 }

@@ -162,7 +162,7 @@ fn ordered_source<T: serde::Serialize + serde::de::DeserializeOwned + Clone + Se
 
 /// Writes `stream` to the directory `output` through the exactly-once file sink, or counts it
 /// when no output is given (benchmark runs); the sink's name and uid are `name`.
-fn exactly_once_output<T: std::fmt::Display + Clone + Send + 'static>(
+fn exactly_once_output<T: std::fmt::Display + sluice_runtime::operator::Data>(
     stream: DataStream<T>,
     name: &str,
     output: Option<&str>,

@@ -233,7 +233,22 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             vec!["run", "wordcount", "--checkpoint-dir", ck_s],
             "needs --set input=PATH",
         ),
-        (vec!["coordinator", "--listen", "127.0.0.1:1"], "cluster mode"),
+        (
+            vec!["coordinator", "--listen", "127.0.0.1:0", "--secret", ""],
+            "needs a shared secret",
+        ),
+        (
+            vec![
+                "worker",
+                "--coordinator",
+                "127.0.0.1:1",
+                "--slots",
+                "0",
+                "--secret",
+                "s",
+            ],
+            "--slots must be at least 1",
+        ),
     ];
     for (args, expected) in cases {
         let o = sluice(&args);

@@ -147,7 +147,7 @@ struct FailOnce<T> {
     _t: std::marker::PhantomData<fn() -> T>,
 }
 
-impl<T: Clone + Send + 'static> Operator for FailOnce<T> {
+impl<T: sluice_runtime::operator::Data> Operator for FailOnce<T> {
     type In = T;
     type Out = T;
     fn open(&mut self, info: &TaskInfo, _: Option<RestoredState>) -> Result<()> {

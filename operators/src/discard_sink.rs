@@ -25,7 +25,7 @@ impl<T> Clone for DiscardSink<T> {
     }
 }
 
-impl<T: Clone + Send + 'static> SinkFunction for DiscardSink<T> {
+impl<T: sluice_runtime::operator::Data> SinkFunction for DiscardSink<T> {
     type In = T;
     fn open(&mut self, _: &TaskInfo, _: Option<OperatorState>) -> Result<()> {
         Ok(())

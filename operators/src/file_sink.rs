@@ -101,7 +101,7 @@ fn commit(p: &Pending) -> Result<()> {
     }
 }
 
-impl<T: Display + Clone + Send + 'static> SinkFunction for ExactlyOnceFileSink<T> {
+impl<T: Display + sluice_runtime::operator::Data> SinkFunction for ExactlyOnceFileSink<T> {
     type In = T;
 
     fn open(&mut self, info: &TaskInfo, restored: Option<OperatorState>) -> Result<()> {

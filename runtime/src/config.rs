@@ -2,10 +2,11 @@
 
 use crate::error::{Error, Result};
 use crate::keygroup::{DEFAULT_MAX_PARALLELISM, UPPER_BOUND_MAX_PARALLELISM};
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// Checkpointing settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointConfig {
     /// Trigger period; `None` disables periodic checkpoints.
     pub interval: Option<Duration>,
@@ -32,7 +33,7 @@ impl Default for CheckpointConfig {
 }
 
 /// Fixed-delay restart strategy.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestartStrategy {
     /// Restarts allowed before the job fails.
     pub attempts: u32,
@@ -50,7 +51,7 @@ impl Default for RestartStrategy {
 }
 
 /// Which keyed state backend a job uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StateBackendKind {
     /// Hash maps on the heap.
     Memory,
@@ -75,7 +76,7 @@ impl std::str::FromStr for StateBackendKind {
 }
 
 /// How a RocksDB restore brings in the key groups of a second old instance (after a rescale).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum RescaleMerge {
     /// Iterate the old instance's keys in range and write them in batches (measured faster at
     /// 100,000 keys, see BENCHMARKS.md).
@@ -99,7 +100,7 @@ impl std::str::FromStr for RescaleMerge {
 }
 
 /// Everything a job run needs besides the job itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobConfig {
     /// Default parallelism of every operator.
     pub parallelism: usize,

@@ -1,13 +1,14 @@
 //! What flows through a data channel: batches of records interleaved with control markers.
 
 use crate::checkpoint::CheckpointBarrier;
+use serde::{Deserialize, Serialize};
 
 /// Event time in milliseconds.
 pub type Timestamp = i64;
 
 /// One element of a channel between two subtasks. Records travel in batches so that the
 /// per-element cost of the bounded channel is paid once per batch.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub enum StreamElement<T> {
     /// A batch of records, never empty.
     Data(Vec<T>),

@@ -13,7 +13,7 @@ use crossbeam_channel::{unbounded, Sender};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -90,6 +90,9 @@ pub struct DeployConfig {
     pub rescale_merge: crate::config::RescaleMerge,
     /// Run by the job master once this attempt has finished the job.
     pub finish_hooks: crate::operator::FinishHooks,
+    /// Cluster mode: which subtasks run in this process and how to reach the others; `None`
+    /// runs every subtask here.
+    pub placement: Option<Arc<crate::net::Placement>>,
 }
 
 /// Where the files of a savepoint go: its storage and directory (ending in `/`).
@@ -101,11 +104,71 @@ pub struct SavepointTarget {
     pub dir: String,
 }
 
-/// Savepoint targets by checkpoint id, registered by the coordinator before it triggers one.
-pub type SavepointTargets = Arc<std::sync::Mutex<HashMap<crate::CheckpointId, SavepointTarget>>>;
+/// Savepoint targets by checkpoint id, registered by the coordinator before it triggers one (in
+/// a cluster, a worker learns them over its control connection).
+#[derive(Clone, Default)]
+pub struct SavepointTargets(Arc<(Mutex<HashMap<crate::CheckpointId, SavepointTarget>>, Condvar)>);
 
-/// Where a task's commands go.
-pub type CommandSender = Sender<TaskCommand>;
+impl SavepointTargets {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<crate::CheckpointId, SavepointTarget>> {
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers where savepoint `id` goes.
+    pub fn insert(&self, id: crate::CheckpointId, target: SavepointTarget) {
+        self.map().insert(id, target);
+        self.0 .1.notify_all();
+    }
+
+    /// Forgets savepoint `id`.
+    pub fn remove(&self, id: crate::CheckpointId) {
+        self.map().remove(&id);
+    }
+
+    /// Where savepoint `id` goes.
+    pub fn get(&self, id: crate::CheckpointId) -> Option<SavepointTarget> {
+        self.map().get(&id).cloned()
+    }
+
+    /// Where savepoint `id` goes, waiting up to `timeout` for it to be registered: in a cluster
+    /// the barrier can overtake the control message that names the target.
+    pub fn wait_for(&self, id: crate::CheckpointId, timeout: std::time::Duration) -> Option<SavepointTarget> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut map = self.map();
+        loop {
+            if let Some(t) = map.get(&id) {
+                return Some(t.clone());
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            map = self.0 .1.wait_timeout(map, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// Sends one command to a task in another process.
+pub type RemoteCommandFn = Arc<dyn Fn(TaskCommand) + Send + Sync>;
+
+/// Where a task's commands go: its channel in this process, or the connection to its worker.
+#[derive(Clone)]
+pub enum CommandSender {
+    /// A task thread of this process.
+    Local(Sender<TaskCommand>),
+    /// A task on a worker.
+    Remote(RemoteCommandFn),
+}
+
+impl CommandSender {
+    /// Sends `cmd`; false when a local task no longer listens (its termination event follows).
+    pub fn send(&self, cmd: TaskCommand) -> bool {
+        match self {
+            Self::Local(s) => s.send(cmd).is_ok(),
+            Self::Remote(f) => {
+                f(cmd);
+                true
+            }
+        }
+    }
+}
 
 /// A deployed task.
 pub struct DeployedTask {
@@ -118,12 +181,26 @@ pub struct DeployedTask {
     thread: Option<JoinHandle<()>>,
 }
 
+impl DeployedTask {
+    /// A task running in another process.
+    pub fn remote(id: TaskId, is_source: bool, control: RemoteCommandFn) -> Self {
+        Self {
+            id,
+            is_source,
+            control: CommandSender::Remote(control),
+            thread: None,
+        }
+    }
+}
+
 /// A running attempt.
 pub struct Deployment {
     /// Every task of the attempt.
     pub tasks: Vec<DeployedTask>,
     cancel: Arc<AtomicBool>,
     source_records: Arc<AtomicU64>,
+    /// Run once by `join` (a cluster releases the attempt's slots).
+    on_join: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Deployment {
@@ -147,6 +224,26 @@ impl Deployment {
                 let _ = h.join();
             }
         }
+        if let Some(f) = self.on_join.take() {
+            f();
+        }
+    }
+
+    /// An attempt whose tasks run on workers: commands go over their connections, the source
+    /// record count is `source_records` (reported by the workers), and `on_join` runs once the
+    /// coordinator has seen every task end.
+    pub fn remote(tasks: Vec<DeployedTask>, source_records: Arc<AtomicU64>, on_join: Box<dyn FnOnce() + Send>) -> Self {
+        Self {
+            tasks,
+            cancel: Arc::new(AtomicBool::new(false)),
+            source_records,
+            on_join: Some(on_join),
+        }
+    }
+
+    /// The count of records the sources emitted, as it grows.
+    pub fn source_counter(&self) -> Arc<AtomicU64> {
+        self.source_records.clone()
     }
 }
 
@@ -163,6 +260,8 @@ pub fn deploy(
         .enumerate()
         .flat_map(|(c, ch)| ch.vertices.iter().map(move |v| (*v, c)))
         .collect();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let local = |subtask: usize| cfg.placement.as_ref().is_none_or(|p| p.is_local(subtask));
     // Channel ends for every edge between chains, per subtask.
     let mut senders: HashMap<(usize, usize), AnyBox> = HashMap::new();
     let mut receivers: HashMap<(usize, usize), AnyBox> = HashMap::new();
@@ -175,11 +274,18 @@ pub fn deploy(
             graph.vertices[edge.to].parallelism,
         );
         let forward = edge.partition == PartitionKind::Forward;
-        let (s, r) = edge.factory.channels(forward, up, down, cfg.channel_capacity);
+        let (mut s, mut r) = edge.factory.channels(forward, up, down, cfg.channel_capacity);
+        if let Some(placement) = &cfg.placement {
+            let links = crate::net::RemoteLinks {
+                placement,
+                edge: e,
+                cancel: cancel.clone(),
+            };
+            (s, r) = edge.factory.bridge(s, r, forward, &links);
+        }
         senders.extend(s.into_iter().enumerate().map(|(i, b)| ((e, i), b)));
         receivers.extend(r.into_iter().enumerate().map(|(i, b)| ((e, i), b)));
     }
-    let cancel = Arc::new(AtomicBool::new(false));
     let source_records = Arc::new(AtomicU64::new(0));
     let shared = AttemptShared {
         events,
@@ -194,7 +300,7 @@ pub fn deploy(
     };
     let mut tasks = Vec::new();
     for (c, chain) in chains.iter().enumerate() {
-        for subtask in 0..chain.parallelism {
+        for subtask in (0..chain.parallelism).filter(|s| local(*s)) {
             let id = TaskId { vertex: c, subtask };
             let tail = *chain.vertices.last().expect("a chain has a vertex");
             let outputs: Vec<(usize, AnyBox)> = graph.vertices[tail]
@@ -233,7 +339,7 @@ pub fn deploy(
             tasks.push(DeployedTask {
                 id,
                 is_source: graph.vertices[head].is_source(),
-                control: control_tx,
+                control: CommandSender::Local(control_tx),
                 thread: Some(thread),
             });
         }
@@ -242,6 +348,7 @@ pub fn deploy(
         tasks,
         cancel,
         source_records,
+        on_join: None,
     })
 }
 

@@ -7,6 +7,7 @@
 use crate::element::StreamElement;
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroup;
+use crate::net::RemoteLinks;
 use crate::operator::{Data, Operator, RestoredState, SourceFunction, TaskInfo};
 use crate::task::chain::{Chain, Discard, FanOut, OperatorLink};
 use crate::task::input::InputGate;
@@ -66,6 +67,16 @@ pub(crate) trait EdgeFactory: Send + Sync {
     fn writer(&self, partition: PartitionKind, senders: AnyBox, ctx: &WriterContext) -> AnyBox;
     fn reader(&self, receivers: AnyBox, head: AnyBox) -> Box<dyn TaskDriver>;
     fn fan_out(&self, outputs: Vec<AnyBox>) -> AnyBox;
+    /// Cluster mode: carries the channels between a local and a remote subtask over the
+    /// network, given the output of [`EdgeFactory::channels`]; the local subtasks' ends are
+    /// returned in the same shape.
+    fn bridge(
+        &self,
+        senders: Vec<AnyBox>,
+        receivers: Vec<AnyBox>,
+        forward: bool,
+        links: &RemoteLinks<'_>,
+    ) -> (Vec<AnyBox>, Vec<AnyBox>);
 }
 
 pub(crate) struct SourceNode<S>(pub S);
@@ -78,6 +89,7 @@ impl<S: SourceFunction> SourceFactory for SourceNode<S> {
             source,
             uid: ctx.info.uid,
             chain: unbox::<Chain<S::Out>>(next),
+            stopped_at: None,
         }))
     }
     fn discard(&self) -> AnyBox {
@@ -161,6 +173,49 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
     fn fan_out(&self, outputs: Vec<AnyBox>) -> AnyBox {
         let outputs = outputs.into_iter().map(unbox::<Chain<T>>).collect();
         Box::new(Box::new(FanOut { outputs }) as Chain<T>)
+    }
+
+    // The indexes cross (sender i's channel to j pairs with receiver j's from i): no iterator.
+    #[allow(clippy::needless_range_loop)]
+    fn bridge(
+        &self,
+        senders: Vec<AnyBox>,
+        receivers: Vec<AnyBox>,
+        forward: bool,
+        links: &RemoteLinks<'_>,
+    ) -> (Vec<AnyBox>, Vec<AnyBox>) {
+        fn open<C>(b: Vec<AnyBox>) -> Vec<Vec<Option<C>>>
+        where
+            C: 'static,
+        {
+            b.into_iter()
+                .map(|v| unbox::<Vec<C>>(v).into_iter().map(Some).collect())
+                .collect()
+        }
+        let mut s = open::<Sender<StreamElement<T>>>(senders);
+        let mut r = open::<Receiver<StreamElement<T>>>(receivers);
+        let local = |i: usize| links.placement.is_local(i);
+        for i in 0..s.len() {
+            for j in 0..r.len() {
+                if forward && i != j {
+                    continue;
+                }
+                // Sender i's channels are ordered by receiver, receiver j's by sender.
+                let (si, rj) = if forward { (0, 0) } else { (j, i) };
+                match (local(i), local(j)) {
+                    (true, false) => links.send_remote(i, j, r[j][rj].take().expect("each channel once")),
+                    (false, true) => links.receive_remote(i, j, s[i][si].take().expect("each channel once")),
+                    _ => {}
+                }
+            }
+        }
+        // Local subtasks keep every end; remote ones' leftovers are never used.
+        fn close<C: Send + 'static>(v: Vec<Vec<Option<C>>>) -> Vec<AnyBox> {
+            v.into_iter()
+                .map(|ends| Box::new(ends.into_iter().flatten().collect::<Vec<C>>()) as AnyBox)
+                .collect()
+        }
+        (close(s), close(r))
     }
 }
 

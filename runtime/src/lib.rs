@@ -47,6 +47,7 @@ pub mod executor;
 pub mod graph;
 pub mod job;
 pub mod keygroup;
+pub mod net;
 pub mod operator;
 pub mod protocol;
 pub mod restore;

@@ -14,9 +14,10 @@ use crate::state::{
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What a record type must be to travel between subtasks.
-pub trait Data: Clone + Send + 'static {}
-impl<T: Clone + Send + 'static> Data for T {}
+/// What a record type must be to travel between subtasks: in cluster mode records cross
+/// process boundaries, so they are serialized (serde, as Flink requires a type serializer).
+pub trait Data: Clone + Send + serde::Serialize + serde::de::DeserializeOwned + 'static {}
+impl<T: Clone + Send + serde::Serialize + serde::de::DeserializeOwned + 'static> Data for T {}
 
 /// Extracts a record's key.
 pub type KeySelector<T, K> = Arc<dyn Fn(&T) -> K + Send + Sync>;

@@ -1,12 +1,14 @@
-//! Messages between tasks and the checkpoint coordinator. In one process they travel over
-//! channels; the cluster issue puts the same types on the network.
+//! Messages between tasks and the checkpoint coordinator, and between the coordinator process
+//! and its workers. In one process task messages travel over channels; in a cluster the same
+//! types go over each worker's control connection inside [`ToWorker`] and [`ToCoordinator`].
 
 use crate::checkpoint::{CheckpointBarrier, CheckpointId};
 use crate::snapshot::StateHandle;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// One subtask of one task (a chain of operators).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TaskId {
     /// Index of the task (chain) in the job's plan.
     pub vertex: usize,
@@ -21,10 +23,13 @@ impl fmt::Display for TaskId {
 }
 
 /// Coordinator to task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum TaskCommand {
     /// Sources only: snapshot the position and emit this barrier.
     TriggerCheckpoint(CheckpointBarrier),
+    /// Sources only: as `TriggerCheckpoint` (a savepoint), then emit nothing more: the job
+    /// stops once it completes, so nothing after it is processed (stop with savepoint).
+    TriggerStop(CheckpointBarrier),
     /// The checkpoint's `_metadata` is written: commit side effects.
     CheckpointComplete(CheckpointId),
     /// The checkpoint will not complete: stop aligning it.
@@ -34,7 +39,7 @@ pub enum TaskCommand {
 }
 
 /// The state one operator of a task wrote for a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckedState {
     /// Operator uid.
     pub uid: String,
@@ -46,7 +51,7 @@ pub struct AckedState {
 }
 
 /// How a task ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskOutcome {
     /// All input processed and flushed.
     Finished,
@@ -64,7 +69,7 @@ pub enum TaskOutcome {
 }
 
 /// Task to coordinator.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum TaskEvent {
     /// Restored and running: ready for checkpoints.
     Running {
@@ -101,5 +106,109 @@ pub enum TaskEvent {
         task: TaskId,
         /// How.
         outcome: TaskOutcome,
+    },
+}
+
+/// What a worker deploys: enough to build the job's graph itself (every process runs the same
+/// binary) and to find the subtasks it does not run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeploySpec {
+    /// The job's id.
+    pub job: String,
+    /// The job's name in the registry.
+    pub job_name: String,
+    /// Its parameters.
+    pub params: std::collections::BTreeMap<String, String>,
+    /// Its configuration (the worker uses its own data directory).
+    pub config: crate::config::JobConfig,
+    /// The attempt.
+    pub attempt: u32,
+    /// The snapshot to restore: its directory and the job directory above it.
+    pub restore: Option<(String, Option<String>)>,
+    /// The worker of each slot: subtask `i` of every task runs on `slot_workers[i]`.
+    pub slot_workers: Vec<u64>,
+    /// Each worker's data address.
+    pub peers: std::collections::HashMap<u64, std::net::SocketAddr>,
+}
+
+/// Coordinator to worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Registration accepted.
+    Registered {
+        /// The worker's id in this cluster.
+        worker: u64,
+    },
+    /// Registration refused.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Run this worker's share of an attempt.
+    Deploy(Box<DeploySpec>),
+    /// A command for one of its tasks.
+    Command {
+        /// The job.
+        job: String,
+        /// The attempt.
+        attempt: u32,
+        /// The task.
+        task: TaskId,
+        /// The command.
+        command: TaskCommand,
+    },
+    /// Where a savepoint's files go (sent before its barrier is triggered).
+    SavepointTarget {
+        /// The job.
+        job: String,
+        /// The savepoint's checkpoint id.
+        id: crate::CheckpointId,
+        /// The target storage's URL.
+        url: String,
+        /// The savepoint's directory inside it.
+        dir: String,
+    },
+    /// The attempt finished the job: run its finish hooks (commit the sinks' last files).
+    Finish {
+        /// The job.
+        job: String,
+        /// The attempt.
+        attempt: u32,
+    },
+}
+
+/// Worker to coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToCoordinator {
+    /// The first message on a control connection.
+    Register {
+        /// The cluster's shared secret.
+        secret: String,
+        /// Slots offered (each runs one subtask of every task of a job).
+        slots: usize,
+        /// Where other workers connect for data.
+        data_addr: std::net::SocketAddr,
+    },
+    /// Still alive.
+    Heartbeat,
+    /// A task event of an attempt.
+    Event {
+        /// The job.
+        job: String,
+        /// The attempt.
+        attempt: u32,
+        /// The event.
+        event: TaskEvent,
+        /// Records this worker's sources of the attempt have emitted so far.
+        source_records: u64,
+    },
+    /// The finish hooks of an attempt ran.
+    Finished {
+        /// The job.
+        job: String,
+        /// The attempt.
+        attempt: u32,
+        /// Why they failed, if they did.
+        error: Option<String>,
     },
 }

@@ -85,6 +85,11 @@ impl RestoreSource {
         self.storage.url()
     }
 
+    /// The directory above the snapshot, where its shared files live.
+    pub fn job_url(&self) -> Option<&str> {
+        self.job_storage.as_ref().map(Storage::url)
+    }
+
     fn sst_storage(&self, f: &RocksFile) -> Result<&Storage> {
         if !f.shared {
             return Ok(&self.storage);

@@ -283,7 +283,7 @@ impl<K: std::fmt::Display, R: std::fmt::Display> std::fmt::Display for WindowRes
 }
 
 /// What a window operator emits: results, and records too late for any window.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WindowOutput<R, T> {
     /// A fired window's output.
     Result(R),

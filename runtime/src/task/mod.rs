@@ -115,13 +115,7 @@ impl TaskRuntime {
         };
         if barrier.kind == crate::CheckpointKind::Savepoint {
             // Savepoints are self-contained and canonical, in the directory the user chose.
-            let registered = self
-                .shared
-                .savepoints
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .cloned();
+            let registered = self.shared.savepoints.wait_for(id, Duration::from_secs(10));
             let Some(sp) = registered else {
                 self.emit(TaskEvent::Decline {
                     task,
@@ -215,7 +209,7 @@ impl TaskRuntime {
                 Ok(())
             }
             TaskCommand::Cancel => Err(Error::Cancelled),
-            TaskCommand::TriggerCheckpoint(b) => Err(Error::User(format!(
+            TaskCommand::TriggerCheckpoint(b) | TaskCommand::TriggerStop(b) => Err(Error::User(format!(
                 "checkpoint {} was triggered at a task that is not a source",
                 b.id
             ))),
@@ -397,11 +391,24 @@ pub(crate) struct SourceDriver<S: SourceFunction> {
     pub source: S,
     pub uid: String,
     pub chain: Chain<S::Out>,
+    /// The stop-with-savepoint barrier emitted: nothing more is emitted unless it is aborted.
+    pub stopped_at: Option<CheckpointId>,
 }
 
 impl<S: SourceFunction> SourceDriver<S> {
     fn handle(&mut self, rt: &mut TaskRuntime, cmd: TaskCommand) -> Result<()> {
         match cmd {
+            TaskCommand::TriggerStop(barrier) => {
+                self.handle(rt, TaskCommand::TriggerCheckpoint(barrier))?;
+                self.chain.flush()?;
+                self.stopped_at = Some(barrier.id);
+                Ok(())
+            }
+            TaskCommand::AbortCheckpoint(id) if self.stopped_at == Some(id) => {
+                // A failed stop leaves the job running, as in Flink.
+                self.stopped_at = None;
+                rt.command(TaskCommand::AbortCheckpoint(id), &mut self.chain, |_| {})
+            }
             TaskCommand::TriggerCheckpoint(barrier) => {
                 let started = Instant::now();
                 let operator = self.source.snapshot()?;
@@ -431,6 +438,14 @@ impl<S: SourceFunction> TaskDriver for SourceDriver<S> {
             }
             if rt.cancelled() {
                 return Err(Error::Cancelled);
+            }
+            if self.stopped_at.is_some() {
+                // Stopped: only commands until the coordinator ends the job.
+                match rt.control.recv() {
+                    Ok(cmd) => self.handle(rt, cmd)?,
+                    Err(_) => return Err(Error::Cancelled),
+                }
+                continue;
             }
             let timer = processing_timers(&mut self.chain)?;
             let poll = self.source.poll(&mut buf)?;

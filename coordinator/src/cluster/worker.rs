@@ -1,0 +1,314 @@
+//! The worker process: registers its slots with the coordinator, deploys the subtasks it is
+//! given (building the job's graph from the job's name and parameters, as every process runs
+//! the same binary), relays commands to them and their events back, and carries data to and
+//! from other workers through its [`Exchange`]. Losing the coordinator stops the worker: its
+//! tasks cannot checkpoint any more, and a supervisor restarts it clean.
+
+use super::wire;
+use crate::master::build_graph;
+use sluice_runtime::executor::{deploy, DeployConfig, Deployment, SavepointTarget, SavepointTargets};
+use sluice_runtime::net::{Exchange, Placement};
+use sluice_runtime::operator::FinishHooks;
+use sluice_runtime::protocol::{DeploySpec, TaskCommand, TaskEvent, TaskId, TaskOutcome, ToCoordinator, ToWorker};
+use sluice_runtime::restore::RestoreSource;
+use sluice_runtime::storage::Storage;
+use sluice_runtime::{JobRegistry, Result};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, warn};
+
+/// How a worker is started.
+pub struct WorkerOptions {
+    /// The coordinator's REST address.
+    pub coordinator: String,
+    /// The cluster's secret.
+    pub secret: String,
+    /// Slots offered.
+    pub slots: usize,
+    /// Local working directory (RocksDB instances).
+    pub data_dir: PathBuf,
+    /// The address the data plane listens on (port 0: any free port).
+    pub data_bind: String,
+}
+
+type AttemptKey = (String, u32);
+
+#[derive(Default)]
+struct Local {
+    deployments: HashMap<AttemptKey, Deployment>,
+    hooks: HashMap<AttemptKey, FinishHooks>,
+    /// Attempts cancelled before their deployment was in place.
+    cancelled: std::collections::HashSet<AttemptKey>,
+    savepoints: HashMap<String, SavepointTargets>,
+}
+
+struct Worker {
+    id: u64,
+    registry: JobRegistry,
+    exchange: Arc<Exchange>,
+    data_dir: PathBuf,
+    to_coordinator: UnboundedSender<ToCoordinator>,
+    local: Mutex<Local>,
+}
+
+impl Worker {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs a worker until its coordinator goes away (an error) or refuses it.
+pub fn run(registry: JobRegistry, options: WorkerOptions) -> std::result::Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sluice-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(serve(registry, options))
+}
+
+async fn serve(registry: JobRegistry, options: WorkerOptions) -> std::result::Result<(), String> {
+    let coordinator = options.coordinator.clone();
+    let client = super::client::Client::new(&coordinator, None)?;
+    let info: super::server::ClusterInfo = client.get_typed("/v1/cluster").await?;
+    let exchange = Exchange::bind(&options.data_bind)
+        .map_err(|e| format!("cannot open the data port on {}: {e}", options.data_bind))?;
+    let stream = TcpStream::connect(info.control_addr)
+        .await
+        .map_err(|e| format!("cannot reach the coordinator's control port {}: {e}", info.control_addr))?;
+    let _ = stream.set_nodelay(true);
+    let (mut input, mut output) = stream.into_split();
+    let register = ToCoordinator::Register {
+        secret: options.secret.clone(),
+        slots: options.slots,
+        data_addr: exchange.addr(),
+    };
+    wire::write(&mut output, &register)
+        .await
+        .map_err(|e| format!("cannot register with {coordinator}: {e}"))?;
+    let id = match wire::read::<_, ToWorker>(&mut input).await {
+        Ok(ToWorker::Registered { worker }) => worker,
+        Ok(ToWorker::Refused { reason }) => {
+            return Err(format!(
+                "the coordinator at {coordinator} refused this worker: {reason}"
+            ))
+        }
+        Ok(other) => return Err(format!("unexpected answer from {coordinator}: {other:?}")),
+        Err(e) => {
+            return Err(format!(
+                "the coordinator at {coordinator} closed the connection during registration: {e}"
+            ))
+        }
+    };
+    info!(worker = id, slots = options.slots, data_addr = %exchange.addr(), "registered");
+    println!("worker {id} registered with {coordinator}");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ToCoordinator>();
+    tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            if wire::write(&mut output, &message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let heartbeat = tx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if heartbeat.send(ToCoordinator::Heartbeat).is_err() {
+                break;
+            }
+        }
+    });
+    let worker = Arc::new(Worker {
+        id,
+        registry,
+        exchange,
+        data_dir: options.data_dir,
+        to_coordinator: tx,
+        local: Mutex::default(),
+    });
+    let error = loop {
+        match wire::read::<_, ToWorker>(&mut input).await {
+            Ok(message) => worker.clone().on_message(message),
+            Err(e) => break e,
+        }
+    };
+    for d in worker.lock().deployments.values() {
+        d.cancel();
+    }
+    Err(format!(
+        "lost the connection to the coordinator at {coordinator}: {error}"
+    ))
+}
+
+impl Worker {
+    fn on_message(self: Arc<Self>, message: ToWorker) {
+        match message {
+            ToWorker::Deploy(spec) => {
+                tokio::spawn(async move { self.deploy(*spec).await });
+            }
+            ToWorker::Command {
+                job,
+                attempt,
+                task,
+                command,
+            } => {
+                let mut local = self.lock();
+                let key = (job, attempt);
+                let Some(d) = local.deployments.get(&key) else {
+                    if let TaskCommand::Cancel = command {
+                        local.cancelled.insert(key);
+                    }
+                    return;
+                };
+                if let TaskCommand::Cancel = command {
+                    // The whole attempt stops; teardown errors then read as cancellation.
+                    d.cancel();
+                } else if let Some(t) = d.tasks.iter().find(|t| t.id == task) {
+                    t.control.send(command);
+                }
+            }
+            ToWorker::SavepointTarget { job, id, url, dir } => match Storage::open(&url) {
+                Ok(storage) => self
+                    .lock()
+                    .savepoints
+                    .entry(job)
+                    .or_default()
+                    .insert(id, SavepointTarget { storage, dir }),
+                Err(e) => warn!(error = %e, "cannot open a savepoint target"),
+            },
+            ToWorker::Finish { job, attempt } => {
+                let hooks = self.lock().hooks.remove(&(job.clone(), attempt));
+                tokio::spawn(async move {
+                    let result = match hooks {
+                        Some(h) => tokio::task::spawn_blocking(move || h.run())
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string())),
+                        None => Ok(()),
+                    };
+                    let _ = self.to_coordinator.send(ToCoordinator::Finished {
+                        job,
+                        attempt,
+                        error: result.err(),
+                    });
+                });
+            }
+            ToWorker::Registered { .. } | ToWorker::Refused { .. } => {}
+        }
+    }
+
+    /// Deploys this worker's share of an attempt; a failure to do so fails its tasks.
+    async fn deploy(self: Arc<Self>, spec: DeploySpec) {
+        let key: AttemptKey = (spec.job.clone(), spec.attempt);
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel::<TaskEvent>();
+        let local_slots: Vec<usize> = (0..spec.slot_workers.len())
+            .filter(|s| spec.slot_workers[*s] == self.id)
+            .collect();
+        match self.clone().start(&spec, events).await {
+            Ok(deployment) => {
+                let n = deployment.tasks.len();
+                let records = deployment.source_counter();
+                {
+                    let mut local = self.lock();
+                    if local.cancelled.remove(&key) {
+                        deployment.cancel();
+                    }
+                    local.deployments.insert(key.clone(), deployment);
+                }
+                info!(job = %spec.job, attempt = spec.attempt, tasks = n, "deployed");
+                let mut ended = 0;
+                while let Some(event) = rx.recv().await {
+                    ended += usize::from(matches!(event, TaskEvent::Terminated { .. }));
+                    let _ = self.to_coordinator.send(ToCoordinator::Event {
+                        job: spec.job.clone(),
+                        attempt: spec.attempt,
+                        event,
+                        source_records: records.load(Ordering::Relaxed),
+                    });
+                    if ended == n {
+                        break;
+                    }
+                }
+                let done = self.lock().deployments.remove(&key);
+                if let Some(mut d) = done {
+                    let _ = tokio::task::spawn_blocking(move || d.join()).await;
+                }
+                self.exchange.forget(&spec.job, spec.attempt);
+            }
+            Err(e) => {
+                warn!(job = %spec.job, error = %e, "deployment failed");
+                for subtask in local_slots {
+                    let _ = self.to_coordinator.send(ToCoordinator::Event {
+                        job: spec.job.clone(),
+                        attempt: spec.attempt,
+                        event: TaskEvent::Terminated {
+                            task: TaskId { vertex: 0, subtask },
+                            outcome: TaskOutcome::Failed {
+                                cause: format!("worker {} cannot deploy the job: {e}", self.id),
+                                unusable_snapshot: e.is_unusable_snapshot(),
+                                secondary: false,
+                            },
+                        },
+                        source_records: 0,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn start(self: Arc<Self>, spec: &DeploySpec, events: UnboundedSender<TaskEvent>) -> Result<Deployment> {
+        let job = self.registry.get(&spec.job_name)?.clone();
+        let params = job.params_from_map(spec.params.clone())?;
+        let graph = Arc::new(build_graph(&job, &params, &spec.config)?);
+        let restore = match &spec.restore {
+            Some((url, job_url)) => {
+                let job_storage = job_url.as_deref().map(Storage::open).transpose()?;
+                Some(Arc::new(RestoreSource::open(Storage::open(url)?, job_storage).await?))
+            }
+            None => None,
+        };
+        let config = &spec.config;
+        let savepoints = self.lock().savepoints.entry(spec.job.clone()).or_default().clone();
+        let finish_hooks = FinishHooks::default();
+        let cfg = DeployConfig {
+            job_id: spec.job.clone(),
+            attempt: spec.attempt,
+            storage: Storage::open(&config.checkpoint_dir)?,
+            restore,
+            channel_capacity: config.channel_capacity,
+            batch_size: config.batch_size,
+            chaining: config.chaining,
+            state_backend: config.state_backend,
+            data_dir: self.data_dir.clone(),
+            upload_timeout: config.checkpoint.timeout,
+            savepoints,
+            rescale_merge: config.rescale_merge,
+            finish_hooks: finish_hooks.clone(),
+            placement: Some(Arc::new(Placement {
+                exchange: self.exchange.clone(),
+                this_worker: self.id,
+                slot_workers: spec.slot_workers.clone(),
+                peers: spec.peers.clone(),
+                job: spec.job.clone(),
+                attempt: spec.attempt,
+            })),
+        };
+        {
+            let mut local = self.lock();
+            // Hooks of the job's earlier attempts will never run.
+            local.hooks.retain(|k, _| k.0 != spec.job);
+            local.hooks.insert((spec.job.clone(), spec.attempt), finish_hooks);
+        }
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || deploy(&graph, &cfg, events, handle))
+            .await
+            .map_err(|e| sluice_runtime::Error::User(format!("deploying panicked: {e}")))?
+    }
+}

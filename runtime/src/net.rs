@@ -1,0 +1,346 @@
+//! Data exchange between worker processes. A channel between two subtasks on different workers
+//! is one TCP connection: the sending worker moves the elements of its local bounded channel onto
+//! the socket, the receiving worker moves them from the socket into the bounded channel its input
+//! gate reads. Nothing in between grows: a full receiving channel stops the reader, the socket's
+//! window fills, and the sender's write blocks, so backpressure crosses the network. Barriers
+//! travel in-band, and one connection per channel means a channel blocked by alignment never
+//! holds up another. Frames are a little-endian `u32` length and postcard bytes.
+
+use crate::element::StreamElement;
+use crate::operator::Data;
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use tracing::{debug, warn};
+
+/// Frames above this are refused as corrupt (a batch is far smaller).
+const MAX_FRAME: usize = 1 << 30;
+const SOCKET_BUFFER: usize = 256 * 1024;
+
+/// Which channel a connection carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChannelKey {
+    /// The job.
+    pub job: String,
+    /// The attempt (a connection of an old attempt never feeds a new one).
+    pub attempt: u32,
+    /// The edge of the job graph.
+    pub edge: usize,
+    /// Sending subtask.
+    pub from: usize,
+    /// Receiving subtask.
+    pub to: usize,
+}
+
+/// This worker's end of the data plane: a listener whose accepted connections wait, by channel,
+/// for the receiving side to pick them up (a sender may connect before the receiver deployed).
+pub struct Exchange {
+    addr: SocketAddr,
+    arrived: Mutex<HashMap<ChannelKey, TcpStream>>,
+    signal: Condvar,
+}
+
+impl Exchange {
+    /// Listens on `addr` (port 0 picks a free one) and accepts on a thread of its own.
+    pub fn bind(addr: &str) -> std::io::Result<Arc<Self>> {
+        let listener = TcpListener::bind(addr)?;
+        let exchange = Arc::new(Self {
+            addr: listener.local_addr()?,
+            arrived: Mutex::new(HashMap::new()),
+            signal: Condvar::new(),
+        });
+        let accepting = exchange.clone();
+        std::thread::Builder::new()
+            .name("sluice-exchange".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let ex = accepting.clone();
+                    // The header is read off the accept loop: a slow peer delays only itself.
+                    let _ = std::thread::Builder::new()
+                        .name("sluice-exchange-in".into())
+                        .spawn(move || ex.admit(stream));
+                }
+            })?;
+        Ok(exchange)
+    }
+
+    /// Where peers connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn admit(&self, mut stream: TcpStream) {
+        let key =
+            read_frame(&mut stream).and_then(|f| postcard::from_bytes::<ChannelKey>(&f).map_err(std::io::Error::other));
+        match key {
+            Ok(key) => {
+                self.lock().insert(key, stream);
+                self.signal.notify_all();
+            }
+            Err(e) => warn!(error = %e, "refused a data connection without a valid channel header"),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelKey, TcpStream>> {
+        self.arrived.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for the connection of `key`; `None` once `cancel` is set.
+    fn take(&self, key: &ChannelKey, cancel: &AtomicBool) -> Option<TcpStream> {
+        let mut arrived = self.lock();
+        loop {
+            if let Some(s) = arrived.remove(key) {
+                return Some(s);
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return None;
+            }
+            // Woken by arrivals; the timeout only bounds how late a cancel is noticed.
+            arrived = self
+                .signal
+                .wait_timeout(arrived, Duration::from_millis(200))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Drops connections of `job`'s attempts that no receiver will pick up any more.
+    pub fn forget(&self, job: &str, attempt: u32) {
+        self.lock().retain(|k, _| k.job != job || k.attempt > attempt);
+    }
+}
+
+/// Where the subtasks of one attempt run, for a worker deploying its share of them.
+pub struct Placement {
+    /// This worker's data plane.
+    pub exchange: Arc<Exchange>,
+    /// This worker's id.
+    pub this_worker: u64,
+    /// The worker running subtask `i` of every task (slot sharing: slot `i` holds subtask `i`
+    /// of each chain).
+    pub slot_workers: Vec<u64>,
+    /// Each worker's data address.
+    pub peers: HashMap<u64, SocketAddr>,
+    /// The job's id.
+    pub job: String,
+    /// The attempt.
+    pub attempt: u32,
+}
+
+impl Placement {
+    /// Whether subtask `subtask` runs here.
+    pub fn is_local(&self, subtask: usize) -> bool {
+        self.slot_workers.get(subtask) == Some(&self.this_worker)
+    }
+}
+
+/// One edge's network ends: spawns the threads that carry its cross-worker channels.
+pub(crate) struct RemoteLinks<'a> {
+    pub placement: &'a Placement,
+    pub edge: usize,
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl RemoteLinks<'_> {
+    fn key(&self, from: usize, to: usize) -> ChannelKey {
+        ChannelKey {
+            job: self.placement.job.clone(),
+            attempt: self.placement.attempt,
+            edge: self.edge,
+            from,
+            to,
+        }
+    }
+
+    /// Carries what local subtask `from` sends to remote subtask `to`.
+    pub fn send_remote<T: Data>(&self, from: usize, to: usize, rx: Receiver<StreamElement<T>>) {
+        let worker = self.placement.slot_workers[to];
+        let addr = self.placement.peers.get(&worker).copied();
+        let key = self.key(from, to);
+        let _ = std::thread::Builder::new()
+            .name(format!("sluice-net-out-{}-{from}-{to}", self.edge))
+            .spawn(move || {
+                let Some(addr) = addr else {
+                    warn!(worker, "no data address for a worker; the channel is dropped");
+                    return;
+                };
+                if let Err(e) = send_loop(rx, addr, &key) {
+                    // Dropping the receiver fails the sending task (a peer vanished).
+                    debug!(error = %e, ?key, "outgoing data connection ended");
+                }
+            });
+    }
+
+    /// Feeds local subtask `to` with what remote subtask `from` sends.
+    pub fn receive_remote<T: Data>(&self, from: usize, to: usize, tx: Sender<StreamElement<T>>) {
+        let key = self.key(from, to);
+        let (exchange, cancel) = (self.placement.exchange.clone(), self.cancel.clone());
+        let _ = std::thread::Builder::new()
+            .name(format!("sluice-net-in-{}-{from}-{to}", self.edge))
+            .spawn(move || {
+                let Some(stream) = exchange.take(&key, &cancel) else {
+                    return;
+                };
+                if let Err(e) = receive_loop(stream, &tx) {
+                    // Dropping the sender without end of input fails the receiving task.
+                    debug!(error = %e, ?key, "incoming data connection ended");
+                }
+            });
+    }
+}
+
+fn send_loop<T: Data>(rx: Receiver<StreamElement<T>>, addr: SocketAddr, key: &ChannelKey) -> std::io::Result<()> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let mut out = BufWriter::with_capacity(SOCKET_BUFFER, stream);
+    let mut buf = postcard::to_stdvec(key).map_err(std::io::Error::other)?;
+    write_frame(&mut out, &buf)?;
+    out.flush()?;
+    while let Ok(element) = rx.recv() {
+        let end = matches!(element, StreamElement::EndOfInput);
+        buf.clear();
+        buf = postcard::to_extend(&element, buf).map_err(std::io::Error::other)?;
+        write_frame(&mut out, &buf)?;
+        // Batch writes while more is queued; flush as soon as the channel is drained.
+        if end || rx.is_empty() {
+            out.flush()?;
+        }
+        if end {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn receive_loop<T: Data>(stream: TcpStream, tx: &Sender<StreamElement<T>>) -> std::io::Result<()> {
+    let mut input = BufReader::with_capacity(SOCKET_BUFFER, stream);
+    loop {
+        let frame = read_frame(&mut input)?;
+        let element: StreamElement<T> = postcard::from_bytes(&frame).map_err(std::io::Error::other)?;
+        let end = matches!(element, StreamElement::EndOfInput);
+        if tx.send(element).is_err() || end {
+            return Ok(());
+        }
+    }
+}
+
+fn write_frame(out: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
+    out.write_all(&(payload.len() as u32).to_le_bytes())?;
+    out.write_all(payload)
+}
+
+fn read_frame(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("a data frame of {len} bytes is corrupt")));
+    }
+    let mut frame = vec![0u8; len];
+    input.read_exact(&mut frame)?;
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::bounded;
+
+    fn placement(exchange: Arc<Exchange>, this: u64, peers: HashMap<u64, SocketAddr>) -> Placement {
+        Placement {
+            exchange,
+            this_worker: this,
+            slot_workers: vec![1, 2],
+            peers,
+            job: "j".into(),
+            attempt: 0,
+        }
+    }
+
+    /// Elements cross in order (large batches, partial socket writes) and end of input closes
+    /// the channel.
+    #[test]
+    fn elements_cross_in_order_with_backpressure() {
+        let (a, b) = (
+            Exchange::bind("127.0.0.1:0").unwrap(),
+            Exchange::bind("127.0.0.1:0").unwrap(),
+        );
+        let peers: HashMap<u64, SocketAddr> = [(1, a.addr()), (2, b.addr())].into();
+        let (pa, pb) = (placement(a, 1, peers.clone()), placement(b, 2, peers));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let out = RemoteLinks {
+            placement: &pa,
+            edge: 0,
+            cancel: cancel.clone(),
+        };
+        let inp = RemoteLinks {
+            placement: &pb,
+            edge: 0,
+            cancel,
+        };
+        let (tx, rx) = bounded::<StreamElement<(u64, String)>>(1);
+        let (tx2, rx2) = bounded::<StreamElement<(u64, String)>>(1);
+        out.send_remote(0, 1, rx);
+        inp.receive_remote(0, 1, tx2);
+        let batch: Vec<(u64, String)> = (0..20_000).map(|i| (i, "x".repeat(64))).collect();
+        let sender = std::thread::spawn(move || {
+            for _ in 0..50 {
+                tx.send(StreamElement::Data(batch.clone())).unwrap();
+            }
+            tx.send(StreamElement::Watermark(7)).unwrap();
+            tx.send(StreamElement::EndOfInput).unwrap();
+        });
+        let first = rx2.recv().unwrap();
+        assert!(matches!(first, StreamElement::Data(ref b) if b.len() == 20_000 && b[0].0 == 0));
+        let mut batches = 1;
+        loop {
+            match rx2.recv().unwrap() {
+                StreamElement::Data(b) => {
+                    assert_eq!(b[19_999].0, 19_999);
+                    batches += 1;
+                }
+                StreamElement::Watermark(w) => {
+                    assert_eq!((w, batches), (7, 50));
+                }
+                StreamElement::EndOfInput => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        sender.join().unwrap();
+    }
+
+    /// A sender that goes away without end of input disconnects the receiving channel.
+    #[test]
+    fn a_vanished_sender_disconnects_the_receiver() {
+        let (a, b) = (
+            Exchange::bind("127.0.0.1:0").unwrap(),
+            Exchange::bind("127.0.0.1:0").unwrap(),
+        );
+        let peers: HashMap<u64, SocketAddr> = [(1, a.addr()), (2, b.addr())].into();
+        let (pa, pb) = (placement(a, 1, peers.clone()), placement(b, 2, peers));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = bounded::<StreamElement<u64>>(4);
+        let (tx2, rx2) = bounded::<StreamElement<u64>>(4);
+        RemoteLinks {
+            placement: &pa,
+            edge: 3,
+            cancel: cancel.clone(),
+        }
+        .send_remote(0, 1, rx);
+        RemoteLinks {
+            placement: &pb,
+            edge: 3,
+            cancel,
+        }
+        .receive_remote(0, 1, tx2);
+        tx.send(StreamElement::Data(vec![5])).unwrap();
+        drop(tx);
+        assert!(matches!(rx2.recv().unwrap(), StreamElement::Data(v) if v == vec![5]));
+        assert!(rx2.recv().is_err(), "the channel disconnects without end of input");
+    }
+}
