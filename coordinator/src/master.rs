@@ -239,32 +239,25 @@ impl JobControl {
     /// `_metadata` is written. The savepoint is canonical and self-contained: it restores into
     /// either state backend. Blocks: call it from a plain thread, not from async code.
     pub fn savepoint(&self, target: &str) -> Result<String> {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        self.commands
-            .send(MasterCommand::Savepoint {
-                target: target.to_string(),
-                reply,
-            })
-            .map_err(|_| Error::Config(format!("job {} is no longer running", self.job_id)))?;
-        match outcome.blocking_recv() {
-            Ok(Ok(url)) => Ok(url),
-            Ok(Err(e)) => Err(Error::Config(e)),
-            Err(_) => Err(Error::Config(format!(
-                "job {} ended before the savepoint completed",
-                self.job_id
-            ))),
-        }
+        self.request_savepoint(target, false)
     }
 
     /// Stops the job after a final savepoint under `target` and returns its URL; the job ends
     /// FINISHED without processing anything after the savepoint. Blocks, like `savepoint`.
     pub fn stop(&self, target: &str) -> Result<String> {
+        self.request_savepoint(target, true)
+    }
+
+    fn request_savepoint(&self, target: &str, stop: bool) -> Result<String> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
+        let target = target.to_string();
+        let command = if stop {
+            MasterCommand::Stop { target, reply }
+        } else {
+            MasterCommand::Savepoint { target, reply }
+        };
         self.commands
-            .send(MasterCommand::Stop {
-                target: target.to_string(),
-                reply,
-            })
+            .send(command)
             .map_err(|_| Error::Config(format!("job {} is no longer running", self.job_id)))?;
         match outcome.blocking_recv() {
             Ok(Ok(url)) => Ok(url),

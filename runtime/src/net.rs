@@ -262,16 +262,21 @@ mod tests {
         }
     }
 
-    /// Elements cross in order (large batches, partial socket writes) and end of input closes
-    /// the channel.
-    #[test]
-    fn elements_cross_in_order_with_backpressure() {
+    /// Worker 1 runs subtask 0, worker 2 subtask 1, each with its own exchange.
+    fn two_workers() -> (Placement, Placement) {
         let (a, b) = (
             Exchange::bind("127.0.0.1:0").unwrap(),
             Exchange::bind("127.0.0.1:0").unwrap(),
         );
         let peers: HashMap<u64, SocketAddr> = [(1, a.addr()), (2, b.addr())].into();
-        let (pa, pb) = (placement(a, 1, peers.clone()), placement(b, 2, peers));
+        (placement(a, 1, peers.clone()), placement(b, 2, peers))
+    }
+
+    /// Elements cross in order (large batches, partial socket writes) and end of input closes
+    /// the channel.
+    #[test]
+    fn elements_cross_in_order() {
+        let (pa, pb) = two_workers();
         let cancel = Arc::new(AtomicBool::new(false));
         let out = RemoteLinks {
             placement: &pa,
@@ -317,12 +322,7 @@ mod tests {
     /// A sender that goes away without end of input disconnects the receiving channel.
     #[test]
     fn a_vanished_sender_disconnects_the_receiver() {
-        let (a, b) = (
-            Exchange::bind("127.0.0.1:0").unwrap(),
-            Exchange::bind("127.0.0.1:0").unwrap(),
-        );
-        let peers: HashMap<u64, SocketAddr> = [(1, a.addr()), (2, b.addr())].into();
-        let (pa, pb) = (placement(a, 1, peers.clone()), placement(b, 2, peers));
+        let (pa, pb) = two_workers();
         let cancel = Arc::new(AtomicBool::new(false));
         let (tx, rx) = bounded::<StreamElement<u64>>(4);
         let (tx2, rx2) = bounded::<StreamElement<u64>>(4);

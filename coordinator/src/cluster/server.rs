@@ -510,13 +510,7 @@ async fn savepoint(
     headers: HeaderMap,
     Json(req): Json<SavepointRequest>,
 ) -> ApiResult<serde_json::Value> {
-    authorize(&state, &headers)?;
-    let url = with_running(&state, &id, move |h, default| {
-        h.savepoint(req.target.as_deref().unwrap_or(&default))
-    })
-    .await?
-    .map_err(conflict)?;
-    Ok(Json(serde_json::json!({ "job_id": id, "url": url })))
+    take_savepoint(state, id, headers, req, false).await
 }
 
 async fn stop(
@@ -525,14 +519,32 @@ async fn stop(
     headers: HeaderMap,
     Json(req): Json<SavepointRequest>,
 ) -> ApiResult<serde_json::Value> {
+    take_savepoint(state, id, headers, req, true).await
+}
+
+/// A savepoint, and with `stop` the job's end after it (answered once the job has ended).
+async fn take_savepoint(
+    state: Shared,
+    id: String,
+    headers: HeaderMap,
+    req: SavepointRequest,
+    stop: bool,
+) -> ApiResult<serde_json::Value> {
     authorize(&state, &headers)?;
     let url = with_running(&state, &id, move |h, default| {
-        let url = h.stop(req.target.as_deref().unwrap_or(&default))?;
+        let target = req.target.as_deref().unwrap_or(&default);
+        if !stop {
+            return h.savepoint(target);
+        }
+        let url = h.stop(target)?;
         h.wait_ended();
-        Ok::<_, sluice_runtime::Error>(url)
+        Ok(url)
     })
     .await?
     .map_err(conflict)?;
+    if !stop {
+        return Ok(Json(serde_json::json!({ "job_id": id, "url": url })));
+    }
     let final_state = settle_ended(&state, &id).await;
     Ok(Json(
         serde_json::json!({ "job_id": id, "url": url, "state": final_state }),
