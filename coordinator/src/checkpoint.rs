@@ -127,8 +127,6 @@ pub struct Progress {
     pub checkpoints: Vec<CheckpointStats>,
     /// Checkpoints retained now.
     pub retained: Vec<CheckpointId>,
-    /// Checkpoints completed.
-    pub completed: u64,
     /// Checkpoints declined, timed out or failed (savepoints excluded).
     pub failed: u64,
     /// Why the latest of those failed.
@@ -332,7 +330,7 @@ impl CheckpointCoordinator {
                             secondary: false,
                         } = outcome
                         {
-                            if !root_found && matches!(end, AttemptEnd::Failed { .. }) {
+                            if !root_found {
                                 root_found = true;
                                 end = AttemptEnd::Failed {
                                     cause: format!("task {task} failed: {cause}"),
@@ -732,7 +730,6 @@ impl CheckpointCoordinator {
         let removed = completed.add(id, shared);
         if let Some(p) = &self.progress {
             p.send_modify(|p| {
-                p.completed = self.stats.len() as u64;
                 p.checkpoints.extend(self.stats.last().cloned());
                 p.retained = completed.ids().collect();
             });

@@ -418,6 +418,7 @@ fn absolute(location: &str) -> String {
 /// Turns a client command into the request the cluster module sends.
 fn command_request(command: Command, registry: &JobRegistry) -> Result<crate::cluster::commands::Request, String> {
     use crate::cluster::commands::{Call, Request};
+    use crate::cluster::server::{RestoreRequest, SubmitRequest};
     let job_config = |flags: &JobFlags| -> Result<JobConfig, String> {
         set_s3_options(flags.s3.to_options()?);
         let mut config = flags.to_config()?;
@@ -430,26 +431,14 @@ fn command_request(command: Command, registry: &JobRegistry) -> Result<crate::cl
             // Checked here too: a typo is reported without a round trip.
             registry.get(&job).map_err(|e| e.to_string())?;
             let config = job_config(&flags)?;
-            (
-                client,
-                Call::Submit {
-                    job,
-                    settings: flags.set.clone(),
-                    config,
-                },
-            )
+            let settings = flags.set.clone();
+            (client, Call::Submit(SubmitRequest { job, settings, config }))
         }
         Command::Restore { url, flags, client } => {
             let config = job_config(&flags)?;
             let url = absolute(&url);
-            (
-                client,
-                Call::Restore {
-                    url,
-                    settings: flags.set.clone(),
-                    config,
-                },
-            )
+            let settings = flags.set.clone();
+            (client, Call::Restore(RestoreRequest { url, settings, config }))
         }
         Command::List { client } => (client, Call::List),
         Command::Status { job_id, client } => (client, Call::Status(job_id)),

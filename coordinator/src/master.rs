@@ -274,24 +274,21 @@ impl JobControl {
         let _ = self.commands.send(MasterCommand::Cancel);
     }
 
-    /// The job's state and checkpoint figures now.
-    pub fn progress(&self) -> Progress {
-        self.progress.borrow().clone()
+    /// Reads the job's state and checkpoint figures now, without copying them.
+    pub fn with_progress<T>(&self, read: impl FnOnce(&Progress) -> T) -> T {
+        read(&self.progress.borrow())
     }
 
     /// Blocks until the job has ended (its report is ready to collect).
     pub fn wait_ended(&self) {
-        let mut progress = self.progress.clone();
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() {
-            // The master drops the sending side when it returns.
-            rt.block_on(async { while progress.changed().await.is_ok() {} });
-        }
+        // The master drops the sending side when it returns.
+        let _ = self.wait_progress(|_| false);
     }
 
     /// Blocks until `n` checkpoints have completed; false if the job ended first. Call it from a
     /// plain thread, not from async code.
     pub fn wait_for_checkpoints(&self, n: u64) -> bool {
-        self.wait_progress(|p| p.completed >= n).is_some()
+        self.wait_progress(|p| p.checkpoints.len() as u64 >= n).is_some()
     }
 
     /// Blocks until `n` checkpoints have failed; the reason of the latest, or `None` if the job
@@ -313,40 +310,34 @@ impl JobControl {
 /// Starts a job in this process; configuration and snapshot problems are reported before any
 /// thread starts.
 pub fn spawn_job(sub: JobSubmission) -> Result<JobHandle> {
-    spawn_job_on(sub, Placement::Local)
+    spawn_job_on(sub, Placement::Local, None)
 }
 
-/// Starts a job whose tasks run where `placement` says; configuration and snapshot problems
-/// are reported before any task is deployed.
-pub fn spawn_job_on(mut sub: JobSubmission, placement: Placement) -> Result<JobHandle> {
+/// Starts a job whose tasks run where `placement` says; `opened` is the snapshot named by
+/// `from_savepoint` if the caller has opened it already. Storage, configuration and snapshot
+/// problems are reported before any task is deployed.
+pub fn spawn_job_on(mut sub: JobSubmission, placement: Placement, opened: Option<RestoreSource>) -> Result<JobHandle> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sluice-io")
         .enable_all()
         .build()
         .map_err(|e| Error::Config(format!("cannot start the async runtime: {e}")))?;
-    let initial = match &sub.config.from_savepoint {
-        Some(url) => Some(runtime.block_on(RestoreSource::open_url(url))?),
-        None => None,
+    let initial = match (opened, &sub.config.from_savepoint) {
+        (Some(opened), _) => Some(opened),
+        (None, Some(url)) => Some(runtime.block_on(RestoreSource::open_url(url))?),
+        (None, None) => None,
     };
     if let Some(snapshot) = &initial {
         adopt_snapshot_max_parallelism(&mut sub, snapshot)?;
     }
-    let mut master = JobMaster::start(sub, initial, runtime.handle().clone())?;
-    if let Placement::Cluster(_) = &placement {
-        // A cluster answers the submission: storage and snapshot problems are found now.
-        runtime.block_on(master.storage.check_writable(&master.paths.job_dir()))?;
-        let initial = master.initial.take();
-        if let Some(source) = &initial {
-            runtime.block_on(check_savepoint(
-                source,
-                master.sub.job.name,
-                &master.graph,
-                &master.sub.config,
-            ))?;
-        }
-        master.initial = initial;
+    let mut master = JobMaster::start(sub, runtime.handle().clone())?;
+    runtime.block_on(master.storage.check_writable(&master.paths.job_dir()))?;
+    if let Some(source) = &initial {
+        let (job, graph, config) = (master.sub.job.name, &master.graph, &master.sub.config);
+        runtime.block_on(check_savepoint(source, job, graph, config))?;
     }
+    master.initial = initial.map(Arc::new);
     master.placement = placement;
     let job_id = master.job_id.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
@@ -371,14 +362,14 @@ struct JobMaster {
     job_id: String,
     storage: Storage,
     paths: CheckpointPaths,
-    /// The snapshot the job starts from, opened (and its `_metadata` read) once, by `spawn_job`.
-    initial: Option<RestoreSource>,
+    /// The snapshot the job starts from, opened and checked once, by `spawn_job_on`.
+    initial: Option<Arc<RestoreSource>>,
     handle: tokio::runtime::Handle,
     placement: Placement,
 }
 
 impl JobMaster {
-    fn start(sub: JobSubmission, initial: Option<RestoreSource>, handle: tokio::runtime::Handle) -> Result<Self> {
+    fn start(sub: JobSubmission, handle: tokio::runtime::Handle) -> Result<Self> {
         let graph = Arc::new(build_graph(&sub.job, &sub.params, &sub.config)?);
         let job_id = new_job_id();
         let storage = Storage::open(&sub.config.checkpoint_dir)?;
@@ -388,7 +379,7 @@ impl JobMaster {
             graph,
             job_id,
             storage,
-            initial,
+            initial: None,
             handle,
             placement: Placement::Local,
         })
@@ -399,14 +390,7 @@ impl JobMaster {
         mut commands: tokio::sync::mpsc::UnboundedReceiver<MasterCommand>,
         progress: tokio::sync::watch::Sender<Progress>,
     ) -> Result<JobReport> {
-        self.storage.check_writable(&self.paths.job_dir()).await?;
-        let initial = match self.initial.take() {
-            Some(source) => {
-                check_savepoint(&source, self.sub.job.name, &self.graph, &self.sub.config).await?;
-                Some(Arc::new(source))
-            }
-            None => None,
-        };
+        let initial = self.initial.take();
         let cfg = &self.sub.config;
         let initial_restore = match &initial {
             Some(s) => RestoredFrom::Savepoint(s.url().to_string()),
@@ -445,22 +429,14 @@ impl JobMaster {
                 }
                 info!(job = %self.job_id, attempt, from = ?restored_from, "restarting");
             }
-            let dcfg = DeployConfig {
-                job_id: self.job_id.clone(),
+            let dcfg = DeployConfig::for_job(
+                self.job_id.clone(),
                 attempt,
-                storage: self.storage.clone(),
-                restore: restore.clone(),
-                channel_capacity: cfg.channel_capacity,
-                batch_size: cfg.batch_size,
-                chaining: cfg.chaining,
-                state_backend: cfg.state_backend,
-                data_dir: cfg.data_dir.clone(),
-                upload_timeout: cfg.checkpoint.timeout,
-                savepoints: coordinator.savepoint_targets(),
-                rescale_merge: cfg.rescale_merge,
-                finish_hooks: Default::default(),
-                placement: None,
-            };
+                cfg,
+                self.storage.clone(),
+                restore.clone(),
+                coordinator.savepoint_targets(),
+            );
             let finish_hooks = dcfg.finish_hooks.clone();
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let deployment = match &self.placement {
@@ -469,8 +445,7 @@ impl JobMaster {
                     let deployed = tokio::select! {
                         d = cluster.deploy(&self.sub, &self.graph, &dcfg, tx) => d,
                         // Waiting for slots: only a cancel is served (a savepoint needs tasks).
-                        end = wait_for_cancel(&mut commands) => {
-                            let outcome = end;
+                        outcome = wait_for_cancel(&mut commands) => {
                             return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
                         }
                     };
@@ -497,12 +472,14 @@ impl JobMaster {
                         started,
                     ));
                 }
-                AttemptEnd::Canceled | AttemptEnd::Stopped => {
-                    let outcome = match end {
-                        AttemptEnd::Canceled => JobOutcome::Canceled,
-                        _ => JobOutcome::Stopped,
-                    };
-                    info!(job = %self.job_id, ?outcome, "job ended");
+                AttemptEnd::Canceled => {
+                    info!(job = %self.job_id, "job cancelled");
+                    let outcome = JobOutcome::Canceled;
+                    return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
+                }
+                AttemptEnd::Stopped => {
+                    info!(job = %self.job_id, "job stopped with a savepoint");
+                    let outcome = JobOutcome::Stopped;
                     return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
                 }
                 AttemptEnd::Failed {

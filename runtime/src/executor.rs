@@ -95,6 +95,36 @@ pub struct DeployConfig {
     pub placement: Option<Arc<crate::net::Placement>>,
 }
 
+impl DeployConfig {
+    /// Attempt `attempt` of job `job_id` run with `config`, in this process's data directory
+    /// (a worker sets its own, and its placement).
+    pub fn for_job(
+        job_id: String,
+        attempt: u32,
+        config: &crate::config::JobConfig,
+        storage: Storage,
+        restore: Option<Arc<RestoreSource>>,
+        savepoints: SavepointTargets,
+    ) -> Self {
+        Self {
+            job_id,
+            attempt,
+            storage,
+            restore,
+            channel_capacity: config.channel_capacity,
+            batch_size: config.batch_size,
+            chaining: config.chaining,
+            state_backend: config.state_backend,
+            data_dir: config.data_dir.clone(),
+            upload_timeout: config.checkpoint.timeout,
+            savepoints,
+            rescale_merge: config.rescale_merge,
+            finish_hooks: Default::default(),
+            placement: None,
+        }
+    }
+}
+
 /// Where the files of a savepoint go: its storage and directory (ending in `/`).
 #[derive(Clone, Debug)]
 pub struct SavepointTarget {
@@ -107,17 +137,35 @@ pub struct SavepointTarget {
 /// Savepoint targets by checkpoint id, registered by the coordinator before it triggers one (in
 /// a cluster, a worker learns them over its control connection).
 #[derive(Clone, Default)]
-pub struct SavepointTargets(Arc<(Mutex<HashMap<crate::CheckpointId, SavepointTarget>>, Condvar)>);
+pub struct SavepointTargets(Arc<TargetRegistry>);
+
+/// Told of each savepoint target as it is registered (a cluster forwards it to the workers).
+pub type SavepointListener = Box<dyn Fn(crate::CheckpointId, &SavepointTarget) + Send + Sync>;
+
+#[derive(Default)]
+struct TargetRegistry {
+    targets: Mutex<HashMap<crate::CheckpointId, SavepointTarget>>,
+    registered: Condvar,
+    listener: Mutex<Option<SavepointListener>>,
+}
 
 impl SavepointTargets {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<crate::CheckpointId, SavepointTarget>> {
-        self.0 .0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers where savepoint `id` goes.
+    /// Registers where savepoint `id` goes, and tells the listener.
     pub fn insert(&self, id: crate::CheckpointId, target: SavepointTarget) {
+        if let Some(listener) = self.0.listener.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            listener(id, &target);
+        }
         self.map().insert(id, target);
-        self.0 .1.notify_all();
+        self.0.registered.notify_all();
+    }
+
+    /// Replaces the listener told of every target registered from now on.
+    pub fn listen(&self, listener: SavepointListener) {
+        *self.0.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
     }
 
     /// Forgets savepoint `id`.
@@ -140,7 +188,12 @@ impl SavepointTargets {
                 return Some(t.clone());
             }
             let left = deadline.checked_duration_since(std::time::Instant::now())?;
-            map = self.0 .1.wait_timeout(map, left).unwrap_or_else(|p| p.into_inner()).0;
+            map = self
+                .0
+                .registered
+                .wait_timeout(map, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 }

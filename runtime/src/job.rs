@@ -76,15 +76,18 @@ pub struct JobDefinition {
 impl JobDefinition {
     /// Validates `key=value` settings against the declarations, filling in defaults.
     pub fn params_from_settings(&self, settings: &[String]) -> Result<JobParams> {
-        let pairs = settings
-            .iter()
-            .map(|s| {
-                s.split_once('=')
-                    .map(|(k, v)| (k.trim().to_string(), v.to_string()))
-                    .ok_or_else(|| Error::Config(format!("malformed --set '{s}': expected key=value")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.params_from_map(pairs)
+        self.params_over(BTreeMap::new(), settings)
+    }
+
+    /// `key=value` settings over `base` (e.g. a snapshot's parameters), validated.
+    pub fn params_over(&self, mut base: BTreeMap<String, String>, settings: &[String]) -> Result<JobParams> {
+        for s in settings {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("malformed --set '{s}': expected key=value")))?;
+            base.insert(k.trim().to_string(), v.to_string());
+        }
+        self.params_from_map(base)
     }
 
     /// Validates a map of values (e.g. from a snapshot's metadata).

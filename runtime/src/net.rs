@@ -75,8 +75,9 @@ impl Exchange {
     }
 
     fn admit(&self, mut stream: TcpStream) {
-        let key =
-            read_frame(&mut stream).and_then(|f| postcard::from_bytes::<ChannelKey>(&f).map_err(std::io::Error::other));
+        let mut frame = Vec::new();
+        let key = read_frame(&mut stream, &mut frame)
+            .and_then(|()| postcard::from_bytes::<ChannelKey>(&frame).map_err(std::io::Error::other));
         match key {
             Ok(key) => {
                 self.lock().insert(key, stream);
@@ -219,8 +220,9 @@ fn send_loop<T: Data>(rx: Receiver<StreamElement<T>>, addr: SocketAddr, key: &Ch
 
 fn receive_loop<T: Data>(stream: TcpStream, tx: &Sender<StreamElement<T>>) -> std::io::Result<()> {
     let mut input = BufReader::with_capacity(SOCKET_BUFFER, stream);
+    let mut frame = Vec::new();
     loop {
-        let frame = read_frame(&mut input)?;
+        read_frame(&mut input, &mut frame)?;
         let element: StreamElement<T> = postcard::from_bytes(&frame).map_err(std::io::Error::other)?;
         let end = matches!(element, StreamElement::EndOfInput);
         if tx.send(element).is_err() || end {
@@ -234,16 +236,16 @@ fn write_frame(out: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
     out.write_all(payload)
 }
 
-fn read_frame(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
+/// Reads one frame into `frame`, reusing its allocation.
+fn read_frame(input: &mut impl Read, frame: &mut Vec<u8>) -> std::io::Result<()> {
     let mut len = [0u8; 4];
     input.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(std::io::Error::other(format!("a data frame of {len} bytes is corrupt")));
     }
-    let mut frame = vec![0u8; len];
-    input.read_exact(&mut frame)?;
-    Ok(frame)
+    frame.resize(len, 0);
+    input.read_exact(frame)
 }
 
 #[cfg(test)]

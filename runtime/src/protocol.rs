@@ -202,6 +202,17 @@ pub enum ToCoordinator {
         /// Records this worker's sources of the attempt have emitted so far.
         source_records: u64,
     },
+    /// This worker could not deploy its share of an attempt.
+    DeployFailed {
+        /// The job.
+        job: String,
+        /// The attempt.
+        attempt: u32,
+        /// Why.
+        cause: String,
+        /// The snapshot to restore could not be used.
+        unusable_snapshot: bool,
+    },
     /// The finish hooks of an attempt ran.
     Finished {
         /// The job.

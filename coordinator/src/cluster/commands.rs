@@ -3,29 +3,14 @@
 
 use super::client::Client;
 use super::server::{RestoreRequest, SavepointRequest, SubmitRequest};
-use sluice_runtime::config::JobConfig;
 use std::process::ExitCode;
 
 /// What a command asks of the coordinator.
 pub enum Call {
     /// Submit a job.
-    Submit {
-        /// Its name.
-        job: String,
-        /// `key=value` parameters.
-        settings: Vec<String>,
-        /// Its configuration.
-        config: JobConfig,
-    },
+    Submit(SubmitRequest),
     /// Resubmit a snapshot's job.
-    Restore {
-        /// The snapshot.
-        url: String,
-        /// Parameters overriding the snapshot's.
-        settings: Vec<String>,
-        /// The new run's configuration.
-        config: JobConfig,
-    },
+    Restore(RestoreRequest),
     /// Every job.
     List,
     /// One job's status.
@@ -70,22 +55,10 @@ pub fn run(request: Request) -> Result<ExitCode, String> {
     };
     let value = runtime.block_on(async {
         match &request.call {
-            Call::Submit { job, settings, config } => {
-                let body = SubmitRequest {
-                    job: job.clone(),
-                    settings: settings.clone(),
-                    config: config.clone(),
-                };
-                client.post("/v1/jobs", &body).await
-            }
-            Call::Restore { url, settings, config } => {
-                let bar = waiting(&format!("restoring {url}"));
-                let body = RestoreRequest {
-                    url: url.clone(),
-                    settings: settings.clone(),
-                    config: config.clone(),
-                };
-                let answer = client.post("/v1/restore", &body).await;
+            Call::Submit(body) => client.post("/v1/jobs", body).await,
+            Call::Restore(body) => {
+                let bar = waiting(&format!("restoring {}", body.url));
+                let answer = client.post("/v1/restore", body).await;
                 bar.finish_and_clear();
                 answer
             }
@@ -142,7 +115,7 @@ fn field<'a>(v: &'a serde_json::Value, name: &str) -> std::borrow::Cow<'a, str> 
 
 fn print_text(call: &Call, v: &serde_json::Value) {
     match call {
-        Call::Submit { .. } | Call::Restore { .. } => println!("{}", field(v, "job_id")),
+        Call::Submit(_) | Call::Restore(_) => println!("{}", field(v, "job_id")),
         Call::Savepoint(..) | Call::Stop(..) => println!("{}", field(v, "url")),
         Call::Cancel(_) => println!("{} {}", field(v, "job_id"), field(v, "state")),
         Call::Status(_) => {

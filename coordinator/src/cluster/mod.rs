@@ -16,10 +16,10 @@ pub mod wire;
 pub mod worker;
 
 use crate::master::JobSubmission;
-use sluice_runtime::executor::{plan_chains, DeployConfig, DeployedTask, Deployment, SavepointTargets};
+use sluice_runtime::executor::{plan_chains, DeployConfig, DeployedTask, Deployment};
 use sluice_runtime::graph::JobGraph;
 use sluice_runtime::protocol::{DeploySpec, TaskCommand, TaskEvent, TaskId, TaskOutcome, ToWorker};
-use sluice_runtime::{CheckpointKind, Error, Result};
+use sluice_runtime::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +47,23 @@ struct AttemptRoute {
     total_records: Arc<AtomicU64>,
 }
 
-type AttemptKey = (String, u32);
+pub(crate) type AttemptKey = (String, u32);
+
+impl AttemptRoute {
+    /// Reports every task `worker` still runs as failed.
+    fn fail_live(&mut self, worker: u64, cause: &str, unusable_snapshot: bool) {
+        for task in self.live.remove(&worker).unwrap_or_default() {
+            let _ = self.events.send(TaskEvent::Terminated {
+                task,
+                outcome: TaskOutcome::Failed {
+                    cause: cause.to_string(),
+                    unusable_snapshot,
+                    secondary: false,
+                },
+            });
+        }
+    }
+}
 
 #[derive(Default)]
 struct Inner {
@@ -144,17 +160,9 @@ impl Cluster {
             return;
         };
         warn!(worker, data_addr = %entry.data_addr, reason, "worker lost");
+        let cause = format!("worker {worker} ({}) was lost: {reason}", entry.data_addr);
         for route in inner.routes.values_mut() {
-            for task in route.live.remove(&worker).unwrap_or_default() {
-                let _ = route.events.send(TaskEvent::Terminated {
-                    task,
-                    outcome: TaskOutcome::Failed {
-                        cause: format!("worker {worker} ({}) was lost: {reason}", entry.data_addr),
-                        unusable_snapshot: false,
-                        secondary: false,
-                    },
-                });
-            }
+            route.fail_live(worker, &cause, false);
         }
         let waits: Vec<_> = inner.finishing.keys().filter(|k| k.2 == worker).cloned().collect();
         for k in waits {
@@ -180,6 +188,13 @@ impl Cluster {
             }
         }
         let _ = route.events.send(event);
+    }
+
+    /// A worker could not deploy its share of an attempt: its tasks there fail.
+    fn on_deploy_failed(&self, worker: u64, key: &AttemptKey, cause: &str, unusable_snapshot: bool) {
+        if let Some(route) = self.lock().routes.get_mut(key) {
+            route.fail_live(worker, cause, unusable_snapshot);
+        }
     }
 
     fn on_finished(&self, worker: u64, job: String, attempt: u32, error: Option<String>) {
@@ -213,26 +228,34 @@ impl Cluster {
         };
         let mut live: HashMap<u64, BTreeSet<TaskId>> = HashMap::new();
         let mut tasks = Vec::new();
-        let savepoint_sent = Arc::new(AtomicU64::new(0));
         let hosts: Vec<u64> = slot_workers
             .iter()
             .copied()
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        let to_hosts: Vec<UnboundedSender<ToWorker>> = hosts.iter().map(|h| senders[h].clone()).collect();
+        let job = cfg.job_id.clone();
+        // Every worker learns a savepoint's target before its trigger leaves (a barrier may
+        // still overtake it; tasks wait for the target briefly).
+        cfg.savepoints.listen(Box::new(move |id, target| {
+            for w in &to_hosts {
+                let _ = w.send(ToWorker::SavepointTarget {
+                    job: job.clone(),
+                    id,
+                    url: target.storage.url().to_string(),
+                    dir: target.dir.clone(),
+                });
+            }
+        }));
         for (c, chain) in chains.iter().enumerate() {
             let is_source = graph.vertices()[chain.vertices[0]].is_source();
             for (subtask, &worker) in slot_workers.iter().enumerate().take(chain.parallelism) {
                 let task = TaskId { vertex: c, subtask };
                 live.entry(worker).or_default().insert(task);
                 let to_worker = senders[&worker].clone();
-                let all: Vec<UnboundedSender<ToWorker>> = hosts.iter().map(|h| senders[h].clone()).collect();
                 let (job, attempt) = key.clone();
-                let (targets, sent) = (cfg.savepoints.clone(), savepoint_sent.clone());
                 let send = move |command: TaskCommand| {
-                    if let TaskCommand::TriggerCheckpoint(b) | TaskCommand::TriggerStop(b) = &command {
-                        announce_savepoint(&targets, &sent, b, &job, &all);
-                    }
                     let _ = to_worker.send(ToWorker::Command {
                         job: job.clone(),
                         attempt,
@@ -267,6 +290,8 @@ impl Cluster {
                     total_records: total_records.clone(),
                 },
             );
+            // Only the latest attempt of a job can still finish it.
+            inner.hosts.retain(|k, _| k.0 != key.0);
             inner.hosts.insert(key.clone(), hosts.clone());
             // A worker lost between taking the slots and now: its tasks fail at once.
             let gone: Vec<u64> = hosts
@@ -274,9 +299,9 @@ impl Cluster {
                 .filter(|h| !inner.workers.contains_key(h))
                 .copied()
                 .collect();
-            drop(inner);
+            let route = inner.routes.get_mut(&key).expect("inserted above");
             for h in gone {
-                self.lose_route_tasks(&key, h, "lost before the deployment");
+                route.fail_live(h, &format!("worker {h} was lost before the deployment"), false);
             }
         }
         for h in &hosts {
@@ -290,22 +315,6 @@ impl Cluster {
             }
         };
         Ok(Deployment::remote(tasks, total_records, Box::new(release)))
-    }
-
-    fn lose_route_tasks(&self, key: &AttemptKey, worker: u64, reason: &str) {
-        let mut inner = self.lock();
-        if let Some(route) = inner.routes.get_mut(key) {
-            for task in route.live.remove(&worker).unwrap_or_default() {
-                let _ = route.events.send(TaskEvent::Terminated {
-                    task,
-                    outcome: TaskOutcome::Failed {
-                        cause: format!("worker {worker} {reason}"),
-                        unusable_snapshot: false,
-                        secondary: false,
-                    },
-                });
-            }
-        }
     }
 
     /// Takes `needed` slots, spread round-robin over the workers with free ones; with each
@@ -385,27 +394,107 @@ impl Cluster {
     }
 }
 
-/// Tells every worker of an attempt where a savepoint goes, once per savepoint, before its
-/// trigger leaves (a barrier may still overtake it; tasks wait for the target briefly).
-fn announce_savepoint(
-    targets: &SavepointTargets,
-    sent: &AtomicU64,
-    barrier: &sluice_runtime::CheckpointBarrier,
-    job: &str,
-    workers: &[UnboundedSender<ToWorker>],
-) {
-    if barrier.kind != CheckpointKind::Savepoint || sent.fetch_max(barrier.id.0, Ordering::SeqCst) >= barrier.id.0 {
-        return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_runtime::executor::SavepointTarget;
+    use sluice_runtime::operator::{SourcePoll, TaskInfo};
+    use sluice_runtime::snapshot::OperatorState;
+    use sluice_runtime::storage::Storage;
+    use sluice_runtime::{CheckpointId, JobDefinition, SourceFunction};
+
+    #[derive(Clone)]
+    struct Nothing;
+
+    impl SourceFunction for Nothing {
+        type Out = u64;
+        fn open(&mut self, _: &TaskInfo, _: Option<OperatorState>) -> Result<()> {
+            Ok(())
+        }
+        fn poll(&mut self, _: &mut Vec<u64>) -> Result<SourcePoll> {
+            Ok(SourcePoll::Finished)
+        }
+        fn snapshot(&mut self) -> Result<OperatorState> {
+            Ok(OperatorState::default())
+        }
     }
-    let Some(target) = targets.get(barrier.id) else {
-        return;
-    };
-    for w in workers {
-        let _ = w.send(ToWorker::SavepointTarget {
-            job: job.to_string(),
-            id: barrier.id,
-            url: target.storage.url().to_string(),
-            dir: target.dir.clone(),
-        });
+
+    fn submission() -> JobSubmission {
+        let job = JobDefinition {
+            name: "nothing",
+            description: "",
+            params: vec![],
+            build: |_, env| {
+                env.source("nothing", Nothing);
+                Ok(())
+            },
+        };
+        JobSubmission {
+            params: job.params_from_settings(&[]).unwrap(),
+            job,
+            config: sluice_runtime::config::JobConfig {
+                parallelism: 2,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Slots are spread over the workers; savepoint targets reach every worker of the attempt;
+    /// a worker that cannot deploy, or is lost, fails exactly the tasks it holds; ending the
+    /// attempt frees its slots.
+    #[tokio::test]
+    async fn deploy_spreads_slots_and_fails_the_tasks_of_a_failed_worker() {
+        let cluster = Cluster::new("secret".into());
+        let (to_a, mut a_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (to_b, mut b_rx) = tokio::sync::mpsc::unbounded_channel();
+        let a = cluster.register(to_a, 1, "127.0.0.1:1".parse().unwrap());
+        let b = cluster.register(to_b, 1, "127.0.0.1:2".parse().unwrap());
+        let sub = submission();
+        let graph = crate::master::build_graph(&sub.job, &sub.params, &sub.config).unwrap();
+        let storage = Storage::open("memory://cluster-test").unwrap();
+        let cfg = DeployConfig::for_job("j".into(), 0, &sub.config, storage.clone(), None, Default::default());
+        let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut deployment = cluster.deploy(&sub, &graph, &cfg, events).await.unwrap();
+        for worker in [&mut a_rx, &mut b_rx] {
+            let Some(ToWorker::Deploy(spec)) = worker.recv().await else {
+                panic!("each worker gets the deployment")
+            };
+            assert_eq!(spec.slot_workers, vec![a, b]);
+        }
+        assert!(cluster.workers().iter().all(|w| w.used == 1));
+
+        let dir = "savepoint-j-7/".to_string();
+        cfg.savepoints.insert(CheckpointId(7), SavepointTarget { storage, dir });
+        for worker in [&mut a_rx, &mut b_rx] {
+            let announced = worker.recv().await;
+            assert!(matches!(
+                announced,
+                Some(ToWorker::SavepointTarget {
+                    id: CheckpointId(7),
+                    ..
+                })
+            ));
+        }
+
+        let failed = |event: Option<TaskEvent>| match event {
+            Some(TaskEvent::Terminated {
+                task,
+                outcome: TaskOutcome::Failed { cause, .. },
+            }) => (task.subtask, cause),
+            other => panic!("expected a failed task, got {other:?}"),
+        };
+        cluster.on_deploy_failed(b, &("j".into(), 0), "cannot open the snapshot", false);
+        assert_eq!(failed(rx.recv().await), (1, "cannot open the snapshot".to_string()));
+        cluster.lose(a, "its connection broke");
+        let (subtask, cause) = failed(rx.recv().await);
+        assert_eq!(subtask, 0);
+        assert!(cause.contains("was lost: its connection broke"), "{cause}");
+        assert!(rx.try_recv().is_err(), "each task fails once");
+
+        deployment.join();
+        assert_eq!(
+            cluster.workers().iter().map(|w| (w.id, w.used)).collect::<Vec<_>>(),
+            vec![(b, 0)]
+        );
     }
 }

@@ -38,25 +38,33 @@ struct JobEntry {
     name: String,
     parallelism: usize,
     checkpoint_dir: String,
-    handle: Option<JobHandle>,
-    /// Once it ended: its report, or why it could not run.
-    ended: Option<Result<JobReport, String>>,
+    /// The running job, or how it ended: its report, or why its master failed.
+    run: Run,
+}
+
+enum Run {
+    Running(JobHandle),
+    Ended(Result<JobReport, String>),
 }
 
 impl JobEntry {
-    /// Collects the report of a job that has ended.
+    /// Collects the report of a job whose master has returned (joining it does not block).
     fn settle(&mut self) {
-        if self.handle.as_ref().is_some_and(JobHandle::is_finished) {
-            let handle = self.handle.take().expect("checked");
-            self.ended = Some(handle.wait().map_err(|e| e.to_string()));
+        if let Run::Running(h) = &self.run {
+            if h.is_finished() {
+                let Run::Running(h) = std::mem::replace(&mut self.run, Run::Ended(Err(String::new()))) else {
+                    unreachable!("checked above")
+                };
+                self.run = Run::Ended(h.wait().map_err(|e| e.to_string()));
+            }
         }
     }
 
     fn state(&self) -> JobState {
-        match (&self.handle, &self.ended) {
-            (Some(h), _) => h.progress().state,
-            (None, Some(Ok(r))) => JobState::of(&r.outcome),
-            (None, _) => JobState::Failed,
+        match &self.run {
+            Run::Running(h) => h.with_progress(|p| p.state),
+            Run::Ended(Ok(r)) => JobState::of(&r.outcome),
+            Run::Ended(Err(_)) => JobState::Failed,
         }
     }
 }
@@ -312,6 +320,12 @@ async fn serve_worker(stream: TcpStream, peer: SocketAddr, cluster: Arc<Cluster>
                     source_records,
                 } => cluster.on_event(worker, (job, attempt), event, source_records),
                 ToCoordinator::Finished { job, attempt, error } => cluster.on_finished(worker, job, attempt, error),
+                ToCoordinator::DeployFailed {
+                    job,
+                    attempt,
+                    cause,
+                    unusable_snapshot,
+                } => cluster.on_deploy_failed(worker, &(job, attempt), &cause, unusable_snapshot),
             },
         }
     };
@@ -328,37 +342,38 @@ async fn cluster_info(State(state): State<Shared>) -> Json<ClusterInfo> {
 
 fn status_of(id: &str, entry: &mut JobEntry) -> JobStatus {
     entry.settle();
-    let progress = entry.handle.as_ref().map(|h| h.progress());
-    let (restarts, completed, failed, failure, records) = match (&progress, &entry.ended) {
-        (Some(p), _) => (p.restarts, p.completed, p.failed, p.last_failure.clone(), None),
-        (None, Some(Ok(r))) => (
-            r.restarts.len() as u32,
-            r.checkpoints.len() as u64,
-            r.failed_checkpoints,
-            match &r.outcome {
-                crate::master::JobOutcome::Failed(cause) => Some(cause.clone()),
-                _ => None,
-            },
-            Some(r.source_records),
-        ),
-        (None, Some(Err(e))) => (0, 0, 0, Some(e.clone()), None),
-        (None, None) => (0, 0, 0, None, None),
-    };
-    JobStatus {
+    let mut status = JobStatus {
         job_id: id.to_string(),
         name: entry.name.clone(),
         state: entry.state(),
         parallelism: entry.parallelism,
-        restarts,
-        completed_checkpoints: completed,
-        failed_checkpoints: failed,
-        failure,
-        source_records: records,
-        elapsed_ms: match &entry.ended {
-            Some(Ok(r)) => Some(r.elapsed.as_secs_f64() * 1e3),
-            _ => None,
-        },
+        restarts: 0,
+        completed_checkpoints: 0,
+        failed_checkpoints: 0,
+        failure: None,
+        source_records: None,
+        elapsed_ms: None,
+    };
+    match &entry.run {
+        Run::Running(h) => h.with_progress(|p| {
+            status.restarts = p.restarts;
+            status.completed_checkpoints = p.checkpoints.len() as u64;
+            status.failed_checkpoints = p.failed;
+            status.failure = p.last_failure.clone();
+        }),
+        Run::Ended(Ok(r)) => {
+            status.restarts = r.restarts.len() as u32;
+            status.completed_checkpoints = r.checkpoints.len() as u64;
+            status.failed_checkpoints = r.failed_checkpoints;
+            if let crate::master::JobOutcome::Failed(cause) = &r.outcome {
+                status.failure = Some(cause.clone());
+            }
+            status.source_records = Some(r.source_records);
+            status.elapsed_ms = Some(r.elapsed.as_secs_f64() * 1e3);
+        }
+        Run::Ended(Err(e)) => status.failure = Some(e.clone()),
     }
+    status
 }
 
 async fn list_jobs(State(state): State<Shared>) -> Json<serde_json::Value> {
@@ -384,22 +399,17 @@ async fn job_checkpoints(State(state): State<Shared>, Path(id): Path<String>) ->
     let mut jobs = state.jobs.lock().unwrap_or_else(|p| p.into_inner());
     let entry = jobs.get_mut(&id).ok_or_else(|| unknown_job(&id))?;
     entry.settle();
-    let (completed, failed, retained) = match (&entry.handle, &entry.ended) {
-        (Some(h), _) => {
-            let p = h.progress();
-            let retained = p.retained.iter().map(|c| c.0).collect();
-            (
-                p.checkpoints.iter().map(CheckpointInfo::from).collect(),
-                p.failed,
-                retained,
-            )
-        }
-        (None, Some(Ok(r))) => (
-            r.checkpoints.iter().map(CheckpointInfo::from).collect(),
-            r.failed_checkpoints,
-            r.retained.iter().map(|c| c.0).collect(),
-        ),
-        _ => (Vec::new(), 0, Vec::new()),
+    let listed = |stats: &[CheckpointStats], failed: u64, retained: &[sluice_runtime::CheckpointId]| {
+        (
+            stats.iter().map(CheckpointInfo::from).collect(),
+            failed,
+            retained.iter().map(|c| c.0).collect(),
+        )
+    };
+    let (completed, failed, retained) = match &entry.run {
+        Run::Running(h) => h.with_progress(|p| listed(&p.checkpoints, p.failed, &p.retained)),
+        Run::Ended(Ok(r)) => listed(&r.checkpoints, r.failed_checkpoints, &r.retained),
+        Run::Ended(Err(_)) => (Vec::new(), 0, Vec::new()),
     };
     Ok(Json(CheckpointsInfo {
         job_id: id,
@@ -409,12 +419,17 @@ async fn job_checkpoints(State(state): State<Shared>, Path(id): Path<String>) ->
     }))
 }
 
-/// Starts a job on the cluster (off the async workers: opening a snapshot blocks).
-async fn start(state: &Shared, sub: JobSubmission) -> std::result::Result<String, ApiError> {
+/// Starts a job on the cluster (off the async workers: opening a snapshot blocks); `opened` is
+/// its snapshot if already opened.
+async fn start(
+    state: &Shared,
+    sub: JobSubmission,
+    opened: Option<RestoreSource>,
+) -> std::result::Result<String, ApiError> {
     let (name, parallelism) = (sub.job.name.to_string(), sub.config.parallelism);
     let checkpoint_dir = sub.config.checkpoint_dir.clone();
     let placement = Placement::Cluster(state.cluster.clone());
-    let handle = tokio::task::spawn_blocking(move || spawn_job_on(sub, placement))
+    let handle = tokio::task::spawn_blocking(move || spawn_job_on(sub, placement, opened))
         .await
         .map_err(|e| bad(format!("the submission panicked: {e}")))?
         .map_err(bad)?;
@@ -426,8 +441,7 @@ async fn start(state: &Shared, sub: JobSubmission) -> std::result::Result<String
             name,
             parallelism,
             checkpoint_dir,
-            handle: Some(handle),
-            ended: None,
+            run: Run::Running(handle),
         },
     );
     Ok(id)
@@ -441,15 +455,8 @@ async fn submit(
     authorize(&state, &headers)?;
     let job = state.registry.get(&req.job).map_err(bad)?.clone();
     let params = job.params_from_settings(&req.settings).map_err(bad)?;
-    let id = start(
-        &state,
-        JobSubmission {
-            job,
-            params,
-            config: req.config,
-        },
-    )
-    .await?;
+    let config = req.config;
+    let id = start(&state, JobSubmission { job, params, config }, None).await?;
     Ok(Json(serde_json::json!({ "job_id": id })))
 }
 
@@ -462,18 +469,11 @@ async fn restore(
     let snapshot = RestoreSource::open_url(&req.url).await.map_err(bad)?;
     let meta = snapshot.metadata();
     let job = state.registry.get(&meta.job_name).map_err(bad)?.clone();
-    let mut params = meta.params.clone();
-    for s in &req.settings {
-        let (k, v) = s
-            .split_once('=')
-            .ok_or_else(|| bad(format!("malformed --set '{s}': expected key=value")))?;
-        params.insert(k.trim().to_string(), v.to_string());
-    }
-    let params = job.params_from_map(params).map_err(bad)?;
+    let params = job.params_over(meta.params.clone(), &req.settings).map_err(bad)?;
     let mut config = req.config;
     config.from_savepoint = Some(req.url.clone());
     let name = job.name;
-    let id = start(&state, JobSubmission { job, params, config }).await?;
+    let id = start(&state, JobSubmission { job, params, config }, Some(snapshot)).await?;
     Ok(Json(
         serde_json::json!({ "job_id": id, "job": name, "restored_from": req.url }),
     ))
@@ -489,13 +489,12 @@ async fn with_running<T: Send + 'static>(
         let mut jobs = state.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let entry = jobs.get_mut(id).ok_or_else(|| unknown_job(id))?;
         entry.settle();
-        let s = entry.state();
-        match &entry.handle {
-            Some(h) if !matches!(s, JobState::Finished | JobState::Failed | JobState::Canceled) => (
+        match &entry.run {
+            Run::Running(h) => (
                 h.control(),
                 format!("{}/savepoints", entry.checkpoint_dir.trim_end_matches('/')),
             ),
-            _ => return Err(conflict(format!("job {id} is {s}, not running"))),
+            Run::Ended(_) => return Err(conflict(format!("job {id} is {}, not running", entry.state()))),
         }
     };
     // Off the async workers, without the lock: the call blocks until the job answers.
@@ -566,31 +565,20 @@ async fn cancel(
     Ok(Json(serde_json::json!({ "job_id": id, "state": final_state })))
 }
 
-/// Collects the report of a job whose master has returned, and its final state.
+/// The final state of a job whose master has returned, once its report is collected.
 async fn settle_ended(state: &Shared, id: &str) -> JobState {
-    let handle = state
-        .jobs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_mut(id)
-        .and_then(|e| e.handle.take());
-    // The master has returned: joining its thread is quick, but still blocking.
-    let ended = match handle {
-        Some(h) => Some(
-            tokio::task::spawn_blocking(move || h.wait().map_err(|e| e.to_string()))
-                .await
-                .unwrap_or_else(|e| Err(format!("the job master panicked: {e}"))),
-        ),
-        None => None,
-    };
-    let mut jobs = state.jobs.lock().unwrap_or_else(|p| p.into_inner());
-    match jobs.get_mut(id) {
-        Some(entry) => {
-            if ended.is_some() {
-                entry.ended = ended;
+    loop {
+        {
+            let mut jobs = state.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(entry) = jobs.get_mut(id) else {
+                return JobState::Failed;
+            };
+            entry.settle();
+            if let Run::Ended(_) = entry.run {
+                return entry.state();
             }
-            entry.state()
         }
-        None => JobState::Failed,
+        // The master has returned; its thread ends right after (a join has no async signal).
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }

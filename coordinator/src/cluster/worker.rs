@@ -4,12 +4,12 @@
 //! from other workers through its [`Exchange`]. Losing the coordinator stops the worker: its
 //! tasks cannot checkpoint any more, and a supervisor restarts it clean.
 
-use super::wire;
+use super::{wire, AttemptKey};
 use crate::master::build_graph;
 use sluice_runtime::executor::{deploy, DeployConfig, Deployment, SavepointTarget, SavepointTargets};
 use sluice_runtime::net::{Exchange, Placement};
 use sluice_runtime::operator::FinishHooks;
-use sluice_runtime::protocol::{DeploySpec, TaskCommand, TaskEvent, TaskId, TaskOutcome, ToCoordinator, ToWorker};
+use sluice_runtime::protocol::{DeploySpec, TaskCommand, TaskEvent, ToCoordinator, ToWorker};
 use sluice_runtime::restore::RestoreSource;
 use sluice_runtime::storage::Storage;
 use sluice_runtime::{JobRegistry, Result};
@@ -35,14 +35,12 @@ pub struct WorkerOptions {
     pub data_bind: String,
 }
 
-type AttemptKey = (String, u32);
-
 #[derive(Default)]
 struct Local {
     deployments: HashMap<AttemptKey, Deployment>,
     hooks: HashMap<AttemptKey, FinishHooks>,
-    /// Attempts cancelled before their deployment was in place.
-    cancelled: std::collections::HashSet<AttemptKey>,
+    /// Attempts being deployed, and whether a cancel came meanwhile.
+    deploying: HashMap<AttemptKey, bool>,
     savepoints: HashMap<String, SavepointTargets>,
 }
 
@@ -151,6 +149,7 @@ impl Worker {
     fn on_message(self: Arc<Self>, message: ToWorker) {
         match message {
             ToWorker::Deploy(spec) => {
+                self.lock().deploying.insert((spec.job.clone(), spec.attempt), false);
                 tokio::spawn(async move { self.deploy(*spec).await });
             }
             ToWorker::Command {
@@ -160,10 +159,16 @@ impl Worker {
                 command,
             } => {
                 let mut local = self.lock();
+                if let TaskCommand::CheckpointComplete(id) | TaskCommand::AbortCheckpoint(id) = command {
+                    // Its tasks are done with a savepoint's target once it is decided.
+                    if let Some(targets) = local.savepoints.get(&job) {
+                        targets.remove(id);
+                    }
+                }
                 let key = (job, attempt);
                 let Some(d) = local.deployments.get(&key) else {
-                    if let TaskCommand::Cancel = command {
-                        local.cancelled.insert(key);
+                    if let (TaskCommand::Cancel, Some(cancelled)) = (&command, local.deploying.get_mut(&key)) {
+                        *cancelled = true;
                     }
                     return;
                 };
@@ -208,16 +213,15 @@ impl Worker {
     async fn deploy(self: Arc<Self>, spec: DeploySpec) {
         let key: AttemptKey = (spec.job.clone(), spec.attempt);
         let (events, mut rx) = tokio::sync::mpsc::unbounded_channel::<TaskEvent>();
-        let local_slots: Vec<usize> = (0..spec.slot_workers.len())
-            .filter(|s| spec.slot_workers[*s] == self.id)
-            .collect();
-        match self.clone().start(&spec, events).await {
+        let started = self.clone().start(&spec, events).await;
+        let cancelled = self.lock().deploying.remove(&key).unwrap_or(false);
+        match started {
             Ok(deployment) => {
                 let n = deployment.tasks.len();
                 let records = deployment.source_counter();
                 {
                     let mut local = self.lock();
-                    if local.cancelled.remove(&key) {
+                    if cancelled {
                         deployment.cancel();
                     }
                     local.deployments.insert(key.clone(), deployment);
@@ -244,21 +248,12 @@ impl Worker {
             }
             Err(e) => {
                 warn!(job = %spec.job, error = %e, "deployment failed");
-                for subtask in local_slots {
-                    let _ = self.to_coordinator.send(ToCoordinator::Event {
-                        job: spec.job.clone(),
-                        attempt: spec.attempt,
-                        event: TaskEvent::Terminated {
-                            task: TaskId { vertex: 0, subtask },
-                            outcome: TaskOutcome::Failed {
-                                cause: format!("worker {} cannot deploy the job: {e}", self.id),
-                                unusable_snapshot: e.is_unusable_snapshot(),
-                                secondary: false,
-                            },
-                        },
-                        source_records: 0,
-                    });
-                }
+                let _ = self.to_coordinator.send(ToCoordinator::DeployFailed {
+                    job: spec.job.clone(),
+                    attempt: spec.attempt,
+                    cause: format!("worker {} cannot deploy the job: {e}", self.id),
+                    unusable_snapshot: e.is_unusable_snapshot(),
+                });
             }
         }
     }
@@ -276,35 +271,24 @@ impl Worker {
         };
         let config = &spec.config;
         let savepoints = self.lock().savepoints.entry(spec.job.clone()).or_default().clone();
-        let finish_hooks = FinishHooks::default();
-        let cfg = DeployConfig {
-            job_id: spec.job.clone(),
+        let storage = Storage::open(&config.checkpoint_dir)?;
+        let mut cfg = DeployConfig::for_job(spec.job.clone(), spec.attempt, config, storage, restore, savepoints);
+        cfg.data_dir = self.data_dir.clone();
+        cfg.placement = Some(Arc::new(Placement {
+            exchange: self.exchange.clone(),
+            this_worker: self.id,
+            slot_workers: spec.slot_workers.clone(),
+            peers: spec.peers.clone(),
+            job: spec.job.clone(),
             attempt: spec.attempt,
-            storage: Storage::open(&config.checkpoint_dir)?,
-            restore,
-            channel_capacity: config.channel_capacity,
-            batch_size: config.batch_size,
-            chaining: config.chaining,
-            state_backend: config.state_backend,
-            data_dir: self.data_dir.clone(),
-            upload_timeout: config.checkpoint.timeout,
-            savepoints,
-            rescale_merge: config.rescale_merge,
-            finish_hooks: finish_hooks.clone(),
-            placement: Some(Arc::new(Placement {
-                exchange: self.exchange.clone(),
-                this_worker: self.id,
-                slot_workers: spec.slot_workers.clone(),
-                peers: spec.peers.clone(),
-                job: spec.job.clone(),
-                attempt: spec.attempt,
-            })),
-        };
+        }));
         {
             let mut local = self.lock();
             // Hooks of the job's earlier attempts will never run.
             local.hooks.retain(|k, _| k.0 != spec.job);
-            local.hooks.insert((spec.job.clone(), spec.attempt), finish_hooks);
+            local
+                .hooks
+                .insert((spec.job.clone(), spec.attempt), cfg.finish_hooks.clone());
         }
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || deploy(&graph, &cfg, events, handle))
