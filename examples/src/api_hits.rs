@@ -41,7 +41,7 @@ use crate::transactions::splitmix64;
 use serde::{Deserialize, Serialize};
 use sluice_operators::file_source::TextFileSource;
 use sluice_operators::generator::LaneGenerator;
-use sluice_runtime::snapshot::{OperatorListState, OperatorState, Redistribution};
+use sluice_runtime::snapshot::{list_state, read_list, OperatorState, Redistribution};
 use sluice_runtime::{
     CheckpointId, Count, DataStream, Error, JobDefinition, JobParams, Operator, OperatorSnapshot, ParamSpec,
     RestoredState, Result, StreamEnv, TaskInfo, WatermarkStrategy, WindowAssigner, WindowResult,
@@ -623,8 +623,8 @@ impl Rejections {
 
     fn open(&mut self, info: &TaskInfo, restored: Option<&RestoredState>) -> Result<()> {
         (self.operator, self.subtask) = (info.name.clone(), info.subtask);
-        if let Some(list) = restored.and_then(|r| r.operator.get(self.what)) {
-            for (seen, rejected) in list.decode::<(u64, u64)>(self.what)? {
+        if let Some(r) = restored {
+            for (seen, rejected) in read_list::<(u64, u64)>(&r.operator, self.what)?.unwrap_or_default() {
                 self.seen += seen;
                 self.rejected += rejected;
             }
@@ -649,8 +649,7 @@ impl Rejections {
     }
 
     fn state(&self) -> Result<OperatorState> {
-        let list = OperatorListState::of(Redistribution::Split, &[(self.seen, self.rejected)])?;
-        Ok(OperatorState::from([(self.what.to_string(), list)]))
+        list_state(self.what, Redistribution::Split, &[(self.seen, self.rejected)])
     }
 
     fn summary(&self) {

@@ -25,12 +25,11 @@ pub fn expected_transactions_output(events: u64, users: u64, seed: u64) -> Strin
         .collect()
 }
 
-/// A job configuration for in-process tests: checkpoints every 100 ms to `checkpoint_dir`,
-/// local state under `data_dir`, restarts after 10 ms, and when restoring `from` a snapshot,
+/// A job configuration for in-process tests in `dir`: checkpoints every 100 ms to `dir/ck`,
+/// local state under `dir/data`, restarts after 10 ms, and when restoring `from` a snapshot,
 /// its max parallelism.
 pub fn test_config(
-    checkpoint_dir: String,
-    data_dir: PathBuf,
+    dir: &Path,
     state_backend: sluice_runtime::config::StateBackendKind,
     parallelism: usize,
     from: Option<&str>,
@@ -38,8 +37,8 @@ pub fn test_config(
     let mut config = sluice_runtime::config::JobConfig {
         parallelism,
         state_backend,
-        checkpoint_dir,
-        data_dir,
+        checkpoint_dir: dir.join("ck").display().to_string(),
+        data_dir: dir.join("data"),
         from_savepoint: from.map(str::to_string),
         max_parallelism_from_snapshot: from.is_some(),
         ..Default::default()
@@ -47,6 +46,25 @@ pub fn test_config(
     config.checkpoint.interval = Some(std::time::Duration::from_millis(100));
     config.restart.delay = std::time::Duration::from_millis(10);
     config
+}
+
+/// Fails on the first line where `got` differs from `want` (both sorted), or on their counts:
+/// a diff of thousands of lines would say less.
+pub fn assert_same_lines(got: &[String], want: &[String], what: &str) {
+    if let Some(i) = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]) {
+        panic!(
+            "{what}: line {i} of {} is {:?}, the direct computation's is {:?}",
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: line count (the first {} agree)",
+        got.len().min(want.len())
+    );
 }
 
 /// The lines of the committed part files of an exactly-once file sink's directory, sorted;

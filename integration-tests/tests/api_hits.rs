@@ -19,34 +19,10 @@ fn run(dir: &Path, settings: &[String], backend: StateBackendKind, parallelism: 
     settings.push(format!("output={}", dir.join("out").display()));
     settings.push(format!("late_output={}", dir.join("late").display()));
     let params = job.params_from_settings(&settings).unwrap();
-    let config = sluice_integration_tests::test_config(
-        dir.join("ck").display().to_string(),
-        dir.join("data"),
-        backend,
-        parallelism,
-        None,
-    );
+    let config = sluice_integration_tests::test_config(dir, backend, parallelism, None);
     let report = run_job(JobSubmission { job, params, config }).unwrap();
     assert_eq!(report.outcome, JobOutcome::Finished);
     report.restarts
-}
-
-/// Fails on the first line where `got` differs from `want` (both sorted), or on their counts.
-fn assert_same_lines(got: &[String], want: &[String], what: &str) {
-    if let Some(i) = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]) {
-        panic!(
-            "{what}: line {i} of {} is {:?}, the direct computation's is {:?}",
-            got.len(),
-            got[i],
-            want[i]
-        );
-    }
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: line count (the first {} agree)",
-        got.len().min(want.len())
-    );
 }
 
 fn sorted(lines: &[&str]) -> Vec<String> {
@@ -91,9 +67,17 @@ fn generated_log_counts_equal_the_direct_computation_through_a_failure() {
                 );
             }
             let got = sluice_integration_tests::committed_lines(&dir.path().join("out"));
-            assert_same_lines(&got, &counts, &format!("{backend:?} {extra:?}: minute counts"));
+            sluice_integration_tests::assert_same_lines(
+                &got,
+                &counts,
+                &format!("{backend:?} {extra:?}: minute counts"),
+            );
             let got_late = sluice_integration_tests::committed_lines(&dir.path().join("late"));
-            assert_same_lines(&got_late, &late, &format!("{backend:?} {extra:?}: late requests"));
+            sluice_integration_tests::assert_same_lines(
+                &got_late,
+                &late,
+                &format!("{backend:?} {extra:?}: late requests"),
+            );
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use sluice_coordinator::{run_job, spawn_job, JobOutcome, JobSubmission};
 use sluice_examples::daily_totals::{definition, event};
+use sluice_integration_tests::assert_same_lines;
 use sluice_runtime::config::StateBackendKind;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,8 +26,7 @@ fn submission(dir: &Path, backend: StateBackendKind, p: usize, extra: &[&str], f
     ];
     settings.extend(extra.iter().map(|s| s.to_string()));
     let params = job.params_from_settings(&settings).unwrap();
-    let config =
-        sluice_integration_tests::test_config(dir.join("ck").display().to_string(), dir.join("data"), backend, p, from);
+    let config = sluice_integration_tests::test_config(dir, backend, p, from);
     JobSubmission { job, params, config }
 }
 
@@ -65,11 +65,7 @@ fn daily_totals_are_exact_through_a_failure_on_both_backends() {
             assert_eq!(report.outcome, JobOutcome::Finished);
             assert_eq!(report.restarts.len(), extra.len() / 2, "{backend:?} {extra:?}");
             let got = committed(dir.path());
-            assert_eq!(got.len(), want.len(), "{backend:?} {extra:?}");
-            assert!(
-                got == want,
-                "{backend:?} {extra:?}: totals differ from the direct computation"
-            );
+            assert_same_lines(&got, &want, &format!("{backend:?} {extra:?}: totals"));
         }
     }
 }
@@ -83,7 +79,7 @@ fn daily_totals_restore_from_a_savepoint_at_another_parallelism() {
     assert!(handle.wait_for_checkpoints(3));
     let savepoint = handle.savepoint(&dir.path().join("sp").display().to_string()).unwrap();
     assert_eq!(handle.wait().unwrap().outcome, JobOutcome::Finished);
-    assert!(committed(&first) == want);
+    assert_same_lines(&committed(&first), &want, "the first run's totals");
 
     // The restored run writes what follows the savepoint; with what the first run had committed
     // up to it, that is every total exactly once.

@@ -118,13 +118,7 @@ fn a_quiet_task_wakes_for_its_processing_time_timers_and_each_fires_once() {
         build,
     };
     let params = job.params_from_settings(&[]).unwrap();
-    let mut config = sluice_integration_tests::test_config(
-        dir.path().join("ck").display().to_string(),
-        dir.path().join("data"),
-        StateBackendKind::Memory,
-        2,
-        None,
-    );
+    let mut config = sluice_integration_tests::test_config(dir.path(), StateBackendKind::Memory, 2, None);
     // No checkpoints: their notifications would wake the task too.
     config.checkpoint.interval = None;
     let report = run_job(JobSubmission { job, params, config }).unwrap();

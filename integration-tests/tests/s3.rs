@@ -27,7 +27,8 @@ fn submission(dir: &Path, ck: &str, parallelism: usize, settings: &[String], fro
     ];
     all.extend_from_slice(settings);
     let params = job.params_from_settings(&all).unwrap();
-    let config = sluice_integration_tests::test_config(ck.to_string(), dir.join("data"), ROCKSDB, parallelism, from);
+    let mut config = sluice_integration_tests::test_config(dir, ROCKSDB, parallelism, from);
+    config.checkpoint_dir = ck.to_string();
     JobSubmission { job, params, config }
 }
 

@@ -340,8 +340,7 @@ fn submission(
     ];
     settings.extend(extra.iter().map(|s| s.to_string()));
     let params = job.params_from_settings(&settings).unwrap();
-    let config =
-        sluice_integration_tests::test_config(dir.join("ck").display().to_string(), dir.join("data"), backend, p, from);
+    let config = sluice_integration_tests::test_config(dir, backend, p, from);
     JobSubmission { job, params, config }
 }
 

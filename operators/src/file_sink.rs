@@ -14,7 +14,7 @@
 //! finished job leaves no in-progress file. One job writes to an output directory at a time.
 
 use serde::{Deserialize, Serialize};
-use sluice_runtime::snapshot::{OperatorState, Redistribution};
+use sluice_runtime::snapshot::{list_state, read_list, OperatorState, Redistribution};
 use sluice_runtime::{CheckpointId, Error, FinishHooks, Result, SinkFunction, TaskInfo};
 use std::fmt::Display;
 use std::io::Write;
@@ -111,12 +111,10 @@ impl<T: Display + sluice_runtime::operator::Data> SinkFunction for ExactlyOnceFi
         self.attempt_tag = format!("{}-a{}", self.job, info.attempt);
         self.hooks = info.finish_hooks.clone();
         // Union state: every subtask sees every file the checkpoint pre-committed.
-        let mut restored_files: Vec<Pending> = Vec::new();
-        if let Some(list) = restored.as_ref().and_then(|s| s.get(STATE)) {
-            for e in &list.entries {
-                restored_files.push(postcard::from_bytes(e).map_err(|e| Error::Serde(e.to_string()))?);
-            }
-        }
+        let mut restored_files: Vec<Pending> = match &restored {
+            Some(s) => read_list(s, STATE)?.unwrap_or_default(),
+            None => Vec::new(),
+        };
         restored_files.sort();
         restored_files.dedup();
         // Each restored file is committed by one subtask.
@@ -171,7 +169,7 @@ impl<T: Display + sluice_runtime::operator::Data> SinkFunction for ExactlyOnceFi
                 committed: format!("part-{}-{}-c{}", self.subtask, self.job, checkpoint.0),
             });
         }
-        crate::list_state(STATE, Redistribution::Union, &self.pending)
+        list_state(STATE, Redistribution::Union, &self.pending)
     }
 
     fn checkpoint_complete(&mut self, checkpoint: CheckpointId) -> Result<()> {

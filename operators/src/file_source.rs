@@ -3,7 +3,7 @@
 //! restore re-reads nothing that a completed checkpoint already covers.
 
 use serde::{Deserialize, Serialize};
-use sluice_runtime::snapshot::OperatorState;
+use sluice_runtime::snapshot::{list_state, read_list, OperatorState, Redistribution};
 use sluice_runtime::{Error, Result, SourceFunction, SourcePoll, TaskInfo};
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -86,7 +86,7 @@ impl SourceFunction for TextFileSource {
     fn open(&mut self, info: &TaskInfo, restored: Option<OperatorState>) -> Result<()> {
         self.splits = match restored
             .as_ref()
-            .map(|s| crate::read_list::<Split>(s, STATE))
+            .map(|s| read_list::<Split>(s, STATE))
             .transpose()?
             .flatten()
         {
@@ -140,6 +140,6 @@ impl SourceFunction for TextFileSource {
     }
 
     fn snapshot(&mut self) -> Result<OperatorState> {
-        crate::split_state(STATE, &self.splits)
+        list_state(STATE, Redistribution::Split, &self.splits)
     }
 }

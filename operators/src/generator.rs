@@ -4,7 +4,7 @@
 //! failure (or a rescale, which redistributes the entries) every event is emitted exactly once.
 
 use serde::{Deserialize, Serialize};
-use sluice_runtime::snapshot::OperatorState;
+use sluice_runtime::snapshot::{list_state, read_list, OperatorState, Redistribution};
 use sluice_runtime::{Data, Error, Result, SourceFunction, SourcePoll, TaskInfo};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ impl<T: Data> SourceFunction for LaneGenerator<T> {
     fn open(&mut self, info: &TaskInfo, restored: Option<OperatorState>) -> Result<()> {
         self.owned = match restored
             .as_ref()
-            .map(|s| crate::read_list::<Lane>(s, STATE))
+            .map(|s| read_list::<Lane>(s, STATE))
             .transpose()?
             .flatten()
         {
@@ -135,7 +135,7 @@ impl<T: Data> SourceFunction for LaneGenerator<T> {
     }
 
     fn snapshot(&mut self) -> Result<OperatorState> {
-        crate::split_state(STATE, &self.owned)
+        list_state(STATE, Redistribution::Split, &self.owned)
     }
 }
 

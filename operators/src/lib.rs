@@ -18,28 +18,3 @@ pub mod file_sink;
 pub mod file_source;
 pub mod generator;
 pub mod sorted_sink;
-
-use sluice_runtime::snapshot::{OperatorListState, OperatorState, Redistribution};
-use sluice_runtime::Result;
-
-/// Serializes entries into one split-mode operator list state named `name`.
-pub(crate) fn split_state<T: serde::Serialize>(name: &str, entries: &[T]) -> Result<OperatorState> {
-    list_state(name, Redistribution::Split, entries)
-}
-
-/// Serializes entries into one operator list state named `name`, redistributed by `mode`.
-pub(crate) fn list_state<T: serde::Serialize>(
-    name: &str,
-    mode: Redistribution,
-    entries: &[T],
-) -> Result<OperatorState> {
-    Ok(OperatorState::from([(
-        name.to_string(),
-        OperatorListState::of(mode, entries)?,
-    )]))
-}
-
-/// Reads back the entries of list state `name`, if present.
-pub(crate) fn read_list<T: serde::de::DeserializeOwned>(state: &OperatorState, name: &str) -> Result<Option<Vec<T>>> {
-    state.get(name).map(|l| l.decode(name)).transpose()
-}

@@ -4,7 +4,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use sluice_runtime::snapshot::OperatorState;
+use sluice_runtime::snapshot::{list_state, read_list, OperatorState, Redistribution};
 use sluice_runtime::{CheckpointId, Error, Result, SinkFunction, TaskInfo};
 use std::fmt::Display;
 use std::io::Write;
@@ -44,7 +44,7 @@ where
         }
         self.buffer = restored
             .as_ref()
-            .map(|s| crate::read_list::<T>(s, STATE))
+            .map(|s| read_list::<T>(s, STATE))
             .transpose()?
             .flatten()
             .unwrap_or_default();
@@ -60,7 +60,7 @@ where
         if self.buffer.is_empty() {
             return Ok(OperatorState::new());
         }
-        crate::split_state(STATE, &self.buffer)
+        list_state(STATE, Redistribution::Split, &self.buffer)
     }
 
     fn finish(&mut self) -> Result<()> {

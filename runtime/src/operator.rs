@@ -165,8 +165,9 @@ pub trait Operator: Send + 'static {
     fn on_processing_time(&mut self, _now: Timestamp, _out: &mut Vec<Self::Out>) -> Result<()> {
         Ok(())
     }
-    /// Asked when the input went quiet: whether this operator's output now counts as idle, left
-    /// out of watermarks downstream until it emits again (a source's idleness timeout).
+    /// Asked after each `on_processing_time` round: whether this operator's output just went
+    /// idle, left out of watermarks downstream until it emits again (a source's idleness
+    /// timeout, which it arms as a processing-time wake-up).
     fn output_idle(&mut self) -> bool {
         false
     }

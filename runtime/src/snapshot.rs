@@ -117,6 +117,20 @@ impl OperatorListState {
 /// All operator state of one subtask, by state name.
 pub type OperatorState = BTreeMap<String, OperatorListState>;
 
+/// Operator state holding one list state, `name`, with `entries`: what most operators and
+/// sources checkpoint.
+pub fn list_state<T: Serialize>(name: &str, mode: Redistribution, entries: &[T]) -> Result<OperatorState> {
+    Ok(OperatorState::from([(
+        name.to_string(),
+        OperatorListState::of(mode, entries)?,
+    )]))
+}
+
+/// The entries of list state `name` in `state`, if it holds one (see [`list_state`]).
+pub fn read_list<T: serde::de::DeserializeOwned>(state: &OperatorState, name: &str) -> Result<Option<Vec<T>>> {
+    state.get(name).map(|l| l.decode(name)).transpose()
+}
+
 /// The state of every subtask of one operator in a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorSnapshotMeta {

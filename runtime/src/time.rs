@@ -12,7 +12,7 @@ use crate::checkpoint::CheckpointId;
 use crate::element::Timestamp;
 use crate::error::Result;
 use crate::operator::{Data, Operator, OperatorSnapshot, RestoredState, TaskInfo};
-use crate::snapshot::{OperatorListState, OperatorState, Redistribution};
+use crate::snapshot::{list_state, read_list, OperatorState, Redistribution};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,19 +71,16 @@ impl<T> WatermarkStrategy<T> {
 const WATERMARK_STATE: &str = "watermark";
 
 /// A watermark as union operator state: every restored subtask sees every old subtask's.
-pub(crate) fn watermark_state(state: &mut OperatorState, watermark: Timestamp) -> Result<()> {
-    let list = OperatorListState::of(Redistribution::Union, &[watermark])?;
-    state.insert(WATERMARK_STATE.to_string(), list);
-    Ok(())
+pub(crate) fn watermark_state(watermark: Timestamp) -> Result<OperatorState> {
+    list_state(WATERMARK_STATE, Redistribution::Union, &[watermark])
 }
 
 /// The smallest watermark of the old subtasks, if any was restored: no record that was late
 /// for one of them counts as on time after the restore.
 pub(crate) fn restored_watermark(restored: Option<&RestoredState>) -> Result<Option<Timestamp>> {
-    let Some(list) = restored.and_then(|r| r.operator.get(WATERMARK_STATE)) else {
-        return Ok(None);
-    };
-    Ok(list.decode::<Timestamp>(WATERMARK_STATE)?.into_iter().min())
+    let Some(r) = restored else { return Ok(None) };
+    let watermarks = read_list::<Timestamp>(&r.operator, WATERMARK_STATE)?;
+    Ok(watermarks.and_then(|w| w.into_iter().min()))
 }
 
 /// The operator `assign_timestamps_and_watermarks` adds: records pass through unchanged.
@@ -93,22 +90,38 @@ pub(crate) struct WatermarkGenerator<T> {
     max_timestamp: Timestamp,
     emitted: Timestamp,
     pending: Option<Timestamp>,
-    /// When the last record passed (processing time), and whether idleness was declared since.
-    last_record: std::time::Instant,
+    /// The idleness timeout in ms, if any.
+    idle_after: Option<i64>,
+    /// The processing time at which the output goes idle unless a record passes first: the
+    /// task wakes up for it like for a timer, whether or not its input is quiet.
+    idle_at: Timestamp,
+    /// Whether idleness was declared since the last record, and whether downstream is yet to
+    /// hear of it.
     idle: bool,
+    went_idle: bool,
 }
 
 impl<T> WatermarkGenerator<T> {
     pub fn new(strategy: WatermarkStrategy<T>) -> Self {
-        let bound = i64::try_from(strategy.out_of_orderness.as_millis()).unwrap_or(i64::MAX);
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         Self {
+            bound: millis(strategy.out_of_orderness),
+            idle_after: strategy.idleness.map(millis),
             strategy,
-            bound,
             max_timestamp: Timestamp::MIN,
             emitted: Timestamp::MIN,
             pending: None,
-            last_record: std::time::Instant::now(),
+            idle_at: Timestamp::MAX,
             idle: false,
+            went_idle: false,
+        }
+    }
+
+    /// Not idle (again): idle `timeout` from now unless a record passes before.
+    fn active(&mut self) {
+        if let Some(timeout) = self.idle_after {
+            self.idle_at = crate::state::processing_time_now().saturating_add(timeout);
+            self.idle = false;
         }
     }
 
@@ -130,14 +143,13 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
             self.max_timestamp = w.saturating_add(self.bound).saturating_add(1);
             self.advance_to(w);
         }
+        // A subtask that never emits goes idle too.
+        self.active();
         Ok(())
     }
 
     fn process(&mut self, batch: Vec<T>, out: &mut Vec<T>) -> Result<()> {
-        if self.strategy.idleness.is_some() {
-            self.last_record = std::time::Instant::now();
-            self.idle = false;
-        }
+        self.active();
         for r in &batch {
             self.max_timestamp = self.max_timestamp.max(self.strategy.timestamp_of(r));
         }
@@ -149,14 +161,20 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
         Ok(())
     }
 
-    fn output_idle(&mut self) -> bool {
-        match self.strategy.idleness {
-            Some(timeout) if !self.idle && self.last_record.elapsed() >= timeout => {
-                self.idle = true;
-                true
-            }
-            _ => false,
+    fn next_processing_time(&self) -> Option<Timestamp> {
+        (self.idle_after.is_some() && !self.idle).then_some(self.idle_at)
+    }
+
+    fn on_processing_time(&mut self, now: Timestamp, _: &mut Vec<T>) -> Result<()> {
+        if self.idle_after.is_some() && !self.idle && self.idle_at <= now {
+            self.idle = true;
+            self.went_idle = true;
         }
+        Ok(())
+    }
+
+    fn output_idle(&mut self) -> bool {
+        std::mem::take(&mut self.went_idle)
     }
 
     fn forwards_watermarks(&self) -> bool {
@@ -171,9 +189,10 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
     fn snapshot(&mut self, _: CheckpointId) -> Result<OperatorSnapshot> {
         // Even at its start (MIN): a restore takes the smallest of all, so a generator that had
         // not advanced yet keeps the restored event time where it was.
-        let mut snapshot = OperatorSnapshot::default();
-        watermark_state(&mut snapshot.operator, self.emitted)?;
-        Ok(snapshot)
+        Ok(OperatorSnapshot {
+            keyed: None,
+            operator: watermark_state(self.emitted)?,
+        })
     }
 
     fn end_of_input(&mut self, _: &mut Vec<T>) -> Result<()> {
@@ -221,6 +240,30 @@ mod tests {
         assert_eq!(g.take_watermark(), Some(139));
         g.end_of_input(&mut out).unwrap();
         assert_eq!(g.take_watermark(), Some(Timestamp::MAX));
+    }
+
+    #[test]
+    fn idleness_is_a_processing_time_wake_up_until_a_record_passes() {
+        let strategy = WatermarkStrategy::monotonous(|t: &i64| *t);
+        let mut g = WatermarkGenerator::new(strategy.clone());
+        g.open(&info(), None).unwrap();
+        assert_eq!(g.next_processing_time(), None, "no wake-up without idleness");
+
+        let mut g = WatermarkGenerator::new(strategy.with_idleness(Duration::from_millis(50)));
+        let opened = crate::state::processing_time_now();
+        g.open(&info(), None).unwrap();
+        // Armed at open: a subtask that never emits goes idle too.
+        let at = g.next_processing_time().expect("armed");
+        assert!(at >= opened + 50, "{at} {opened}");
+        let mut out = Vec::new();
+        g.on_processing_time(at - 1, &mut out).unwrap();
+        assert!(!g.output_idle(), "not before the timeout");
+        g.on_processing_time(at, &mut out).unwrap();
+        assert!(g.output_idle());
+        assert!(!g.output_idle(), "declared once");
+        assert_eq!(g.next_processing_time(), None, "no wake-up while idle");
+        g.process(vec![1], &mut out).unwrap();
+        assert!(g.next_processing_time().is_some_and(|t| t >= at), "a record re-arms it");
     }
 
     #[test]

@@ -3,8 +3,7 @@
 
 use crate::checkpoint::CheckpointId;
 use crate::element::Timestamp;
-use crate::error::{Error, Result};
-use crate::keygroup::key_group_for_bytes;
+use crate::error::Result;
 use crate::operator::{
     Data, KeySelector, KeyedProcessFunction, Operator, OperatorSnapshot, RestoredState, SinkFunction, StateRegistry,
     TaskInfo,
@@ -109,14 +108,8 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
                 break;
             };
             let key: P::Key = postcard::from_bytes(&bytes)?;
-            let kg = key_group_for_bytes(&bytes, self.max_parallelism);
             let mut ctx = KeyedContext {
-                cur: CurrentKey {
-                    key: &key,
-                    bytes: &bytes,
-                    key_group: kg,
-                    index: range.index_of(kg),
-                },
+                cur: CurrentKey::new(&key, &bytes, self.max_parallelism, range)?,
                 backend: &mut *backend,
                 timers: Some(&mut *timers),
                 now,
@@ -164,20 +157,8 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
             let key = (self.key)(&record);
             self.key_bytes.clear();
             self.key_bytes = postcard::to_extend(&key, std::mem::take(&mut self.key_bytes))?;
-            let kg = key_group_for_bytes(&self.key_bytes, self.max_parallelism);
-            if !range.contains(kg) {
-                return Err(Error::User(format!(
-                    "a record of key group {} reached the subtask owning key groups {range}",
-                    kg.0
-                )));
-            }
             let mut ctx = KeyedContext {
-                cur: CurrentKey {
-                    key: &key,
-                    bytes: &self.key_bytes,
-                    key_group: kg,
-                    index: range.index_of(kg),
-                },
+                cur: CurrentKey::new(&key, &self.key_bytes, self.max_parallelism, range)?,
                 backend,
                 timers: self.timers.as_mut(),
                 now,
@@ -188,8 +169,15 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
     }
 
     fn watermark(&mut self, watermark: Timestamp, out: &mut Vec<P::Out>) -> Result<()> {
-        if let Some(timers) = self.timers.as_mut() {
-            timers.advance(watermark);
+        let Some(timers) = self.timers.as_mut() else {
+            return Ok(());
+        };
+        timers.advance(watermark);
+        // Most watermarks fire nothing: no clock read for them. The backend's processing time
+        // then stays put: nothing reads state here, and TTL compaction judging by an older
+        // time only drops less.
+        if !timers.has_due() {
+            return Ok(());
         }
         self.fire(TimeDomain::EventTime, crate::state::processing_time_now(), out)
     }
@@ -213,13 +201,13 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
         } else {
             Some(backend.snapshot(checkpoint)?)
         };
-        let mut operator = crate::snapshot::OperatorState::new();
         // Even at MIN: a restore takes the smallest clock of all old subtasks.
         // The event-time clock: every subtask had the same one at an aligned barrier, and a
         // restored one starts from it, so a record late before a failure is late after it.
-        if let Some(t) = self.timers.as_ref() {
-            crate::time::watermark_state(&mut operator, t.watermark())?;
-        }
+        let operator = match self.timers.as_ref() {
+            Some(t) => crate::time::watermark_state(t.watermark())?,
+            None => crate::snapshot::OperatorState::new(),
+        };
         Ok(OperatorSnapshot { keyed, operator })
     }
 

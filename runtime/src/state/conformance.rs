@@ -3,7 +3,10 @@
 //! to both and compare every read: with each other, and for TTL state with a model written
 //! independently of the backends' shared TTL code.
 
-use super::{KeyedBackend, KeyedSnapshot};
+use super::{
+    processing_time_now, KeyedBackend, KeyedContext, KeyedSnapshot, ListState, MapState, ReducingState, StateTtlConfig,
+    ValueState,
+};
 use crate::checkpoint::{CheckpointId, CheckpointKind};
 use crate::config::StateBackendKind;
 use crate::keygroup::{range_for_subtask, KeyGroupRange};
@@ -17,6 +20,8 @@ use crate::task::{persist, PersistTarget};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use tempfile::TempDir;
 
 const M: u16 = 16;
 
@@ -33,6 +38,58 @@ fn open(kind: StateBackendKind, dir: &Path, range: KeyGroupRange, restored: Rest
     KeyedBackend::open(kind, range, dir, restored, Default::default()).unwrap()
 }
 
+/// One state of each kind.
+struct States {
+    values: ValueState<u64, String>,
+    lists: ListState<u64, i32>,
+    maps: MapState<u64, String, u64>,
+    sums: ReducingState<u64, i64>,
+}
+
+/// Registers one state of each kind: all with `ttl` (named `ttl-...`) or all without.
+fn states(b: &mut KeyedBackend, ttl: Option<StateTtlConfig>) -> States {
+    let name = |n: &str| match ttl {
+        Some(_) => format!("ttl-{n}"),
+        None => n.to_string(),
+    };
+    States {
+        values: ValueState::register(b, &name("values"), ttl).unwrap(),
+        lists: ListState::register(b, &name("lists"), ttl).unwrap(),
+        maps: MapState::register(b, &name("maps"), ttl).unwrap(),
+        sums: ReducingState::register(b, &name("sums"), ttl, Arc::new(|a: &i64, b: &i64| a + b)).unwrap(),
+    }
+}
+
+impl States {
+    /// Applies keyed operation `op` to the current key; a map update's "existed".
+    fn apply(&self, ctx: &mut KeyedContext<'_, u64>, op: &Op) -> Option<bool> {
+        match op {
+            Op::Put(_, v) => self.values.update(ctx, v.clone()).unwrap(),
+            Op::Update(_, c) => self
+                .values
+                .update_with(ctx, String::new, |v| v.push(*c as char))
+                .unwrap(),
+            Op::Clear(_) => {
+                self.values.clear(ctx).unwrap();
+                self.lists.clear(ctx).unwrap();
+                self.maps.clear(ctx).unwrap();
+            }
+            Op::ListAdd(_, v) => self.lists.add(ctx, *v).unwrap(),
+            Op::MapPut(_, u, v) => self.maps.put(ctx, format!("u{u}"), *v).unwrap(),
+            Op::MapRemove(_, u) => self.maps.remove(ctx, &format!("u{u}")).unwrap(),
+            Op::MapUpdate(_, u, v) => {
+                let existed = self
+                    .maps
+                    .update_with(ctx, format!("u{u}"), || 7, |x| *x = x.wrapping_mul(*v));
+                return Some(existed.unwrap());
+            }
+            Op::Reduce(_, v) => self.sums.add(ctx, *v).unwrap(),
+            Op::Snapshot | Op::Compact | Op::Drain => unreachable!("not a keyed operation: {op:?}"),
+        }
+        None
+    }
+}
+
 /// Everything a backend holds, read through the public handles, in a comparable form.
 #[derive(Debug, PartialEq, Default)]
 struct Contents {
@@ -43,11 +100,12 @@ struct Contents {
 }
 
 fn read_all(b: &mut KeyedBackend) -> Contents {
-    let mut reg = b.registry::<u64>();
-    let values = reg.value_state::<String>("values").unwrap();
-    let lists = reg.list_state::<i32>("lists").unwrap();
-    let maps = reg.map_state::<String, u64>("maps").unwrap();
-    let sums = reg.reducing_state::<i64>("sums", |a, b| a + b).unwrap();
+    let States {
+        values,
+        lists,
+        maps,
+        sums,
+    } = states(b, None);
     Contents {
         values: values.entries(b).unwrap().into_iter().collect(),
         lists: lists.entries(b).unwrap().into_iter().collect(),
@@ -63,11 +121,12 @@ fn read_all(b: &mut KeyedBackend) -> Contents {
 
 /// Writes a known pattern of state for keys `0..n`.
 fn fill(b: &mut KeyedBackend, n: u64) {
-    let mut reg = b.registry::<u64>();
-    let values = reg.value_state::<String>("values").unwrap();
-    let lists = reg.list_state::<i32>("lists").unwrap();
-    let maps = reg.map_state::<String, u64>("maps").unwrap();
-    let sums = reg.reducing_state::<i64>("sums", |a, b| a + b).unwrap();
+    let States {
+        values,
+        lists,
+        maps,
+        sums,
+    } = states(b, None);
     for k in 0..n {
         b.with_key(&k, M, |ctx| {
             values.update(ctx, format!("v{k}")).unwrap();
@@ -430,11 +489,7 @@ fn op_in(keys: u64, compact: u32) -> impl Strategy<Value = Op> {
 }
 
 fn apply(b: &mut KeyedBackend, ops: &[Op]) -> Vec<String> {
-    let mut reg = b.registry::<u64>();
-    let values = reg.value_state::<String>("values").unwrap();
-    let lists = reg.list_state::<i32>("lists").unwrap();
-    let maps = reg.map_state::<String, u64>("maps").unwrap();
-    let sums = reg.reducing_state::<i64>("sums", |a, b| a + b).unwrap();
+    let s = states(b, None);
     let mut reads = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         let Some(key) = op_key(op) else {
@@ -447,35 +502,15 @@ fn apply(b: &mut KeyedBackend, ops: &[Op]) -> Vec<String> {
             continue;
         };
         b.with_key(&key, M, |ctx| {
-            let mut existed = None;
-            match op {
-                Op::Put(_, v) => values.update(ctx, v.clone()).unwrap(),
-                Op::Update(_, c) => values.update_with(ctx, String::new, |v| v.push(*c as char)).unwrap(),
-                Op::Clear(_) => {
-                    values.clear(ctx).unwrap();
-                    lists.clear(ctx).unwrap();
-                    maps.clear(ctx).unwrap();
-                }
-                Op::ListAdd(_, v) => lists.add(ctx, *v).unwrap(),
-                Op::MapPut(_, u, v) => maps.put(ctx, format!("u{u}"), *v).unwrap(),
-                Op::MapRemove(_, u) => maps.remove(ctx, &format!("u{u}")).unwrap(),
-                Op::MapUpdate(_, u, v) => {
-                    existed = Some(
-                        maps.update_with(ctx, format!("u{u}"), || 7, |x| *x = x.wrapping_mul(*v))
-                            .unwrap(),
-                    )
-                }
-                Op::Reduce(_, v) => sums.add(ctx, *v).unwrap(),
-                Op::Snapshot | Op::Compact | Op::Drain => unreachable!(),
-            }
-            let mut m = maps.entries(ctx).unwrap();
+            let existed = s.apply(ctx, op);
+            let mut m = s.maps.entries(ctx).unwrap();
             m.sort();
             reads.push(format!(
                 "{existed:?} {:?} {:?} {:?} {:?}",
-                values.get(ctx).unwrap(),
-                lists.get(ctx).unwrap(),
+                s.values.get(ctx).unwrap(),
+                s.lists.get(ctx).unwrap(),
                 m,
-                sums.get(ctx).unwrap()
+                s.sums.get(ctx).unwrap()
             ));
         })
         .unwrap();
@@ -483,24 +518,39 @@ fn apply(b: &mut KeyedBackend, ops: &[Op]) -> Vec<String> {
     reads
 }
 
+/// The backends the property tests compare, named: memory, RocksDB, and RocksDB with a tiny
+/// write cache (writes reach RocksDB while a frozen cache may still be moving, and most before
+/// the next compaction).
+fn three_backends(dir: &Path) -> [(&'static str, KeyedBackend); 3] {
+    let mut small = open(BACKENDS[1], &dir.join("s"), full_range(), Default::default());
+    if let KeyedBackend::RocksDb(r) = &mut small {
+        r.set_write_cache_limit(200);
+    }
+    [
+        (
+            "memory",
+            open(BACKENDS[0], &dir.join("m"), full_range(), Default::default()),
+        ),
+        (
+            "rocksdb",
+            open(BACKENDS[1], &dir.join("r"), full_range(), Default::default()),
+        ),
+        ("rocksdb, small write cache", small),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     #[test]
     fn both_backends_read_the_same_after_the_same_operations(ops in proptest::collection::vec(op(), 1..120)) {
         let dir = tempfile::tempdir().unwrap();
-        let mut mem = open(BACKENDS[0], &dir.path().join("m"), full_range(), Default::default());
-        let mut rocks = open(BACKENDS[1], &dir.path().join("r"), full_range(), Default::default());
-        // A tiny write cache: writes reach RocksDB while a frozen cache may still be moving.
-        let mut small = open(BACKENDS[1], &dir.path().join("s"), full_range(), Default::default());
-        if let KeyedBackend::RocksDb(r) = &mut small {
-            r.set_write_cache_limit(200);
-        }
+        let [(_, mut mem), others @ ..] = three_backends(dir.path());
         let reads = apply(&mut mem, &ops);
-        prop_assert_eq!(&reads, &apply(&mut rocks, &ops));
-        prop_assert_eq!(&reads, &apply(&mut small, &ops));
         let all = read_all(&mut mem);
-        prop_assert_eq!(&all, &read_all(&mut rocks));
-        prop_assert_eq!(&all, &read_all(&mut small));
+        for (what, mut b) in others {
+            prop_assert_eq!(&reads, &apply(&mut b, &ops), "{}", what);
+            prop_assert_eq!(&all, &read_all(&mut b), "{}", what);
+        }
     }
 }
 
@@ -550,8 +600,6 @@ fn an_incremental_checkpoint_uploads_only_what_changed() {
 
 // --- State TTL -------------------------------------------------------------------------------
 
-use super::{processing_time_now, ListState, MapState, ReducingState, StateTtlConfig, ValueState};
-
 /// One hour: tests start near the wall clock and move time forward explicitly with
 /// `with_key_at` (RocksDB's compactions judge expiry by the latest such time).
 const TTL: i64 = 3_600_000;
@@ -560,25 +608,16 @@ fn ttl_config() -> StateTtlConfig {
     StateTtlConfig::new(std::time::Duration::from_millis(TTL as u64)).unwrap()
 }
 
-struct TtlStates {
-    values: ValueState<u64, String>,
-    lists: ListState<u64, i32>,
-    maps: MapState<u64, String, u64>,
-    sums: ReducingState<u64, i64>,
+/// A fresh backend of `kind` with the TTL states registered, and the processing time to start
+/// from.
+fn ttl_backend(kind: StateBackendKind, cfg: StateTtlConfig) -> (TempDir, KeyedBackend, States, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(kind, dir.path(), full_range(), Default::default());
+    let s = states(&mut b, Some(cfg));
+    (dir, b, s, processing_time_now())
 }
 
-fn ttl_states(b: &mut KeyedBackend, cfg: StateTtlConfig) -> TtlStates {
-    let mut reg = b.registry::<u64>();
-    let mut reg = reg.with_ttl(cfg);
-    TtlStates {
-        values: reg.value_state("ttl-values").unwrap(),
-        lists: reg.list_state("ttl-lists").unwrap(),
-        maps: reg.map_state("ttl-maps").unwrap(),
-        sums: reg.reducing_state("ttl-sums", |a: &i64, b: &i64| a + b).unwrap(),
-    }
-}
-
-impl TtlStates {
+impl States {
     /// Writes every state of `key` at `now`.
     fn write(&self, b: &mut KeyedBackend, key: u64, now: i64) {
         b.with_key_at(&key, M, now, |ctx| {
@@ -618,10 +657,7 @@ const ABSENT: (Option<String>, Vec<i32>, Option<u64>, Option<i64>) = (None, Vec:
 #[test]
 fn a_ttl_value_expires_at_exactly_its_ttl_and_an_expired_read_removes_it() {
     for kind in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = open(kind, dir.path(), full_range(), Default::default());
-        let s = ttl_states(&mut b, ttl_config());
-        let t = processing_time_now();
+        let (_dir, mut b, s, t) = ttl_backend(kind, ttl_config());
         s.write(&mut b, 1, t);
         // A millisecond later: key 2's state is live when key 1's expires, whichever key groups
         // the memory backend's sweeps reach meanwhile.
@@ -661,10 +697,7 @@ fn a_ttl_value_expires_at_exactly_its_ttl_and_an_expired_read_removes_it() {
 #[test]
 fn on_read_and_write_extends_life_on_read() {
     for kind in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = open(kind, dir.path(), full_range(), Default::default());
-        let s = ttl_states(&mut b, ttl_config().update_on_read_and_write());
-        let t = processing_time_now();
+        let (_dir, mut b, s, t) = ttl_backend(kind, ttl_config().update_on_read_and_write());
         s.write(&mut b, 1, t);
         s.write(&mut b, 2, t);
         s.write(&mut b, 3, t);
@@ -690,10 +723,7 @@ fn on_read_and_write_extends_life_on_read() {
 #[test]
 fn writing_to_an_expired_value_starts_from_the_default() {
     for kind in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = open(kind, dir.path(), full_range(), Default::default());
-        let s = ttl_states(&mut b, ttl_config());
-        let t = processing_time_now();
+        let (_dir, mut b, s, t) = ttl_backend(kind, ttl_config());
         let key = 5u64;
         let write = |b: &mut KeyedBackend, now: i64, c: char| {
             b.with_key_at(&key, M, now, |ctx| {
@@ -738,7 +768,7 @@ fn ttl_timestamps_survive_checkpoints_savepoints_and_rescaling() {
     for (from, to, canonical) in cases {
         let dir = tempfile::tempdir().unwrap();
         let mut b = open(from, &dir.path().join("a"), full_range(), Default::default());
-        let s = ttl_states(&mut b, ttl_config());
+        let s = states(&mut b, Some(ttl_config()));
         let t = processing_time_now();
         // Even keys written at t, odd ones at t + 1.
         for k in 0..40u64 {
@@ -758,7 +788,7 @@ fn ttl_timestamps_survive_checkpoints_savepoints_and_rescaling() {
             } else {
                 checkpoint_and_restore(snapshot, to, range, &sub)
             };
-            let s = ttl_states(&mut r, ttl_config());
+            let s = states(&mut r, Some(ttl_config()));
             let what = format!("{from:?} -> {to:?}, canonical {canonical}, range {range}");
             let mine: Vec<u64> = (0..40u64)
                 .filter(|k| range.contains(crate::keygroup::key_group_for_key(k, M)))
@@ -861,12 +891,10 @@ fn adding_or_removing_a_ttl_across_a_restore_is_refused_naming_the_state() {
 
 #[test]
 fn rocksdb_compaction_never_drops_what_a_read_of_the_current_batch_returns() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut b = open(BACKENDS[1], dir.path(), full_range(), Default::default());
-    let s = ttl_states(&mut b, ttl_config());
+    let (_dir, mut b, s, now) = ttl_backend(BACKENDS[1], ttl_config());
     // The batch being processed read the clock a second ago: its reads use `t`, behind the
     // wall clock.
-    let t = processing_time_now() - 1_000;
+    let t = now - 1_000;
     // Expires at t + 1: live for the batch, expired by the wall clock.
     s.write(&mut b, 1, t + 1 - TTL);
     rocks(&mut b).drain_write_cache().unwrap();
@@ -883,10 +911,7 @@ fn rocksdb_compaction_never_drops_what_a_read_of_the_current_batch_returns() {
 #[test]
 fn a_ttl_list_that_only_receives_appends_stays_bounded() {
     for kind in BACKENDS {
-        let dir = tempfile::tempdir().unwrap();
-        let mut b = open(kind, dir.path(), full_range(), Default::default());
-        let s = ttl_states(&mut b, ttl_config());
-        let t = processing_time_now();
+        let (_dir, mut b, s, t) = ttl_backend(kind, ttl_config());
         let (key, step) = (3u64, TTL / 10);
         let stored_len = |b: &mut KeyedBackend, now: i64| {
             b.with_key_at(&key, M, now, |ctx| {
@@ -918,10 +943,7 @@ fn a_ttl_list_that_only_receives_appends_stays_bounded() {
 
 #[test]
 fn memory_cleanup_charges_every_element_it_checks() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut a = open(BACKENDS[0], dir.path(), full_range(), Default::default());
-    let s = ttl_states(&mut a, ttl_config());
-    let t = processing_time_now();
+    let (dir, mut a, s, t) = ttl_backend(BACKENDS[0], ttl_config());
     // A big map in the first key group the sweeps visit, one key in each other key group.
     const ENTRIES: u64 = 4_000;
     let mut first_key = std::collections::BTreeMap::new();
@@ -950,7 +972,7 @@ fn memory_cleanup_charges_every_element_it_checks() {
         full_range(),
         canonical_blocks(&a.snapshot(CheckpointId(1)).unwrap()),
     );
-    let s = ttl_states(&mut b, ttl_config());
+    let s = states(&mut b, Some(ttl_config()));
     assert_eq!(b.stored_entries(s.maps.id).unwrap(), M as usize);
     // Everything expired; another key keeps using the state. The first access sweeps the big
     // map, which costs 2 * ENTRIES checks (looked at to find something expired, then to drop
@@ -977,10 +999,7 @@ fn memory_cleanup_charges_every_element_it_checks() {
 
 #[test]
 fn memory_cleanup_sweeps_keys_never_read_again_without_touching_snapshots() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut b = open(BACKENDS[0], dir.path(), full_range(), Default::default());
-    let s = ttl_states(&mut b, ttl_config());
-    let t = processing_time_now();
+    let (dir, mut b, s, t) = ttl_backend(BACKENDS[0], ttl_config());
     const N: u64 = 1000;
     for k in 0..N {
         s.write(&mut b, k, t);
@@ -1015,17 +1034,14 @@ fn memory_cleanup_sweeps_keys_never_read_again_without_touching_snapshots() {
     );
     // The snapshot taken before the sweeps still holds everything.
     let mut restored = open(BACKENDS[0], dir.path(), full_range(), canonical_blocks(&snapshot));
-    let r = ttl_states(&mut restored, ttl_config());
+    let r = states(&mut restored, Some(ttl_config()));
     assert_eq!(r.stored(&restored), [N as usize; 4]);
 }
 
 #[test]
 fn rocksdb_compaction_drops_expired_entries_and_the_write_cache_still_wins() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut b = open(BACKENDS[1], dir.path(), full_range(), Default::default());
-    let s = ttl_states(&mut b, ttl_config());
+    let (_dir, mut b, s, t) = ttl_backend(BACKENDS[1], ttl_config());
     let plain = b.registry::<u64>().value_state::<String>("plain").unwrap();
-    let t = processing_time_now();
     const N: u64 = 500;
     for k in 0..N {
         s.write(&mut b, k, t);
@@ -1103,7 +1119,7 @@ fn apply_ttl(b: &mut KeyedBackend, on_read: bool, ops: &[(i64, Op)], t0: i64) ->
     } else {
         ttl_config()
     };
-    let s = ttl_states(b, cfg);
+    let s = states(b, Some(cfg));
     let mut now = t0;
     let mut reads = Vec::new();
     for (i, (delta, op)) in ops.iter().enumerate() {
@@ -1116,28 +1132,7 @@ fn apply_ttl(b: &mut KeyedBackend, on_read: bool, ops: &[(i64, Op)], t0: i64) ->
             continue;
         };
         b.with_key_at(&key, M, now, |ctx| {
-            let mut existed = None;
-            match op {
-                Op::Put(_, v) => s.values.update(ctx, v.clone()).unwrap(),
-                Op::Update(_, c) => s.values.update_with(ctx, String::new, |v| v.push(*c as char)).unwrap(),
-                Op::Clear(_) => {
-                    s.values.clear(ctx).unwrap();
-                    s.lists.clear(ctx).unwrap();
-                    s.maps.clear(ctx).unwrap();
-                }
-                Op::ListAdd(_, v) => s.lists.add(ctx, *v).unwrap(),
-                Op::MapPut(_, u, v) => s.maps.put(ctx, format!("u{u}"), *v).unwrap(),
-                Op::MapRemove(_, u) => s.maps.remove(ctx, &format!("u{u}")).unwrap(),
-                Op::MapUpdate(_, u, v) => {
-                    existed = Some(
-                        s.maps
-                            .update_with(ctx, format!("u{u}"), || 7, |x| *x = x.wrapping_mul(*v))
-                            .unwrap(),
-                    )
-                }
-                Op::Reduce(_, v) => s.sums.add(ctx, *v).unwrap(),
-                Op::Snapshot | Op::Compact | Op::Drain => unreachable!(),
-            }
+            let existed = s.apply(ctx, op);
             // Reads of one state only now and then, so that the others age unread.
             let mut m = s.maps.entries(ctx).unwrap();
             m.sort();
@@ -1316,15 +1311,8 @@ proptest! {
         let t0 = processing_time_now();
         let want = TtlModel::new(on_read).run(&ops, t0);
         let dir = tempfile::tempdir().unwrap();
-        let mut mem = open(BACKENDS[0], &dir.path().join("m"), full_range(), Default::default());
-        let mut rocks = open(BACKENDS[1], &dir.path().join("r"), full_range(), Default::default());
-        // A tiny write cache: most writes reach RocksDB before the next compaction.
-        let mut small = open(BACKENDS[1], &dir.path().join("s"), full_range(), Default::default());
-        if let KeyedBackend::RocksDb(r) = &mut small {
-            r.set_write_cache_limit(200);
+        for (what, mut b) in three_backends(dir.path()) {
+            prop_assert_eq!(&apply_ttl(&mut b, on_read, &ops, t0), &want, "{}", what);
         }
-        prop_assert_eq!(&apply_ttl(&mut mem, on_read, &ops, t0), &want, "memory");
-        prop_assert_eq!(&apply_ttl(&mut rocks, on_read, &ops, t0), &want, "rocksdb");
-        prop_assert_eq!(&apply_ttl(&mut small, on_read, &ops, t0), &want, "rocksdb, small write cache");
     }
 }

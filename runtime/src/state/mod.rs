@@ -47,6 +47,26 @@ pub(crate) struct CurrentKey<'a, K> {
     pub index: usize,
 }
 
+impl<'a, K> CurrentKey<'a, K> {
+    /// `key` (serialized: `bytes`) as the current key of a backend owning key groups `range`;
+    /// an error if its key group is not among them.
+    pub(crate) fn new(key: &'a K, bytes: &'a [u8], max_parallelism: u16, range: KeyGroupRange) -> Result<Self> {
+        let key_group = key_group_for_bytes(bytes, max_parallelism);
+        if !range.contains(key_group) {
+            return Err(Error::User(format!(
+                "a key of key group {} reached the subtask owning key groups {range}",
+                key_group.0
+            )));
+        }
+        Ok(Self {
+            key,
+            bytes,
+            key_group,
+            index: range.index_of(key_group),
+        })
+    }
+}
+
 /// The record's key and the backend, while a keyed function runs.
 pub struct KeyedContext<'a, K> {
     pub(crate) cur: CurrentKey<'a, K>,
@@ -478,22 +498,10 @@ impl KeyedBackend {
         f: impl FnOnce(&mut KeyedContext<'_, K>) -> R,
     ) -> Result<R> {
         let bytes = postcard::to_allocvec(key)?;
-        let kg = key_group_for_bytes(&bytes, max_parallelism);
-        let range = self.range();
-        if !range.contains(kg) {
-            return Err(Error::User(format!(
-                "key group {} is outside this backend's range {range}",
-                kg.0
-            )));
-        }
+        let cur = CurrentKey::new(key, &bytes, max_parallelism, self.range())?;
         self.advance_processing_time(now);
         let mut ctx = KeyedContext {
-            cur: CurrentKey {
-                key,
-                bytes: &bytes,
-                key_group: kg,
-                index: range.index_of(kg),
-            },
+            cur,
             backend: self,
             timers: None,
             now,
@@ -795,7 +803,7 @@ impl<K: Key, V: StateValue> ValueState<K, V> {
     ) -> Result<()> {
         match &self.ttl {
             None => ctx.backend.value_update::<K, V>(self.id, &ctx.cur, default, f),
-            Some(cfg) => ttl::value_update(ctx, self.id, cfg, default, |v, _| f(v)),
+            Some(cfg) => ttl::value_update(ctx, self.id, cfg, default, f),
         }
     }
 
@@ -998,7 +1006,8 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
 
     /// Folds `value` into the current key's value (an expired value is replaced, not folded).
     pub fn add(&self, ctx: &mut KeyedContext<'_, K>, value: V) -> Result<()> {
-        // One lookup: the value itself when the key has none yet, else folded into the old one.
+        // One lookup: the value itself when the key has none yet (or an expired one), else
+        // folded into the old one. `first` takes the value, so `fold` then has nothing to fold.
         let value = std::cell::Cell::new(Some(value));
         let first = || value.take().expect("taken once");
         let fold = |old: &mut V| {
@@ -1009,12 +1018,7 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
         let id = self.value.id;
         match &self.value.ttl {
             None => ctx.backend.value_update::<K, V>(id, &ctx.cur, first, fold),
-            // An absent or expired value was replaced by the added one (`first`): nothing to fold.
-            Some(cfg) => ttl::value_update(ctx, id, cfg, first, |old, existed| {
-                if existed {
-                    fold(old)
-                }
-            }),
+            Some(cfg) => ttl::value_update(ctx, id, cfg, first, fold),
         }
     }
 

@@ -20,7 +20,7 @@
 //! is dropped once its newest element expired; expired elements of a list that still has live
 //! ones go at its next read or append (see `ttl::list_add`).
 
-use super::ttl::{stored_timestamp, StateTtlConfig};
+use super::ttl::{is_ttl_name, stored_timestamp, StateTtlConfig};
 use super::write_cache::{self, Background, Cached, Entries, WriteCache};
 use super::{CurrentKey, Key, StateId, StateValue};
 use crate::checkpoint::CheckpointId;
@@ -103,8 +103,10 @@ fn block_cache() -> &'static rocksdb::Cache {
     CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES))
 }
 
-/// The TTL compaction filters of one instance: per column family its TTL in ms (0: none, set
-/// when a state registers with a TTL), and the clock the filters judge expiry by.
+/// The TTL compaction filters of one instance: per TTL state's column family its TTL in ms (0
+/// until the state registers), and the clock the filters judge expiry by. Only TTL states get
+/// a filter: timers, window panes and states without TTL would pay a callback per entry per
+/// compaction just to keep it.
 struct TtlFilters {
     ttls: HashMap<String, Arc<AtomicI64>>,
     /// The backend's processing time: the `now` of the batch or timer round being processed
@@ -121,17 +123,21 @@ impl TtlFilters {
         }
     }
 
+    /// The TTL slot of a TTL state's column family.
     fn slot(&mut self, cf: &str) -> Arc<AtomicI64> {
         self.ttls.entry(cf.to_string()).or_default().clone()
     }
 
-    /// The options of column family `cf`: the instance's, with the TTL compaction filter.
+    /// The options of column family `cf`: the instance's, with the TTL compaction filter when
+    /// it holds a TTL state.
     fn cf_options(&mut self, cf: &str) -> Options {
         let mut o = db_options();
-        o.set_compaction_filter_factory(TtlFilterFactory {
-            ttl_ms: self.slot(cf),
-            clock: self.clock.clone(),
-        });
+        if is_ttl_name(cf) {
+            o.set_compaction_filter_factory(TtlFilterFactory {
+                ttl_ms: self.slot(cf),
+                clock: self.clock.clone(),
+            });
+        }
         o
     }
 }
@@ -159,8 +165,8 @@ impl CompactionFilterFactory for TtlFilterFactory {
     }
 }
 
-/// Drops entries whose leading timestamp is expired; keeps everything in a state without TTL
-/// and any value it cannot read a timestamp from.
+/// Drops entries whose leading timestamp is expired; keeps everything while the state has not
+/// registered its TTL yet, and any value it cannot read a timestamp from.
 struct TtlFilter {
     ttl_ms: i64,
     now: Timestamp,
@@ -264,8 +270,8 @@ impl std::ops::Deref for Raw<'_> {
     }
 }
 
-/// Opens the instance at `path` with all its column families (each with its TTL filter);
-/// their names.
+/// Opens the instance at `path` with all its column families (those of TTL states with their
+/// TTL filter); their names.
 fn open_db(path: &Path, ttl: &mut TtlFilters) -> Result<(DB, Vec<String>)> {
     let opts = db_options();
     let cfs = DB::list_cf(&opts, path).unwrap_or_else(|_| vec!["default".to_string()]);
@@ -512,10 +518,10 @@ impl RocksBackend {
             return Ok(id);
         }
         self.ensure_cf(name)?;
-        // From now on compactions of its column family drop expired entries.
-        self.filters
-            .slot(name)
-            .store(ttl.map_or(0, |c| c.ttl_ms()), Ordering::Release);
+        if let Some(cfg) = ttl {
+            // From now on compactions of its column family drop expired entries.
+            self.filters.slot(name).store(cfg.ttl_ms(), Ordering::Release);
+        }
         self.names.push(name.to_string());
         self.ttls.push(ttl);
         self.cache.register(self.names.len() - 1);

@@ -147,6 +147,12 @@ pub(crate) fn stored_timestamp(bytes: &[u8]) -> Option<Timestamp> {
 /// name (names beginning with `__` are the runtime's).
 const TTL_NAME_PREFIX: &str = "__ttl__/";
 
+/// Whether stored name `name` is that of a TTL state ([`stored_name`]).
+#[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
+pub(crate) fn is_ttl_name(name: &str) -> bool {
+    name.starts_with(TTL_NAME_PREFIX)
+}
+
 /// The name state `name` is stored under, with or without a TTL: the two never meet, so a
 /// snapshot's state cannot be read with the other stored form (see the module docs).
 pub(crate) fn stored_name(name: &str, ttl: bool) -> Cow<'_, str> {
@@ -213,37 +219,31 @@ pub(super) fn value_put<K: Key, V: StateValue>(ctx: &mut KeyedContext<'_, K>, id
 }
 
 /// Read-modify-write of a TTL value: an expired value counts as absent, so `f` then sees the
-/// default. `f` gets `(value, existed)`; the timestamp becomes `now`.
+/// default; the timestamp becomes `now`.
 pub(super) fn value_update<K: Key, V: StateValue>(
     ctx: &mut KeyedContext<'_, K>,
     id: StateId,
     cfg: &StateTtlConfig,
     default: impl FnOnce() -> V,
-    f: impl FnOnce(&mut V, bool),
+    f: impl FnOnce(&mut V),
 ) -> Result<()> {
     let now = ctx.now;
     // The backend calls `default` only for an absent value; `f` needs it for an expired one.
     let default = std::cell::Cell::new(Some(default));
     let fresh = || (default.take().expect("the default is needed at most once"))();
-    let created = std::cell::Cell::new(false);
     ctx.backend.value_update::<K, TtlValue<V>>(
         id,
         &ctx.cur,
-        || {
-            created.set(true);
-            TtlValue {
-                ts: now,
-                value: fresh(),
-            }
+        || TtlValue {
+            ts: now,
+            value: fresh(),
         },
         |t| {
-            let existed = !created.get();
-            if existed && cfg.is_expired(t.ts, now) {
+            // A value created just now (by the default above) is not expired either.
+            if cfg.is_expired(t.ts, now) {
                 t.value = fresh();
-                f(&mut t.value, false);
-            } else {
-                f(&mut t.value, existed);
             }
+            f(&mut t.value);
             t.ts = now;
         },
     )?;

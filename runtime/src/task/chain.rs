@@ -118,11 +118,7 @@ impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
     }
 
     fn flush(&mut self) -> Result<()> {
-        self.next.flush()?;
-        if self.op.output_idle() {
-            self.next.idle()?;
-        }
-        Ok(())
+        self.next.flush()
     }
 
     fn idle(&mut self) -> Result<()> {
@@ -142,6 +138,9 @@ impl<O: Operator> ChainInput<O::In> for OperatorLink<O> {
         if self.op.next_processing_time().is_some_and(|t| t <= now) {
             self.op.on_processing_time(now, &mut self.out)?;
             self.push_out()?;
+            if self.op.output_idle() {
+                self.next.idle()?;
+            }
         }
         self.next.processing_time(now)
     }
@@ -211,5 +210,75 @@ impl<T: Data> ChainInput<T> for FanOut<T> {
     }
     fn processing_time(&mut self, now: Timestamp) -> Result<()> {
         self.outputs.iter_mut().try_for_each(|o| o.processing_time(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::{WatermarkGenerator, WatermarkStrategy};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// The end of a chain: what reached it, in order.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<&'static str>>>);
+
+    impl Seen {
+        fn push(&self, what: &'static str) -> Result<()> {
+            self.0.lock().unwrap().push(what);
+            Ok(())
+        }
+        fn take(&self) -> Vec<&'static str> {
+            std::mem::take(&mut self.0.lock().unwrap())
+        }
+    }
+
+    impl ChainInput<i64> for Seen {
+        fn process(&mut self, _: Vec<i64>) -> Result<()> {
+            self.push("records")
+        }
+        fn watermark(&mut self, _: Timestamp) -> Result<()> {
+            self.push("watermark")
+        }
+        fn barrier(&mut self, _: CheckpointBarrier, _: &mut Vec<PendingSnapshot>) -> Result<()> {
+            Ok(())
+        }
+        fn checkpoint_complete(&mut self, _: CheckpointId) -> Result<()> {
+            Ok(())
+        }
+        fn end_of_input(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<()> {
+            self.push("flush")
+        }
+        fn idle(&mut self) -> Result<()> {
+            self.push("idle")
+        }
+    }
+
+    #[test]
+    fn a_generator_goes_idle_at_its_processing_time_wake_up_without_a_flush() {
+        // As in a task fed by channels, whose input may block with no flush to come.
+        let seen = Seen::default();
+        let strategy = WatermarkStrategy::monotonous(|t: &i64| *t).with_idleness(Duration::from_millis(50));
+        let mut link = OperatorLink {
+            op: WatermarkGenerator::new(strategy),
+            uid: "w".into(),
+            out: Vec::new(),
+            next: Box::new(seen.clone()),
+        };
+        link.process(vec![1]).unwrap();
+        assert_eq!(seen.take(), ["records", "watermark"]);
+        let at = link.next_processing_time().expect("the idleness timeout is a wake-up");
+        link.processing_time(at - 1).unwrap();
+        link.flush().unwrap();
+        assert_eq!(seen.take(), ["flush"], "not idle before the timeout, nor on a flush");
+        link.processing_time(at).unwrap();
+        assert_eq!(seen.take(), ["idle"]);
+        assert_eq!(link.next_processing_time(), None, "idle until a record passes");
+        link.process(vec![2]).unwrap();
+        assert!(link.next_processing_time().is_some());
     }
 }
