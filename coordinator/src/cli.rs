@@ -159,9 +159,9 @@ struct JobFlags {
     /// RocksDB: upload every SST file at every checkpoint instead of only new ones
     #[arg(long)]
     full_checkpoints: bool,
-    /// RocksDB restore at a new parallelism: bring in other instances' keys by `iterate`-and-write
-    /// or by `ingest`ing SST files
-    #[arg(long, default_value = "iterate")]
+    /// RocksDB restore at a new parallelism: bring in other old instances by `ingest`ing their
+    /// own SST files, or by `iterate`-and-write of their keys
+    #[arg(long, default_value = "ingest")]
     rocksdb_rescale: String,
     /// Local working directory (RocksDB instances); default: a directory under the system temp dir
     #[arg(long)]

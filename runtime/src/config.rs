@@ -78,12 +78,14 @@ impl std::str::FromStr for StateBackendKind {
 /// How a RocksDB restore brings in the key groups of a second old instance (after a rescale).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum RescaleMerge {
-    /// Iterate the old instance's keys in range and write them in batches (measured faster at
-    /// 100,000 keys, see BENCHMARKS.md).
+    /// Ingest the old instance's own SST files as they are (RocksDB's ingestion of
+    /// DB-generated files; no key is read or rewritten), then delete what lies outside the new
+    /// range. A column family whose files overlap data already restored (an earlier rescale's
+    /// range deletes, not compacted yet) is copied key by key instead.
     #[default]
-    Iterate,
-    /// Write them into one SST file per column family and ingest it.
     Ingest,
+    /// Iterate the old instance's keys in range and write them in batches.
+    Iterate,
 }
 
 impl std::str::FromStr for RescaleMerge {

@@ -11,9 +11,9 @@ use crate::net::RemoteLinks;
 use crate::operator::{Data, Operator, RestoredState, SourceFunction, TaskInfo};
 use crate::task::chain::{Chain, Discard, FanOut, OperatorLink};
 use crate::task::input::InputGate;
-use crate::task::output::{ChannelWriter, Partitioner};
+use crate::task::output::{ChannelWriter, Outlet, Partitioner};
 use crate::task::{InputDriver, SourceDriver, TaskDriver};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver};
 use std::any::Any;
 use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
@@ -127,7 +127,7 @@ pub(crate) struct TypedEdge<T> {
 
 impl<T: Data> EdgeFactory for TypedEdge<T> {
     fn channels(&self, forward: bool, up: usize, down: usize, capacity: usize) -> (Vec<AnyBox>, Vec<AnyBox>) {
-        let mut senders: Vec<Vec<Sender<StreamElement<T>>>> = (0..up).map(|_| Vec::new()).collect();
+        let mut senders: Vec<Vec<Outlet<T>>> = (0..up).map(|_| Vec::new()).collect();
         let mut receivers: Vec<Vec<Receiver<StreamElement<T>>>> = (0..down).map(|_| Vec::new()).collect();
         for (i, s) in senders.iter_mut().enumerate() {
             for (j, r) in receivers.iter_mut().enumerate() {
@@ -135,7 +135,7 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
                     continue;
                 }
                 let (tx, rx) = bounded(capacity);
-                s.push(tx);
+                s.push(Outlet::Local(tx));
                 r.push(rx);
             }
         }
@@ -175,8 +175,6 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
         Box::new(Box::new(FanOut { outputs }) as Chain<T>)
     }
 
-    // The indexes cross (sender i's channel to j pairs with receiver j's from i): no iterator.
-    #[allow(clippy::needless_range_loop)]
     fn bridge(
         &self,
         senders: Vec<AnyBox>,
@@ -184,38 +182,31 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
         forward: bool,
         links: &RemoteLinks<'_>,
     ) -> (Vec<AnyBox>, Vec<AnyBox>) {
-        fn open<C>(b: Vec<AnyBox>) -> Vec<Vec<Option<C>>>
-        where
-            C: 'static,
-        {
-            b.into_iter()
-                .map(|v| unbox::<Vec<C>>(v).into_iter().map(Some).collect())
-                .collect()
-        }
-        let mut s = open::<Sender<StreamElement<T>>>(senders);
-        let mut r = open::<Receiver<StreamElement<T>>>(receivers);
+        let down = receivers.len();
         let local = |i: usize| links.placement.is_local(i);
-        for i in 0..s.len() {
-            for j in 0..r.len() {
-                if forward && i != j {
-                    continue;
-                }
-                // Sender i's channels are ordered by receiver, receiver j's by sender.
-                let (si, rj) = if forward { (0, 0) } else { (j, i) };
-                match (local(i), local(j)) {
-                    (true, false) => links.send_remote(i, j, r[j][rj].take().expect("each channel once")),
-                    (false, true) => links.receive_remote(i, j, s[i][si].take().expect("each channel once")),
-                    _ => {}
-                }
-            }
-        }
-        // Local subtasks keep every end; remote ones' leftovers are never used.
-        fn close<C: Send + 'static>(v: Vec<Vec<Option<C>>>) -> Vec<AnyBox> {
-            v.into_iter()
-                .map(|ends| Box::new(ends.into_iter().flatten().collect::<Vec<C>>()) as AnyBox)
-                .collect()
-        }
-        (close(s), close(r))
+        let senders = senders
+            .into_iter()
+            .enumerate()
+            .map(|(i, outlets)| {
+                // Sender i's channels are ordered by receiver (one, its own, when forward).
+                let outlets = unbox::<Vec<Outlet<T>>>(outlets);
+                let targets = if forward { i..i + 1 } else { 0..down };
+                let kept: Vec<Outlet<T>> = targets
+                    .zip(outlets)
+                    .filter_map(|(j, outlet)| match (local(i), local(j), outlet) {
+                        (true, false, _) => Some(Outlet::Remote(links.send_remote(i, j))),
+                        (false, true, Outlet::Local(tx)) => {
+                            links.receive_remote(i, j, tx);
+                            None
+                        }
+                        (_, _, outlet) => Some(outlet),
+                    })
+                    .collect();
+                // A remote subtask's leftover ends are never used.
+                Box::new(kept) as AnyBox
+            })
+            .collect();
+        (senders, receivers)
     }
 }
 

@@ -61,6 +61,11 @@ impl KeyGroupRange {
         self.start <= kg.0 && kg.0 <= self.end
     }
 
+    /// Whether every key group of `other` lies in the range.
+    pub fn contains_range(&self, other: &KeyGroupRange) -> bool {
+        other.is_empty() || (self.start <= other.start && other.end <= self.end)
+    }
+
     /// The key groups both ranges hold.
     pub fn intersect(&self, other: &KeyGroupRange) -> KeyGroupRange {
         let r = KeyGroupRange::new(self.start.max(other.start), self.end.min(other.end));

@@ -1,17 +1,18 @@
 //! Data exchange between worker processes. A channel between two subtasks on different workers
-//! is one TCP connection: the sending worker moves the elements of its local bounded channel onto
-//! the socket, the receiving worker moves them from the socket into the bounded channel its input
-//! gate reads. Nothing in between grows: a full receiving channel stops the reader, the socket's
-//! window fills, and the sender's write blocks, so backpressure crosses the network. Barriers
-//! travel in-band, and one connection per channel means a channel blocked by alignment never
-//! holds up another. Frames are a little-endian `u32` length and postcard bytes.
+//! is one TCP connection: the sending task encodes each element and writes it to the socket
+//! itself ([`RemoteSender`]; no thread or queue in between), the receiving worker moves elements
+//! from the socket into the bounded channel its input gate reads. Nothing in between grows: a
+//! full receiving channel stops the reader, the socket's window fills, and the sending task's
+//! write blocks, so backpressure crosses the network. Barriers travel in-band, and one connection
+//! per channel means a channel blocked by alignment never holds up another. Frames are a
+//! little-endian `u32` length and postcard bytes.
 
 use crate::element::StreamElement;
 use crate::operator::Data;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -158,23 +159,16 @@ impl RemoteLinks<'_> {
         }
     }
 
-    /// Carries what local subtask `from` sends to remote subtask `to`.
-    pub fn send_remote<T: Data>(&self, from: usize, to: usize, rx: Receiver<StreamElement<T>>) {
+    /// The sending end of the channel from local subtask `from` to remote subtask `to`.
+    pub fn send_remote(&self, from: usize, to: usize) -> RemoteSender {
         let worker = self.placement.slot_workers[to];
-        let addr = self.placement.peers.get(&worker).copied();
-        let key = self.key(from, to);
-        let _ = std::thread::Builder::new()
-            .name(format!("sluice-net-out-{}-{from}-{to}", self.edge))
-            .spawn(move || {
-                let Some(addr) = addr else {
-                    warn!(worker, "no data address for a worker; the channel is dropped");
-                    return;
-                };
-                if let Err(e) = send_loop(rx, addr, &key) {
-                    // Dropping the receiver fails the sending task (a peer vanished).
-                    debug!(error = %e, ?key, "outgoing data connection ended");
-                }
-            });
+        RemoteSender {
+            peer: self.placement.peers.get(&worker).copied(),
+            key: self.key(from, to),
+            stream: None,
+            frame: Vec::new(),
+            cancel: self.cancel.clone(),
+        }
     }
 
     /// Feeds local subtask `to` with what remote subtask `from` sends.
@@ -195,40 +189,108 @@ impl RemoteLinks<'_> {
     }
 }
 
-fn send_loop<T: Data>(rx: Receiver<StreamElement<T>>, addr: SocketAddr, key: &ChannelKey) -> std::io::Result<()> {
-    let stream = TcpStream::connect(addr)?;
-    stream.set_nodelay(true)?;
-    let mut out = BufWriter::with_capacity(SOCKET_BUFFER, stream);
-    let mut buf = postcard::to_stdvec(key).map_err(std::io::Error::other)?;
-    write_frame(&mut out, &buf)?;
-    out.flush()?;
-    while let Ok(element) = rx.recv() {
-        let end = matches!(element, StreamElement::EndOfInput);
-        buf.clear();
-        buf = postcard::to_extend(&element, buf).map_err(std::io::Error::other)?;
-        write_frame(&mut out, &buf)?;
-        // Batch writes while more is queued; flush as soon as the channel is drained.
-        if end || rx.is_empty() {
-            out.flush()?;
+/// The sending end of a cross-worker channel, written by the sending task's own thread: it
+/// connects on first use, and each element is one frame and one write. A write blocked by
+/// backpressure gives up once the attempt is cancelled.
+pub(crate) struct RemoteSender {
+    peer: Option<SocketAddr>,
+    key: ChannelKey,
+    stream: Option<TcpStream>,
+    /// Reused for every frame.
+    frame: Vec<u8>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RemoteSender {
+    /// Encodes and writes `element`.
+    pub fn send<T: Data>(&mut self, element: &StreamElement<T>) -> std::io::Result<()> {
+        if self.stream.is_none() {
+            self.stream = Some(self.connect()?);
         }
-        if end {
-            break;
-        }
+        self.frame.clear();
+        self.frame.extend_from_slice(&[0; 4]);
+        let mut frame = postcard::to_extend(element, std::mem::take(&mut self.frame)).map_err(std::io::Error::other)?;
+        let len = (frame.len() - 4) as u32;
+        frame[..4].copy_from_slice(&len.to_le_bytes());
+        let written = self.write_all(&frame);
+        self.frame = frame;
+        written
     }
-    Ok(())
+
+    fn connect(&self) -> std::io::Result<TcpStream> {
+        let addr = self.peer.ok_or_else(|| {
+            std::io::Error::other(format!("no data address for the worker of subtask {}", self.key.to))
+        })?;
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        // Bounds how late a cancel is noticed while the receiver applies backpressure.
+        stream.set_write_timeout(Some(Duration::from_millis(200)))?;
+        let mut header = Vec::new();
+        write_frame(
+            &mut header,
+            &postcard::to_stdvec(&self.key).map_err(std::io::Error::other)?,
+        )?;
+        stream.write_all(&header)?;
+        Ok(stream)
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        let stream = self.stream.as_mut().expect("connected before writing");
+        while !bytes.is_empty() {
+            match stream.write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if self.cancel.load(Ordering::Relaxed) {
+                        return Err(std::io::Error::other("cancelled"));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn receive_loop<T: Data>(stream: TcpStream, tx: &Sender<StreamElement<T>>) -> std::io::Result<()> {
     let mut input = BufReader::with_capacity(SOCKET_BUFFER, stream);
     let mut frame = Vec::new();
     loop {
-        read_frame(&mut input, &mut frame)?;
-        let element: StreamElement<T> = postcard::from_bytes(&frame).map_err(std::io::Error::other)?;
+        let element: StreamElement<T> = match buffered_frame(&mut input)? {
+            // Decoded where it lies: a frame in the read buffer is not copied out first.
+            Some(len) => {
+                let decoded = postcard::from_bytes(&input.buffer()[4..4 + len]);
+                input.consume(4 + len);
+                decoded
+            }
+            None => {
+                read_frame(&mut input, &mut frame)?;
+                postcard::from_bytes(&frame)
+            }
+        }
+        .map_err(std::io::Error::other)?;
         let end = matches!(element, StreamElement::EndOfInput);
         if tx.send(element).is_err() || end {
             return Ok(());
         }
     }
+}
+
+/// The payload length of the next frame if all of it is already in `input`'s buffer (reading
+/// more only when the buffer is empty).
+fn buffered_frame(input: &mut BufReader<TcpStream>) -> std::io::Result<Option<usize>> {
+    let buf = input.fill_buf()?;
+    if buf.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let Some(len) = buf
+        .get(..4)
+        .map(|l| u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize)
+    else {
+        return Ok(None);
+    };
+    Ok((buf.len() >= 4 + len).then_some(len))
 }
 
 fn write_frame(out: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
@@ -290,17 +352,16 @@ mod tests {
             edge: 0,
             cancel,
         };
-        let (tx, rx) = bounded::<StreamElement<(u64, String)>>(1);
+        let mut tx = out.send_remote(0, 1);
         let (tx2, rx2) = bounded::<StreamElement<(u64, String)>>(1);
-        out.send_remote(0, 1, rx);
         inp.receive_remote(0, 1, tx2);
         let batch: Vec<(u64, String)> = (0..20_000).map(|i| (i, "x".repeat(64))).collect();
         let sender = std::thread::spawn(move || {
             for _ in 0..50 {
-                tx.send(StreamElement::Data(batch.clone())).unwrap();
+                tx.send(&StreamElement::Data(batch.clone())).unwrap();
             }
-            tx.send(StreamElement::Watermark(7)).unwrap();
-            tx.send(StreamElement::EndOfInput).unwrap();
+            tx.send::<(u64, String)>(&StreamElement::Watermark(7)).unwrap();
+            tx.send::<(u64, String)>(&StreamElement::EndOfInput).unwrap();
         });
         let first = rx2.recv().unwrap();
         assert!(matches!(first, StreamElement::Data(ref b) if b.len() == 20_000 && b[0].0 == 0));
@@ -326,23 +387,43 @@ mod tests {
     fn a_vanished_sender_disconnects_the_receiver() {
         let (pa, pb) = two_workers();
         let cancel = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = bounded::<StreamElement<u64>>(4);
-        let (tx2, rx2) = bounded::<StreamElement<u64>>(4);
-        RemoteLinks {
+        let mut tx = RemoteLinks {
             placement: &pa,
             edge: 3,
             cancel: cancel.clone(),
         }
-        .send_remote(0, 1, rx);
+        .send_remote(0, 1);
+        let (tx2, rx2) = bounded::<StreamElement<u64>>(4);
         RemoteLinks {
             placement: &pb,
             edge: 3,
             cancel,
         }
         .receive_remote(0, 1, tx2);
-        tx.send(StreamElement::Data(vec![5])).unwrap();
+        tx.send(&StreamElement::Data(vec![5u64])).unwrap();
         drop(tx);
         assert!(matches!(rx2.recv().unwrap(), StreamElement::Data(v) if v == vec![5]));
         assert!(rx2.recv().is_err(), "the channel disconnects without end of input");
+    }
+
+    /// A sending task blocked by backpressure (the receiver never reads) gives up once its
+    /// attempt is cancelled, instead of hanging in the write.
+    #[test]
+    fn a_write_blocked_by_backpressure_ends_on_cancel() {
+        let (pa, _pb) = two_workers();
+        let cancel = Arc::new(AtomicBool::new(true));
+        let mut tx = RemoteLinks {
+            placement: &pa,
+            edge: 5,
+            cancel,
+        }
+        .send_remote(0, 1);
+        let batch = StreamElement::Data(vec![0u64; 64 * 1024]);
+        let err = loop {
+            if let Err(e) = tx.send(&batch) {
+                break e;
+            }
+        };
+        assert_eq!(err.to_string(), "cancelled");
     }
 }

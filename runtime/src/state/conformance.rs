@@ -121,13 +121,18 @@ fn read_all(b: &mut KeyedBackend) -> Contents {
 
 /// Writes a known pattern of state for keys `0..n`.
 fn fill(b: &mut KeyedBackend, n: u64) {
+    fill_in(b, n, full_range());
+}
+
+/// Writes the pattern of [`fill`] for the keys of `0..n` in `range`.
+fn fill_in(b: &mut KeyedBackend, n: u64, range: KeyGroupRange) {
     let States {
         values,
         lists,
         maps,
         sums,
     } = states(b, None);
-    for k in 0..n {
+    for k in (0..n).filter(|k| range.contains(crate::keygroup::key_group_for_key(k, M))) {
         b.with_key(&k, M, |ctx| {
             values.update(ctx, format!("v{k}")).unwrap();
             for i in 0..(k % 4) as i32 {
@@ -247,13 +252,18 @@ impl TestStore {
         }
     }
 
-    /// Persists `snapshot` as checkpoint `id`; returns the ack and the bytes uploaded.
+    /// Persists `snapshot` as subtask 0's part of checkpoint `id`; returns the ack and the bytes
+    /// uploaded.
     fn persist(&self, id: u64, snapshot: KeyedSnapshot) -> (AckedState, u64) {
+        self.persist_subtask(id, 0, snapshot)
+    }
+
+    fn persist_subtask(&self, id: u64, subtask: usize, snapshot: KeyedSnapshot) -> (AckedState, u64) {
         let target = PersistTarget {
             storage: self.storage.clone(),
             job_dir: self.paths.job_dir(),
             chk_dir: self.paths.checkpoint_dir(CheckpointId(id)),
-            subtask: 0,
+            subtask,
             attempt: 0,
             timeout: std::time::Duration::from_secs(60),
             canonical: false,
@@ -279,6 +289,20 @@ impl TestStore {
         range: KeyGroupRange,
         dir: &Path,
     ) -> crate::Result<KeyedBackend> {
+        self.restore_subtasks(id, vec![acked], into, range, dir, Default::default())
+    }
+
+    /// Commits `acked` (one per old subtask) as checkpoint `id`, then restores it into `into`
+    /// for `range`, merging RocksDB instances by `merge`.
+    fn restore_subtasks(
+        &self,
+        id: u64,
+        acked: Vec<AckedState>,
+        into: StateBackendKind,
+        range: KeyGroupRange,
+        dir: &Path,
+        merge: crate::config::RescaleMerge,
+    ) -> crate::Result<KeyedBackend> {
         let id = CheckpointId(id);
         let meta = CheckpointMetadata {
             format: FORMAT_VERSION,
@@ -292,8 +316,8 @@ impl TestStore {
             operators: vec![OperatorSnapshotMeta {
                 uid: "op".into(),
                 name: "op".into(),
-                parallelism: 1,
-                subtasks: vec![Some(acked.handle)],
+                parallelism: acked.len(),
+                subtasks: acked.into_iter().map(|a| Some(a.handle)).collect(),
             }],
         };
         let rt = &self.rt;
@@ -316,11 +340,11 @@ impl TestStore {
             attempt: 1,
             state_backend: into,
             local_dir: dir.join("restored"),
-            rescale_merge: Default::default(),
+            rescale_merge: merge,
             finish_hooks: Default::default(),
         };
         let restored = rt.block_on(source.load(&info)).unwrap().unwrap();
-        KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed, Default::default())
+        KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed, merge)
     }
 }
 
@@ -425,6 +449,77 @@ fn restore_keeps_only_the_owned_key_groups() {
         want.sums.retain(|k, _| in_half(k));
         assert_eq!(got, want, "{kind:?}");
         assert!(!got.values.is_empty());
+    }
+}
+
+/// A restore at a lower parallelism merges old RocksDB instances: by ingesting their SST
+/// files where their key ranges are apart, by copying keys where an earlier rescale's range
+/// deletes make them overlap. The state is exact either way, and writes after the merge win
+/// over merged-in values, also in RocksDB itself and after a compaction (ingested files keep
+/// their sequence numbers; RocksDB must move its own past them).
+#[test]
+fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
+    use crate::config::RescaleMerge;
+    let kind = BACKENDS[1];
+    let halves = [range_for_subtask(M, 2, 0), range_for_subtask(M, 2, 1)];
+    for merge in [RescaleMerge::Ingest, RescaleMerge::Iterate] {
+        for clipped in [false, true] {
+            let case = format!("{merge:?}, old instances clipped: {clipped}");
+            let dir = tempfile::tempdir().unwrap();
+            let store = TestStore::new(dir.path());
+            // Old subtask i holds the keys of half i: written directly, or restored from one
+            // full-range instance (its files then span both halves, half hidden by range deletes).
+            let full = clipped.then(|| {
+                let mut b = open(kind, &dir.path().join("full"), full_range(), Default::default());
+                fill(&mut b, 300);
+                store.persist(1, b.snapshot(CheckpointId(1)).unwrap()).0
+            });
+            let acked = halves
+                .iter()
+                .enumerate()
+                .map(|(i, half)| {
+                    let old_dir = dir.path().join(format!("old{i}"));
+                    let mut b = match &full {
+                        Some(acked) => store.restore(1, acked.clone(), kind, *half, &old_dir).unwrap(),
+                        None => {
+                            let mut b = open(kind, &old_dir, *half, Default::default());
+                            fill_in(&mut b, 300, *half);
+                            b
+                        }
+                    };
+                    store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
+                })
+                .collect();
+            let new_dir = dir.path().join("new");
+            let mut merged = store
+                .restore_subtasks(2, acked, kind, full_range(), &new_dir, merge)
+                .unwrap();
+            assert_eq!(read_all(&mut merged), expected(300), "{case}");
+            // Four states; the default column family, touched only by range deletes, is copied
+            // (an empty iteration) where it has files.
+            let counts = rocks(&mut merged).merged();
+            if merge == RescaleMerge::Ingest && !clipped {
+                assert_eq!((counts.ingested, counts.copied), (4, 0), "{case}");
+            } else {
+                assert_eq!(counts.ingested, 0, "{case}");
+                assert!(counts.copied >= 4, "{case}: {counts:?}");
+            }
+
+            let values = merged.registry::<u64>().value_state::<String>("values").unwrap();
+            for k in 0..300u64 {
+                merged
+                    .with_key(&k, M, |ctx| values.update(ctx, format!("later{k}")).unwrap())
+                    .unwrap();
+            }
+            rocks(&mut merged).drain_write_cache().unwrap();
+            let mut want = expected(300);
+            for k in 0..300u64 {
+                want.values.insert(k, format!("later{k}"));
+            }
+            assert_eq!(read_all(&mut merged), want, "{case}");
+            rocks(&mut merged).compact().unwrap();
+            assert_eq!(read_all(&mut merged), want, "{case}, compacted");
+        }
     }
 }
 

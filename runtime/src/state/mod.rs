@@ -9,6 +9,8 @@ mod conformance;
 mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
+#[cfg(feature = "rocksdb")]
+mod rocks_ingest;
 mod small_map;
 mod ttl;
 #[cfg(feature = "rocksdb")]

@@ -20,6 +20,7 @@
 //! is dropped once its newest element expired; expired elements of a list that still has live
 //! ones go at its next read or append (see `ttl::list_add`).
 
+use super::rocks_ingest;
 use super::ttl::{is_ttl_name, stored_timestamp, StateTtlConfig};
 use super::write_cache::{self, Background, Cached, Entries, WriteCache};
 use super::{CurrentKey, Key, StateId, StateValue};
@@ -314,6 +315,17 @@ pub struct RocksBackend {
     confirmed: Arc<HashMap<String, RocksFile>>,
     /// SST files of checkpoints not yet confirmed, filled in by the uploader.
     pending: Arc<Mutex<BTreeMap<CheckpointId, Vec<RocksFile>>>>,
+    /// How the restore merged other old instances' column families in.
+    merged: MergeCounts,
+}
+
+/// Column families a restore merged in from other old instances, by path.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MergeCounts {
+    /// Brought in as the old instance's own SST files.
+    pub ingested: usize,
+    /// Brought in key by key.
+    pub copied: usize,
 }
 
 // The operations take the same type parameters as the memory backend's, so that `dispatch!`
@@ -335,7 +347,7 @@ impl RocksBackend {
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
         let mut confirmed = Arc::default();
         // Native instances: the one overlapping most becomes the base; the others' key groups
-        // in range are copied in.
+        // are brought in, then whatever lies outside the range is deleted.
         let mut natives = restored.rocksdb;
         natives.sort_by_key(|r| std::cmp::Reverse(r.range.intersect(&range).len()));
         let mut others = natives.into_iter();
@@ -347,7 +359,7 @@ impl RocksBackend {
             }
         }
         let mut filters = TtlFilters::new();
-        let (db, cfs) = open_db(&db_path, &mut filters)?;
+        let (db, mut cfs) = open_db(&db_path, &mut filters)?;
         let mut backend = Self {
             range,
             db: Arc::new(db),
@@ -361,13 +373,20 @@ impl RocksBackend {
             incremental,
             confirmed,
             pending: Default::default(),
+            merged: MergeCounts::default(),
         };
-        if base.is_some_and(|b| b.range != range) {
-            backend.clip_to_range(&cfs)?;
-        }
+        // Clipped after the merges: range deletes in the base would overlap the files ingested.
+        let mut clip = base.is_some_and(|b| !range.contains_range(&b.range));
         for other in others {
-            backend.merge_in(&other.dir, merge)?;
+            clip |= backend.merge_in(&other.dir, merge, &mut cfs)? && !range.contains_range(&other.range);
             let _ = std::fs::remove_dir_all(&other.dir);
+        }
+        if backend.merged != MergeCounts::default() {
+            let MergeCounts { ingested, copied } = backend.merged;
+            tracing::debug!(%range, ingested, copied, "merged old instances' column families");
+        }
+        if clip {
+            backend.clip_to_range(&cfs)?;
         }
         if !restored.blocks.is_empty() {
             backend.load_canonical(&restored.blocks)?;
@@ -406,19 +425,44 @@ impl RocksBackend {
         Ok(())
     }
 
-    /// Brings in the keys of this range from another restored instance: written in batches
-    /// (`Iterate`), or as one SST file per column family that RocksDB ingests (`Ingest`; the
-    /// key-group ranges do not overlap, so it places them without rewriting).
-    fn merge_in(&mut self, other: &Path, merge: crate::config::RescaleMerge) -> Result<()> {
+    /// Brings in another restored instance, per column family: its SST files as they are
+    /// (`Ingest`: key-group ranges of old subtasks do not overlap, so RocksDB places them
+    /// without rewriting; keys outside this range are clipped afterwards), or its keys in this
+    /// range written in batches (`Iterate`, and where RocksDB refuses the files because they
+    /// overlap data already here, e.g. an earlier rescale's range deletes not yet compacted).
+    /// Column families new to this instance are added to `cfs`. Returns whether any files were
+    /// ingested (whose keys outside the range then need clipping).
+    fn merge_in(&mut self, other: &Path, merge: crate::config::RescaleMerge, cfs: &mut Vec<String>) -> Result<bool> {
         let opts = db_options();
-        let cfs = DB::list_cf(&opts, other).map_err(|e| db_err("list column families", e))?;
-        let src = DB::open_cf_for_read_only(&opts, other, &cfs, false).map_err(|e| db_err("open", e))?;
+        let names = DB::list_cf(&opts, other).map_err(|e| db_err("list column families", e))?;
+        let src = DB::open_cf_for_read_only(&opts, other, &names, false).map_err(|e| db_err("open", e))?;
+        let mut files = match merge {
+            crate::config::RescaleMerge::Ingest => rocks_ingest::files_for_ingestion(&src, other)?,
+            crate::config::RescaleMerge::Iterate => BTreeMap::new(),
+        };
         let start = KeyGroup(self.range.start).to_be_bytes();
         let end = KeyGroup(self.range.end).to_be_bytes();
-        for (i, name) in cfs.iter().enumerate() {
+        let mut ingested = false;
+        for name in &names {
             self.ensure_cf(name)?;
+            if !cfs.contains(name) {
+                cfs.push(name.clone());
+            }
             let Some(from) = src.cf_handle(name) else { continue };
             let to = self.db.cf_handle(name).expect("ensured above");
+            // A restored instance holds all its data in SST files (checkpoints flush, the WAL
+            // is off): a column family without files is empty.
+            if merge == crate::config::RescaleMerge::Ingest {
+                let Some(files) = files.remove(name) else { continue };
+                match rocks_ingest::ingest_db_files(&self.db, &to, &files) {
+                    Ok(()) => {
+                        self.merged.ingested += 1;
+                        ingested = true;
+                        continue;
+                    }
+                    Err(e) => tracing::debug!(cf = %name, "copying keys instead of ingesting files: {e}"),
+                }
+            }
             // The source's keys from the range start on, up to the range end (every key starts
             // with its key group, big-endian).
             let rows = src
@@ -428,36 +472,15 @@ impl RocksBackend {
                     Ok((k, _)) => k.get(..2).is_some_and(|kg| kg <= &end[..]),
                     Err(_) => true,
                 });
-            match merge {
-                crate::config::RescaleMerge::Iterate => {
-                    let mut w = BatchWriter::new(&self.db, &self.write);
-                    for row in rows {
-                        let (k, v) = row?;
-                        w.put(to, &k, Some(&v))?;
-                    }
-                    w.flush()?;
-                }
-                crate::config::RescaleMerge::Ingest => {
-                    let sst = self.dir.join(format!("ingest-{i}.sst"));
-                    let mut writer = rocksdb::SstFileWriter::create(&opts);
-                    writer.open(&sst).map_err(|e| db_err("create SST", e))?;
-                    let mut any = false;
-                    for row in rows {
-                        let (k, v) = row?;
-                        writer.put(&k, &v).map_err(|e| db_err("write SST", e))?;
-                        any = true;
-                    }
-                    if any {
-                        writer.finish().map_err(|e| db_err("finish SST", e))?;
-                        self.db
-                            .ingest_external_file_cf(to, vec![&sst])
-                            .map_err(|e| db_err("ingest", e))?;
-                    }
-                    let _ = std::fs::remove_file(&sst);
-                }
+            let mut w = BatchWriter::new(&self.db, &self.write);
+            for row in rows {
+                let (k, v) = row?;
+                w.put(to, &k, Some(&v))?;
             }
+            w.flush()?;
+            self.merged.copied += 1;
         }
-        Ok(())
+        Ok(ingested)
     }
 
     /// Loads canonical key-group blocks (from a memory-backend snapshot or a savepoint).
@@ -482,6 +505,12 @@ impl RocksBackend {
     /// The key groups this backend owns.
     pub fn range(&self) -> KeyGroupRange {
         self.range
+    }
+
+    /// How the restore merged other old instances in.
+    #[cfg(test)]
+    pub(crate) fn merged(&self) -> MergeCounts {
+        self.merged
     }
 
     /// Whether no state has been registered.

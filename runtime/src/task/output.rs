@@ -1,11 +1,13 @@
 //! The end of a chain that writes to other subtasks: partitions records into per-channel
-//! batches and sends them over bounded channels (a full channel blocks: backpressure).
+//! batches and sends them over bounded channels, or over TCP to a subtask on another worker
+//! (a full channel or socket blocks: backpressure).
 
 use super::chain::{ChainInput, PendingSnapshot};
 use crate::checkpoint::{CheckpointBarrier, CheckpointId};
 use crate::element::{StreamElement, Timestamp};
 use crate::error::{Error, Result};
 use crate::keygroup::{subtask_for_key_group, KeyGroup};
+use crate::net::RemoteSender;
 use crate::operator::Data;
 use crossbeam_channel::Sender;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,8 +31,16 @@ pub(crate) enum Partitioner<T> {
     },
 }
 
+/// One channel out of a task.
+pub(crate) enum Outlet<T> {
+    /// To a subtask in this process.
+    Local(Sender<StreamElement<T>>),
+    /// To a subtask on another worker, written from this task's thread.
+    Remote(RemoteSender),
+}
+
 pub(crate) struct ChannelWriter<T> {
-    senders: Vec<Sender<StreamElement<T>>>,
+    senders: Vec<Outlet<T>>,
     buffers: Vec<Vec<T>>,
     partitioner: Partitioner<T>,
     batch_size: usize,
@@ -40,7 +50,7 @@ pub(crate) struct ChannelWriter<T> {
 
 impl<T: Data> ChannelWriter<T> {
     pub fn new(
-        senders: Vec<Sender<StreamElement<T>>>,
+        senders: Vec<Outlet<T>>,
         partitioner: Partitioner<T>,
         batch_size: usize,
         cancel: Arc<AtomicBool>,
@@ -56,22 +66,41 @@ impl<T: Data> ChannelWriter<T> {
         }
     }
 
-    fn send(&self, ch: usize, element: StreamElement<T>) -> Result<()> {
-        self.senders[ch].send(element).map_err(|_| {
-            if self.cancel.load(Ordering::Relaxed) {
-                Error::Cancelled
-            } else {
-                Error::Disconnected(format!("downstream subtask {ch} stopped"))
-            }
-        })
+    fn fail(&self, ch: usize, why: String) -> Error {
+        if self.cancel.load(Ordering::Relaxed) {
+            Error::Cancelled
+        } else {
+            Error::Disconnected(format!("downstream subtask {ch} stopped{why}"))
+        }
+    }
+
+    fn send(&mut self, ch: usize, element: StreamElement<T>) -> Result<()> {
+        match &mut self.senders[ch] {
+            Outlet::Local(tx) => tx.send(element).map_err(|_| self.fail(ch, String::new())),
+            Outlet::Remote(r) => r.send(&element).map_err(|e| self.fail(ch, format!(": {e}"))),
+        }
     }
 
     fn send_buffer(&mut self, ch: usize) -> Result<()> {
         if self.buffers[ch].is_empty() {
             return Ok(());
         }
-        let batch = std::mem::replace(&mut self.buffers[ch], Vec::with_capacity(self.batch_size));
-        self.send(ch, StreamElement::Data(batch))
+        match &mut self.senders[ch] {
+            Outlet::Local(_) => {
+                let batch = std::mem::replace(&mut self.buffers[ch], Vec::with_capacity(self.batch_size));
+                self.send(ch, StreamElement::Data(batch))
+            }
+            // Encoded in place: the buffer is kept for the next batch.
+            Outlet::Remote(r) => {
+                let element = StreamElement::Data(std::mem::take(&mut self.buffers[ch]));
+                let sent = r.send(&element);
+                if let StreamElement::Data(mut batch) = element {
+                    batch.clear();
+                    self.buffers[ch] = batch;
+                }
+                sent.map_err(|e| self.fail(ch, format!(": {e}")))
+            }
+        }
     }
 
     fn flush_all(&mut self) -> Result<()> {

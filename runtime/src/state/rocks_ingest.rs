@@ -1,0 +1,92 @@
+//! Ingestion of another RocksDB instance's own SST files into this one, without reading or
+//! rewriting a key: how a restore at a new parallelism merges old instances whose key-group
+//! ranges do not overlap (Flink's "ingest DB" rescaling). RocksDB supports it since 9.x
+//! (`IngestExternalFileOptions::allow_db_generated_files`); rust-rocksdb does not wrap the
+//! option, so this module calls the C API. It is the only unsafe code in the workspace.
+#![allow(unsafe_code)]
+
+use crate::{Error, Result};
+use librocksdb_sys as ffi;
+use rocksdb::{AsColumnFamilyRef, AsRawPtr, DB};
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString};
+use std::os::raw::c_char;
+use std::path::{Path, PathBuf};
+
+/// The live SST files of `db` (opened from `dir`), per column family, each list in the order
+/// ingestion needs: deeper levels first, and within a level older files first. RocksDB
+/// requires that a key found in several ingested files is newest in the last one.
+pub(super) fn files_for_ingestion(db: &DB, dir: &Path) -> Result<BTreeMap<String, Vec<PathBuf>>> {
+    struct Live {
+        level: i32,
+        largest_seqno: u64,
+        path: PathBuf,
+    }
+    let mut by_cf: BTreeMap<String, Vec<Live>> = BTreeMap::new();
+    // SAFETY: `db` outlives the listing, which is destroyed below before returning; the
+    // strings it hands out are copied before that.
+    unsafe {
+        let files = ffi::rocksdb_livefiles(db.as_raw_ptr());
+        if files.is_null() {
+            return Err(Error::User(format!(
+                "rocksdb: cannot list the SST files of {}",
+                dir.display()
+            )));
+        }
+        for i in 0..ffi::rocksdb_livefiles_count(files) {
+            let text = |p: *const c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
+            let cf = text(ffi::rocksdb_livefiles_column_family_name(files, i));
+            let name = text(ffi::rocksdb_livefiles_name(files, i));
+            by_cf.entry(cf).or_default().push(Live {
+                level: ffi::rocksdb_livefiles_level(files, i),
+                largest_seqno: ffi::rocksdb_livefiles_largest_seqno(files, i),
+                path: dir.join(name.trim_start_matches('/')),
+            });
+        }
+        ffi::rocksdb_livefiles_destroy(files);
+    }
+    Ok(by_cf
+        .into_iter()
+        .map(|(cf, mut files)| {
+            files.sort_by_key(|f| (std::cmp::Reverse(f.level), f.largest_seqno));
+            (cf, files.into_iter().map(|f| f.path).collect())
+        })
+        .collect())
+}
+
+/// Ingests `files` (listed by [`files_for_ingestion`]) into `cf` of `db` as they are, hard
+/// linked, keeping their sequence numbers (RocksDB raises the instance's own past them).
+/// RocksDB refuses, changing nothing, when they overlap data already in `cf` or in its
+/// memtable: the caller then copies the keys instead.
+pub(super) fn ingest_db_files(db: &DB, cf: &impl AsColumnFamilyRef, files: &[PathBuf]) -> Result<()> {
+    let paths = files
+        .iter()
+        .map(|p| {
+            CString::new(p.as_os_str().as_encoded_bytes())
+                .map_err(|_| Error::User(format!("rocksdb: file path {} holds a NUL byte", p.display())))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ptrs: Vec<*const c_char> = paths.iter().map(|p| p.as_ptr()).collect();
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the options are created and destroyed here; the path strings, `db` and `cf`
+    // outlive the call; an error string RocksDB allocates is copied, then freed with its
+    // allocator.
+    unsafe {
+        let opts = ffi::rocksdb_ingestexternalfileoptions_create();
+        ffi::rocksdb_ingestexternalfileoptions_set_allow_db_generated_files(opts, 1);
+        // DB-generated files keep their sequence numbers: no global one, no snapshot ordering.
+        ffi::rocksdb_ingestexternalfileoptions_set_snapshot_consistency(opts, 0);
+        ffi::rocksdb_ingestexternalfileoptions_set_write_global_seqno(opts, 0);
+        // Overlap with the memtable is refused like any overlap rather than flushed.
+        ffi::rocksdb_ingestexternalfileoptions_set_allow_blocking_flush(opts, 0);
+        ffi::rocksdb_ingestexternalfileoptions_set_link_files(opts, 1);
+        ffi::rocksdb_ingest_external_file_cf(db.as_raw_ptr(), cf.inner(), ptrs.as_ptr(), ptrs.len(), opts, &mut err);
+        ffi::rocksdb_ingestexternalfileoptions_destroy(opts);
+        if !err.is_null() {
+            let msg = CStr::from_ptr(err).to_string_lossy().into_owned();
+            ffi::rocksdb_free(err.cast());
+            return Err(Error::User(format!("rocksdb: ingest: {msg}")));
+        }
+    }
+    Ok(())
+}
