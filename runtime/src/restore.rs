@@ -15,7 +15,8 @@ use crate::snapshot::{
 use crate::storage::{Storage, METADATA_FILE};
 use futures::{StreamExt, TryStreamExt};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// SST files downloaded at once by one restoring subtask.
 const DOWNLOAD_CONCURRENCY: usize = 4;
@@ -30,6 +31,10 @@ pub fn overlapping_subtasks(old: &[Option<KeyGroupRange>], range: KeyGroupRange)
         .collect()
 }
 
+/// SST files already downloaded by a subtask of this process for the latest attempt, by stored
+/// location: where the first download put it, once complete.
+type Downloads = std::sync::Mutex<(u32, HashMap<String, Arc<tokio::sync::OnceCell<PathBuf>>>)>;
+
 /// A completed checkpoint or savepoint opened for restore.
 #[derive(Debug, Clone)]
 pub struct RestoreSource {
@@ -37,6 +42,10 @@ pub struct RestoreSource {
     /// The job directory above the checkpoint, where shared files live.
     job_storage: Option<Storage>,
     metadata: CheckpointMetadata,
+    /// Shared by the subtasks restoring from this source in one process: several new subtasks
+    /// overlapping one old RocksDB instance (a rescale to a higher parallelism) download each
+    /// of its SST files once and hard-link it.
+    downloads: Arc<Downloads>,
 }
 
 impl RestoreSource {
@@ -72,6 +81,7 @@ impl RestoreSource {
             storage,
             job_storage,
             metadata,
+            downloads: Default::default(),
         })
     }
 
@@ -189,8 +199,30 @@ impl RestoreSource {
         Ok(bytes)
     }
 
-    /// Downloads one SST into `dir`, verifying its size and CRC32.
-    async fn download_sst(&self, f: &RocksFile, dir: &Path) -> Result<()> {
+    /// Puts one SST into `dir`: a hard link to the copy another subtask of this attempt already
+    /// downloaded, else downloaded. The other copy may have moved since (its instance opened
+    /// under another name): then it is downloaded again.
+    async fn download_sst(&self, f: &RocksFile, dir: &Path, attempt: u32) -> Result<()> {
+        let target = dir.join(&f.name);
+        let location = self.sst_storage(f)?.location(&f.path);
+        let cell = {
+            let mut downloads = self.downloads.lock().unwrap_or_else(|p| p.into_inner());
+            if downloads.0 != attempt {
+                *downloads = (attempt, HashMap::new());
+            }
+            downloads.1.entry(location).or_default().clone()
+        };
+        let first = cell
+            .get_or_try_init(|| async { self.fetch_sst(f, &target).await.map(|()| target.clone()) })
+            .await?;
+        if *first != target && std::fs::hard_link(first, &target).is_err() {
+            self.fetch_sst(f, &target).await?;
+        }
+        Ok(())
+    }
+
+    /// Downloads one SST to `path`, verifying its size and CRC32.
+    async fn fetch_sst(&self, f: &RocksFile, path: &Path) -> Result<()> {
         let storage = self.sst_storage(f)?;
         let data = storage.read(&f.path).await?;
         let bad = if data.len() as u64 != f.size {
@@ -210,14 +242,20 @@ impl RestoreSource {
                 reason,
             });
         }
-        let path = dir.join(&f.name);
-        tokio::fs::write(&path, data)
+        tokio::fs::write(path, data)
             .await
             .map_err(|e| Error::User(format!("cannot write restored state {}: {e}", path.display())))
     }
 
     /// Downloads one RocksDB native checkpoint into `dir`, verifying every SST's size and CRC32.
-    async fn download_rocksdb(&self, h: &RocksDbHandle, file: &[u8], state_file: &str, dir: &Path) -> Result<()> {
+    async fn download_rocksdb(
+        &self,
+        h: &RocksDbHandle,
+        file: &[u8],
+        state_file: &str,
+        dir: &Path,
+        attempt: u32,
+    ) -> Result<()> {
         let io = |e: std::io::Error| Error::User(format!("cannot write restored state under {}: {e}", dir.display()));
         if dir.exists() {
             tokio::fs::remove_dir_all(dir).await.map_err(io)?;
@@ -231,7 +269,7 @@ impl RestoreSource {
             });
         }
         // Several at a time: on remote stores each download is mostly waiting.
-        futures::stream::iter(h.sst_files.iter().map(|f| self.download_sst(f, dir)))
+        futures::stream::iter(h.sst_files.iter().map(|f| self.download_sst(f, dir, attempt)))
             .buffer_unordered(DOWNLOAD_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;
@@ -320,7 +358,7 @@ impl RestoreSource {
             if let Some(r) = &h.rocksdb {
                 let file = self.read_file(h).await?;
                 let dir = info.local_dir.join(format!("restore-{old}"));
-                self.download_rocksdb(r, &file, &location, &dir).await?;
+                self.download_rocksdb(r, &file, &location, &dir, info.attempt).await?;
                 keyed.rocksdb.push(RestoredRocks {
                     range: r.range,
                     dir,

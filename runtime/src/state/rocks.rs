@@ -433,7 +433,10 @@ impl RocksBackend {
     /// Column families new to this instance are added to `cfs`. Returns whether any files were
     /// ingested (whose keys outside the range then need clipping).
     fn merge_in(&mut self, other: &Path, merge: crate::config::RescaleMerge, cfs: &mut Vec<String>) -> Result<bool> {
-        let opts = db_options();
+        let mut opts = db_options();
+        // Not every table opened up front (RocksDB's default): ingestion opens the files itself,
+        // and copying keys opens what it reads.
+        opts.set_max_open_files(64);
         let names = DB::list_cf(&opts, other).map_err(|e| db_err("list column families", e))?;
         let src = DB::open_cf_for_read_only(&opts, other, &names, false).map_err(|e| db_err("open", e))?;
         let mut files = match merge {
