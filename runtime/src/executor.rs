@@ -144,13 +144,22 @@ pub type SavepointListener = Box<dyn Fn(crate::CheckpointId, &SavepointTarget) +
 
 #[derive(Default)]
 struct TargetRegistry {
-    targets: Mutex<HashMap<crate::CheckpointId, SavepointTarget>>,
-    registered: Condvar,
+    targets: Mutex<Targets>,
+    /// Signalled when a target is registered or one is decided.
+    changed: Condvar,
     listener: Mutex<Option<SavepointListener>>,
 }
 
+#[derive(Default)]
+struct Targets {
+    by_id: HashMap<crate::CheckpointId, SavepointTarget>,
+    /// The newest checkpoint decided (completed or aborted): a barrier of it or an older one
+    /// that arrives late gets no target, at once.
+    decided: Option<crate::CheckpointId>,
+}
+
 impl SavepointTargets {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<crate::CheckpointId, SavepointTarget>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Targets> {
         self.0.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -159,8 +168,8 @@ impl SavepointTargets {
         if let Some(listener) = self.0.listener.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             listener(id, &target);
         }
-        self.map().insert(id, target);
-        self.0.registered.notify_all();
+        self.map().by_id.insert(id, target);
+        self.0.changed.notify_all();
     }
 
     /// Replaces the listener told of every target registered from now on.
@@ -168,29 +177,31 @@ impl SavepointTargets {
         *self.0.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
     }
 
-    /// Forgets savepoint `id`.
+    /// Checkpoint `id` is decided: forgets its target, and a task still waiting for it stops.
     pub fn remove(&self, id: crate::CheckpointId) {
-        self.map().remove(&id);
-    }
-
-    /// Where savepoint `id` goes.
-    pub fn get(&self, id: crate::CheckpointId) -> Option<SavepointTarget> {
-        self.map().get(&id).cloned()
+        let mut targets = self.map();
+        targets.by_id.remove(&id);
+        targets.decided = targets.decided.max(Some(id));
+        self.0.changed.notify_all();
     }
 
     /// Where savepoint `id` goes, waiting up to `timeout` for it to be registered: in a cluster
-    /// the barrier can overtake the control message that names the target.
+    /// the barrier can overtake the control message that names the target. None at once when
+    /// the checkpoint is already decided (an abort overtook the barrier).
     pub fn wait_for(&self, id: crate::CheckpointId, timeout: std::time::Duration) -> Option<SavepointTarget> {
         let deadline = std::time::Instant::now() + timeout;
         let mut map = self.map();
         loop {
-            if let Some(t) = map.get(&id) {
+            if let Some(t) = map.by_id.get(&id) {
                 return Some(t.clone());
+            }
+            if map.decided >= Some(id) {
+                return None;
             }
             let left = deadline.checked_duration_since(std::time::Instant::now())?;
             map = self
                 .0
-                .registered
+                .changed
                 .wait_timeout(map, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
@@ -257,9 +268,12 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Tells every task to stop. They report `Terminated` when they have.
+    /// Tells every task to stop, once (a worker hears the cancel of every task of its share).
+    /// They report `Terminated` when they have.
     pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
+        if self.cancel.swap(true, Ordering::SeqCst) {
+            return;
+        }
         for t in &self.tasks {
             let _ = t.control.send(TaskCommand::Cancel);
         }
@@ -500,4 +514,36 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CheckpointId;
+
+    /// A task waiting for a savepoint's target stops waiting once the savepoint is decided,
+    /// and one whose barrier arrives after the decision does not wait at all (the long
+    /// timeouts would hang the test otherwise).
+    #[test]
+    fn a_decided_savepoint_ends_the_wait_for_its_target() {
+        let targets = SavepointTargets::default();
+        let long = std::time::Duration::from_secs(3600);
+        let waiting = {
+            let targets = targets.clone();
+            std::thread::spawn(move || targets.wait_for(CheckpointId(6), long).is_none())
+        };
+        targets.remove(CheckpointId(6));
+        assert!(waiting.join().unwrap());
+        assert!(targets.wait_for(CheckpointId(5), long).is_none());
+
+        let target = SavepointTarget {
+            storage: Storage::open("memory://targets").unwrap(),
+            dir: "sp/".into(),
+        };
+        targets.insert(CheckpointId(7), target);
+        assert_eq!(
+            targets.wait_for(CheckpointId(7), long).map(|t| t.dir),
+            Some("sp/".into())
+        );
+    }
 }

@@ -13,7 +13,7 @@ use crate::operator::Data;
 use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -174,7 +174,6 @@ impl RemoteLinks<'_> {
             peer: self.placement.peers.get(&worker).copied(),
             key: self.key(from, to),
             stream: None,
-            frame: Vec::new(),
             cancel: self.cancel.clone(),
         }
     }
@@ -204,8 +203,6 @@ pub(crate) struct RemoteSender {
     peer: Option<SocketAddr>,
     key: ChannelKey,
     stream: Option<TcpStream>,
-    /// Reused for every frame.
-    frame: Vec<u8>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -216,13 +213,21 @@ impl RemoteSender {
             self.stream = Some(self.connect()?);
         }
         let payload = bitcode::serialize(element).map_err(std::io::Error::other)?;
-        let mut frame = std::mem::take(&mut self.frame);
-        frame.clear();
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&payload);
-        let written = self.write_all(&frame);
-        self.frame = frame;
-        written
+        let len = (payload.len() as u32).to_le_bytes();
+        // Length and payload in one write, without copying the payload behind the length.
+        self.write_all(&mut [IoSlice::new(&len), IoSlice::new(&payload)])
+    }
+
+    /// Sends `batch` as one data element and leaves it empty, its allocation kept for the
+    /// next batch (it is only encoded, never handed over).
+    pub fn send_batch<T: Data>(&mut self, batch: &mut Vec<T>) -> std::io::Result<()> {
+        let element = StreamElement::Data(std::mem::take(batch));
+        let sent = self.send(&element);
+        if let StreamElement::Data(mut records) = element {
+            records.clear();
+            *batch = records;
+        }
+        sent
     }
 
     fn connect(&self) -> std::io::Result<TcpStream> {
@@ -243,12 +248,12 @@ impl RemoteSender {
         Ok(stream)
     }
 
-    fn write_all(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+    fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
         let stream = self.stream.as_mut().expect("connected before writing");
-        while !bytes.is_empty() {
-            match stream.write(bytes) {
+        while bufs.iter().any(|b| !b.is_empty()) {
+            match stream.write_vectored(bufs) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => bytes = &bytes[n..],
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                     if self.cancel.load(Ordering::Relaxed) {
                         return Err(std::io::Error::other("cancelled"));

@@ -1017,11 +1017,7 @@ impl<K: Key, V: StateValue> ReducingState<K, V> {
                 *old = (self.reduce)(old, &v);
             }
         };
-        let id = self.value.id;
-        match &self.value.ttl {
-            None => ctx.backend.value_update::<K, V>(id, &ctx.cur, first, fold),
-            Some(cfg) => ttl::value_update(ctx, id, cfg, first, fold),
-        }
+        self.value.update_with(ctx, first, fold)
     }
 
     /// Removes the current key's value.

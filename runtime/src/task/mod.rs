@@ -404,11 +404,6 @@ impl<S: SourceFunction> SourceDriver<S> {
                 self.stopped_at = Some(barrier.id);
                 Ok(())
             }
-            TaskCommand::AbortCheckpoint(id) if self.stopped_at == Some(id) => {
-                // A failed stop leaves the job running, as in Flink.
-                self.stopped_at = None;
-                rt.command(TaskCommand::AbortCheckpoint(id), &mut self.chain, |_| {})
-            }
             TaskCommand::TriggerCheckpoint(barrier) => {
                 let started = Instant::now();
                 let operator = self.source.snapshot()?;
@@ -424,7 +419,15 @@ impl<S: SourceFunction> SourceDriver<S> {
                 rt.upload(barrier, snapshots);
                 Ok(())
             }
-            other => rt.command(other, &mut self.chain, |_| {}),
+            other => {
+                let stopped_at = &mut self.stopped_at;
+                rt.command(other, &mut self.chain, |id| {
+                    // A failed stop leaves the job running, as in Flink.
+                    if *stopped_at == Some(id) {
+                        *stopped_at = None;
+                    }
+                })
+            }
         }
     }
 }

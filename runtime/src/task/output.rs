@@ -39,6 +39,27 @@ pub(crate) enum Outlet<T> {
     Remote(RemoteSender),
 }
 
+impl<T: Data> Outlet<T> {
+    /// Sends `element`; on failure, what went wrong (empty when the receiver just went away).
+    fn send(&mut self, element: StreamElement<T>) -> std::result::Result<(), String> {
+        match self {
+            Outlet::Local(tx) => tx.send(element).map_err(|_| String::new()),
+            Outlet::Remote(r) => r.send(&element).map_err(|e| format!(": {e}")),
+        }
+    }
+
+    /// Sends the records of `batch` and leaves it empty for the next ones.
+    fn send_batch(&mut self, batch: &mut Vec<T>, capacity: usize) -> std::result::Result<(), String> {
+        match self {
+            Outlet::Local(_) => self.send(StreamElement::Data(std::mem::replace(
+                batch,
+                Vec::with_capacity(capacity),
+            ))),
+            Outlet::Remote(r) => r.send_batch(batch).map_err(|e| format!(": {e}")),
+        }
+    }
+}
+
 pub(crate) struct ChannelWriter<T> {
     senders: Vec<Outlet<T>>,
     buffers: Vec<Vec<T>>,
@@ -75,32 +96,16 @@ impl<T: Data> ChannelWriter<T> {
     }
 
     fn send(&mut self, ch: usize, element: StreamElement<T>) -> Result<()> {
-        match &mut self.senders[ch] {
-            Outlet::Local(tx) => tx.send(element).map_err(|_| self.fail(ch, String::new())),
-            Outlet::Remote(r) => r.send(&element).map_err(|e| self.fail(ch, format!(": {e}"))),
-        }
+        self.senders[ch].send(element).map_err(|why| self.fail(ch, why))
     }
 
     fn send_buffer(&mut self, ch: usize) -> Result<()> {
         if self.buffers[ch].is_empty() {
             return Ok(());
         }
-        match &mut self.senders[ch] {
-            Outlet::Local(_) => {
-                let batch = std::mem::replace(&mut self.buffers[ch], Vec::with_capacity(self.batch_size));
-                self.send(ch, StreamElement::Data(batch))
-            }
-            // Encoded in place: the buffer is kept for the next batch.
-            Outlet::Remote(r) => {
-                let element = StreamElement::Data(std::mem::take(&mut self.buffers[ch]));
-                let sent = r.send(&element);
-                if let StreamElement::Data(mut batch) = element {
-                    batch.clear();
-                    self.buffers[ch] = batch;
-                }
-                sent.map_err(|e| self.fail(ch, format!(": {e}")))
-            }
-        }
+        self.senders[ch]
+            .send_batch(&mut self.buffers[ch], self.batch_size)
+            .map_err(|why| self.fail(ch, why))
     }
 
     fn flush_all(&mut self) -> Result<()> {
