@@ -338,13 +338,21 @@ pub fn spawn_job_on(mut sub: JobSubmission, placement: Placement, opened: Option
         runtime.block_on(check_savepoint(source, job, graph, config))?;
     }
     master.initial = initial.map(Arc::new);
-    master.placement = placement;
+    master.placement = placement.clone();
     let job_id = master.job_id.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
     let (progress_tx, progress) = tokio::sync::watch::channel(Progress::default());
     let thread = std::thread::Builder::new()
         .name("sluice-master".into())
-        .spawn(move || runtime.block_on(master.run(receiver, progress_tx)))
+        .spawn(move || {
+            let job = master.job_id.clone();
+            let report = runtime.block_on(master.run(receiver, progress_tx));
+            // However the job ended, the cluster and its workers forget it.
+            if let Placement::Cluster(cluster) = placement {
+                cluster.end_job(&job);
+            }
+            report
+        })
         .map_err(|e| Error::Config(format!("cannot start the job master: {e}")))?;
     Ok(JobHandle {
         control: JobControl {

@@ -50,7 +50,7 @@ pub fn test_config(
 
 /// Fails on the first line where `got` differs from `want` (both sorted), or on their counts:
 /// a diff of thousands of lines would say less.
-pub fn assert_same_lines(got: &[String], want: &[String], what: &str) {
+pub fn assert_same_lines<S: PartialEq + std::fmt::Debug>(got: &[S], want: &[S], what: &str) {
     if let Some(i) = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]) {
         panic!(
             "{what}: line {i} of {} is {:?}, the direct computation's is {:?}",

@@ -5,7 +5,7 @@
 //! snapshots, finished jobs) get one clear error line.
 
 use serde_json::Value;
-use sluice_integration_tests::{expected_transactions_output, sluice_bin};
+use sluice_integration_tests::{assert_same_lines, expected_transactions_output, sluice_bin};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -99,18 +99,8 @@ fn finished(s: &Value) -> bool {
 fn assert_exact_totals(out: &Path, events: u64) {
     let got = std::fs::read_to_string(out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
     let want = expected_transactions_output(events, USERS, SEED);
-    if got != want {
-        let (g, w): (Vec<&str>, Vec<&str>) = (got.lines().collect(), want.lines().collect());
-        let i = g.iter().zip(&w).position(|(a, b)| a != b);
-        panic!(
-            "{}: {} lines, expected {}; first difference at line {i:?}: {:?} vs {:?}",
-            out.display(),
-            g.len(),
-            w.len(),
-            i.map(|i| g[i]),
-            i.map(|i| w[i])
-        );
-    }
+    let (g, w): (Vec<&str>, Vec<&str>) = (got.lines().collect(), want.lines().collect());
+    assert_same_lines(&g, &w, &out.display().to_string());
 }
 
 /// A coordinator and its workers, each process's stderr in a file of `dir`; all killed when

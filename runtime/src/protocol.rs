@@ -175,6 +175,11 @@ pub enum ToWorker {
         /// The attempt.
         attempt: u32,
     },
+    /// The job has ended, however: drop what is kept for it.
+    Forget {
+        /// The job.
+        job: String,
+    },
 }
 
 /// Worker to coordinator.

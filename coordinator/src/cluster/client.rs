@@ -15,7 +15,13 @@ pub struct Client {
 impl Client {
     /// A client of the coordinator at `addr` (`host:port`, or an `http://` URL).
     pub fn new(addr: &str, secret: Option<String>) -> Result<Self, String> {
-        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+        if addr.starts_with("https://") {
+            // Built without TLS: the coordinator serves plain HTTP.
+            return Err(format!(
+                "cannot reach the coordinator at {addr}: https is not supported, use http://"
+            ));
+        }
+        let base = if addr.starts_with("http://") {
             addr.trim_end_matches('/').to_string()
         } else {
             format!("http://{addr}")

@@ -361,6 +361,16 @@ impl Cluster {
         self.changed.notify_waiters();
     }
 
+    /// The job has ended (finished, stopped, cancelled or failed): forget its hosts, and tell
+    /// every worker to drop what it keeps for the job.
+    pub(crate) fn end_job(&self, job: &str) {
+        let mut inner = self.lock();
+        inner.hosts.retain(|k, _| k.0 != job);
+        for w in inner.workers.values() {
+            let _ = w.to_worker.send(ToWorker::Forget { job: job.to_string() });
+        }
+    }
+
     /// Runs the finish hooks of the attempt that finished the job on every worker that ran it.
     pub(crate) async fn finish(&self, job: &str, attempt: u32) -> Result<()> {
         let key = (job.to_string(), attempt);

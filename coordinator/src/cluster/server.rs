@@ -284,6 +284,11 @@ async fn serve_worker(stream: TcpStream, peer: SocketAddr, cluster: Arc<Cluster>
                 let _ = wire::write(&mut output, &ToWorker::Refused { reason: reason.into() }).await;
                 return;
             }
+            // A worker whose data port listens on every interface is reached where it connected from.
+            let mut data_addr = data_addr;
+            if data_addr.ip().is_unspecified() {
+                data_addr.set_ip(peer.ip());
+            }
             (slots, data_addr)
         }
         _ => {

@@ -76,10 +76,25 @@ async fn serve(registry: JobRegistry, options: WorkerOptions) -> std::result::Re
     let info: super::server::ClusterInfo = client.get_typed("/v1/cluster").await?;
     let exchange = Exchange::bind(&options.data_bind)
         .map_err(|e| format!("cannot open the data port on {}: {e}", options.data_bind))?;
-    let stream = TcpStream::connect(info.control_addr)
+    let mut control = info.control_addr;
+    if control.ip().is_unspecified() {
+        // The coordinator listens on every interface: its control port is where its API answered.
+        let host = coordinator.trim_start_matches("http://").trim_end_matches('/');
+        if let Some(addr) = tokio::net::lookup_host(host).await.ok().and_then(|mut a| a.next()) {
+            control.set_ip(addr.ip());
+        }
+    }
+    let stream = TcpStream::connect(control)
         .await
-        .map_err(|e| format!("cannot reach the coordinator's control port {}: {e}", info.control_addr))?;
+        .map_err(|e| format!("cannot reach the coordinator's control port {control}: {e}"))?;
     let _ = stream.set_nodelay(true);
+    // A coordinator whose host died or was cut off sends nothing, not even a reset: TCP
+    // keepalive ends the connection (and so the worker's tasks) after about 10 s.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(5))
+        .with_interval(std::time::Duration::from_secs(1))
+        .with_retries(5);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
     let (mut input, mut output) = stream.into_split();
     let register = ToCoordinator::Register {
         secret: options.secret.clone(),
@@ -204,6 +219,11 @@ impl Worker {
                         error: result.err(),
                     });
                 });
+            }
+            ToWorker::Forget { job } => {
+                let mut local = self.lock();
+                local.hooks.retain(|k, _| k.0 != job);
+                local.savepoints.remove(&job);
             }
             ToWorker::Registered { .. } | ToWorker::Refused { .. } => {}
         }
