@@ -236,6 +236,21 @@ struct S3Flags {
 }
 
 impl S3Flags {
+    /// The first flag given, if any.
+    fn first_given(&self) -> Option<&'static str> {
+        [
+            (self.s3_endpoint.is_some(), "--s3-endpoint"),
+            (self.s3_region.is_some(), "--s3-region"),
+            (self.s3_access_key_id.is_some(), "--s3-access-key-id"),
+            (self.s3_secret_access_key.is_some(), "--s3-secret-access-key"),
+            (self.s3_virtual_host_style, "--s3-virtual-host-style"),
+            (self.s3_max_attempts.is_some(), "--s3-max-attempts"),
+            (self.s3_request_timeout.is_some(), "--s3-request-timeout"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
     fn to_options(&self) -> Result<S3Options, String> {
         if self.s3_max_attempts == Some(0) {
             return Err("--s3-max-attempts must be at least 1".into());
@@ -419,8 +434,20 @@ fn absolute(location: &str) -> String {
 fn command_request(command: Command, registry: &JobRegistry) -> Result<crate::cluster::commands::Request, String> {
     use crate::cluster::commands::{Call, Request};
     use crate::cluster::server::{RestoreRequest, SubmitRequest};
-    let job_config = |flags: &JobFlags| -> Result<JobConfig, String> {
-        set_s3_options(flags.s3.to_options()?);
+    // The flags that set up this process's storage and working directory mean nothing to a
+    // cluster's job: its coordinator and workers have their own. Refused, not ignored.
+    let job_config = |flags: &JobFlags, command: &str| -> Result<JobConfig, String> {
+        if let Some(flag) = flags.s3.first_given() {
+            return Err(format!(
+                "{command} does not take {flag}: a cluster reaches S3 with the settings its \
+                 coordinator and workers were started with (their --s3-* flags or AWS_* variables)"
+            ));
+        }
+        if flags.data_dir.is_some() {
+            return Err(format!(
+                "{command} does not take --data-dir: each worker has its own (sluice worker --data-dir)"
+            ));
+        }
         let mut config = flags.to_config()?;
         config.checkpoint_dir = absolute(&config.checkpoint_dir);
         config.from_savepoint = config.from_savepoint.as_deref().map(absolute);
@@ -430,12 +457,15 @@ fn command_request(command: Command, registry: &JobRegistry) -> Result<crate::cl
         Command::Submit { job, flags, client } => {
             // Checked here too: a typo is reported without a round trip.
             registry.get(&job).map_err(|e| e.to_string())?;
-            let config = job_config(&flags)?;
+            let config = job_config(&flags, "submit")?;
             let settings = flags.set.clone();
             (client, Call::Submit(SubmitRequest { job, settings, config }))
         }
         Command::Restore { url, flags, client } => {
-            let config = job_config(&flags)?;
+            if flags.from_savepoint.is_some() {
+                return Err("restore takes the snapshot to restore as its argument, not --from-savepoint".into());
+            }
+            let config = job_config(&flags, "restore")?;
             let url = absolute(&url);
             let settings = flags.set.clone();
             (client, Call::Restore(RestoreRequest { url, settings, config }))

@@ -9,8 +9,8 @@ use crate::keygroup::KeyGroupRange;
 use crate::operator::RestoredState;
 use crate::operator::TaskInfo;
 use crate::snapshot::{
-    block_at, read_block, CheckpointMetadata, OperatorState, Redistribution, RestoredKeyGroups, RestoredRocks,
-    RocksDbHandle, RocksFile, StateHandle,
+    block_at, read_block, CheckpointMetadata, OperatorSnapshotMeta, OperatorState, Redistribution, RestoredKeyGroups,
+    RestoredRocks, RocksDbHandle, RocksFile, StateHandle,
 };
 use crate::storage::{Storage, METADATA_FILE};
 use futures::{StreamExt, TryStreamExt};
@@ -34,6 +34,15 @@ pub fn overlapping_subtasks(old: &[Option<KeyGroupRange>], range: KeyGroupRange)
 /// SST files already downloaded by a subtask of this process for the latest attempt, by stored
 /// location: where the first download put it, once complete.
 type Downloads = std::sync::Mutex<(u32, HashMap<String, Arc<tokio::sync::OnceCell<PathBuf>>>)>;
+
+/// What a new subtask takes from one old subtask's keyed state.
+#[derive(Default)]
+struct OldKeyed {
+    blocks: Vec<(crate::keygroup::KeyGroup, Vec<u8>)>,
+    rocksdb: Option<RestoredRocks>,
+    /// The old subtask's state file, when it was read whole.
+    file: Option<Vec<u8>>,
+}
 
 /// A completed checkpoint or savepoint opened for restore.
 #[derive(Debug, Clone)]
@@ -221,9 +230,28 @@ impl RestoreSource {
         Ok(())
     }
 
-    /// Downloads one SST to `path`, verifying its size and CRC32.
+    /// Downloads one SST to `path`, verifying its size and CRC32. From local storage the
+    /// verified file is hard-linked instead (copied across file systems): an SST never
+    /// changes once written, and RocksDB removes a file by unlinking its own name only.
     async fn fetch_sst(&self, f: &RocksFile, path: &Path) -> Result<()> {
         let storage = self.sst_storage(f)?;
+        if let Some(src) = storage.local_path(&f.path) {
+            let (size, crc32, target) = (f.size, f.crc32, path.to_path_buf());
+            let linked = tokio::task::spawn_blocking(move || link_verified(&src, &target, size, crc32))
+                .await
+                .unwrap_or_else(|e| Err(LocalFetch::Read(std::io::Error::other(e))));
+            return linked.map_err(|e| match e {
+                LocalFetch::Read(e) => Error::Corrupt {
+                    location: storage.location(&f.path),
+                    reason: format!("cannot read: {e}"),
+                },
+                LocalFetch::Bad(reason) => Error::Corrupt {
+                    location: storage.location(&f.path),
+                    reason,
+                },
+                LocalFetch::Write(e) => Error::User(format!("cannot write restored state {}: {e}", path.display())),
+            });
+        }
         let data = storage.read(&f.path).await?;
         let bad = if data.len() as u64 != f.size {
             Some(format!(
@@ -254,7 +282,7 @@ impl RestoreSource {
         file: &[u8],
         state_file: &str,
         dir: &Path,
-        attempt: u32,
+        info: &TaskInfo,
     ) -> Result<()> {
         let io = |e: std::io::Error| Error::User(format!("cannot write restored state under {}: {e}", dir.display()));
         if dir.exists() {
@@ -268,8 +296,13 @@ impl RestoreSource {
                 reason: format!("invalid RocksDB file name '{}'", f.name),
             });
         }
+        // New subtasks sharing this instance start at different files, so that they fetch and
+        // verify in parallel, then link each other's.
+        let n = h.sst_files.len();
+        let first = (info.subtask * n) / info.parallelism.max(1);
+        let files = h.sst_files.iter().cycle().skip(first).take(n);
         // Several at a time: on remote stores each download is mostly waiting.
-        futures::stream::iter(h.sst_files.iter().map(|f| self.download_sst(f, dir, attempt)))
+        futures::stream::iter(files.map(|f| self.download_sst(f, dir, info.attempt)))
             .buffer_unordered(DOWNLOAD_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;
@@ -288,6 +321,69 @@ impl RestoreSource {
             tokio::fs::write(dir.join(name), data).await.map_err(io)?;
         }
         Ok(())
+    }
+
+    /// What new subtask `info` takes from old subtask `old`'s keyed state: the key-group blocks
+    /// in its range (the state file, or only their byte range), or the downloaded RocksDB
+    /// instance; and the state file when read whole (its operator state is then at hand).
+    async fn load_keyed(&self, op: &OperatorSnapshotMeta, old: usize, info: &TaskInfo) -> Result<(usize, OldKeyed)> {
+        let range = info.key_group_range();
+        let h = op.subtasks[old].as_ref().expect("only subtasks with state overlap");
+        let location = self.storage.location(&h.path);
+        let mut part = OldKeyed::default();
+        if let Some(index) = &h.key_groups {
+            let wanted = index.range.intersect(&range);
+            let offset_of = |kg: crate::keygroup::KeyGroup| {
+                index
+                    .offsets
+                    .get(index.range.index_of(kg))
+                    .copied()
+                    .ok_or_else(|| Error::Corrupt {
+                        location: location.clone(),
+                        reason: format!("no offset recorded for key group {}", kg.0),
+                    })
+            };
+            if wanted == index.range {
+                let file = self.read_file(h).await?;
+                for kg in wanted.iter() {
+                    part.blocks
+                        .push((kg, read_block(&file, offset_of(kg)?, &location)?.to_vec()));
+                }
+                part.file = Some(file);
+            } else {
+                // Only the byte range of the key groups this subtask owns (sizes were
+                // verified before the restore, every block carries its CRC32).
+                let start = offset_of(crate::keygroup::KeyGroup(wanted.start))?;
+                let last = index.range.index_of(crate::keygroup::KeyGroup(wanted.end));
+                let end = index
+                    .offsets
+                    .get(last + 1)
+                    .copied()
+                    .or(h.operator_state)
+                    .unwrap_or(h.size);
+                let bytes = self
+                    .storage
+                    .read_range(&h.path, start, end.saturating_sub(start))
+                    .await?;
+                for kg in wanted.iter() {
+                    part.blocks
+                        .push((kg, block_at(&bytes, start, offset_of(kg)?, &location)?.to_vec()));
+                }
+            }
+        }
+        if let Some(r) = &h.rocksdb {
+            let file = self.read_file(h).await?;
+            let dir = info.local_dir.join(format!("restore-{old}"));
+            self.download_rocksdb(r, &file, &location, &dir, info).await?;
+            part.rocksdb = Some(RestoredRocks {
+                range: r.range,
+                dir,
+                files: r.sst_files.clone(),
+                own_job: self.metadata.job_id == info.job_id,
+            });
+            part.file = Some(file);
+        }
+        Ok((old, part))
     }
 
     /// The state of the operator subtask `info` describes; RocksDB native state is downloaded
@@ -310,61 +406,17 @@ impl RestoreSource {
                     .or(h.rocksdb.as_ref().map(|r| r.range))
             })
             .collect();
-        for old in overlapping_subtasks(&keyed_ranges, range) {
-            let h = op.subtasks[old].as_ref().expect("only subtasks with state overlap");
-            let location = self.storage.location(&h.path);
-            if let Some(index) = &h.key_groups {
-                let wanted = index.range.intersect(&range);
-                let offset_of = |kg: crate::keygroup::KeyGroup| {
-                    index
-                        .offsets
-                        .get(index.range.index_of(kg))
-                        .copied()
-                        .ok_or_else(|| Error::Corrupt {
-                            location: location.clone(),
-                            reason: format!("no offset recorded for key group {}", kg.0),
-                        })
-                };
-                if wanted == index.range {
-                    let file = self.read_file(h).await?;
-                    for kg in wanted.iter() {
-                        keyed
-                            .blocks
-                            .push((kg, read_block(&file, offset_of(kg)?, &location)?.to_vec()));
-                    }
-                    files.insert(old, file);
-                } else {
-                    // Only the byte range of the key groups this subtask owns (sizes were
-                    // verified before the restore, every block carries its CRC32).
-                    let start = offset_of(crate::keygroup::KeyGroup(wanted.start))?;
-                    let last = index.range.index_of(crate::keygroup::KeyGroup(wanted.end));
-                    let end = index
-                        .offsets
-                        .get(last + 1)
-                        .copied()
-                        .or(h.operator_state)
-                        .unwrap_or(h.size);
-                    let part = self
-                        .storage
-                        .read_range(&h.path, start, end.saturating_sub(start))
-                        .await?;
-                    for kg in wanted.iter() {
-                        keyed
-                            .blocks
-                            .push((kg, block_at(&part, start, offset_of(kg)?, &location)?.to_vec()));
-                    }
-                }
-            }
-            if let Some(r) = &h.rocksdb {
-                let file = self.read_file(h).await?;
-                let dir = info.local_dir.join(format!("restore-{old}"));
-                self.download_rocksdb(r, &file, &location, &dir, info.attempt).await?;
-                keyed.rocksdb.push(RestoredRocks {
-                    range: r.range,
-                    dir,
-                    files: r.sst_files.clone(),
-                    own_job: self.metadata.job_id == info.job_id,
-                });
+        // The old subtasks' keyed state at once: each is mostly waiting on storage.
+        let parts = futures::future::try_join_all(
+            overlapping_subtasks(&keyed_ranges, range)
+                .into_iter()
+                .map(|old| self.load_keyed(op, old, info)),
+        )
+        .await?;
+        for (old, part) in parts {
+            keyed.blocks.extend(part.blocks);
+            keyed.rocksdb.extend(part.rocksdb);
+            if let Some(file) = part.file {
                 files.insert(old, file);
             }
         }
@@ -419,6 +471,44 @@ impl RestoreSource {
         }
         Ok(Some(RestoredState { keyed, operator }))
     }
+}
+
+/// Why a local SST could not be put in place.
+enum LocalFetch {
+    Read(std::io::Error),
+    /// Size or checksum differ from the checkpoint's record.
+    Bad(String),
+    Write(std::io::Error),
+}
+
+/// Reads the local SST `src` through, checking its size and CRC32, then hard-links it to
+/// `target` (copies it where a link cannot cross file systems).
+fn link_verified(src: &Path, target: &Path, size: u64, crc32: u32) -> std::result::Result<(), LocalFetch> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(src).map_err(LocalFetch::Read)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(LocalFetch::Read)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    if len != size {
+        return Err(LocalFetch::Bad(format!(
+            "file has {len} bytes, the checkpoint recorded {size}"
+        )));
+    }
+    if hasher.finalize() != crc32 {
+        return Err(LocalFetch::Bad("checksum mismatch".into()));
+    }
+    if std::fs::hard_link(src, target).is_err() {
+        std::fs::copy(src, target).map_err(LocalFetch::Write)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -267,6 +267,14 @@ impl Storage {
         format!("{}{}", self.prefix, path)
     }
 
+    /// Where `path` lies on the local file system, for storage that is the local file system.
+    pub(crate) fn local_path(&self, path: &str) -> Option<std::path::PathBuf> {
+        // The operator is rooted at `/` (see `open`).
+        self.url
+            .starts_with("file://")
+            .then(|| Path::new("/").join(self.full(path)))
+    }
+
     fn url_for_join(&self) -> String {
         self.url.trim_end_matches('/').to_string()
     }
@@ -322,6 +330,9 @@ impl Storage {
 
     /// Reads a whole object.
     pub async fn read(&self, path: &str) -> Result<Vec<u8>> {
+        if let Some(file) = self.local_path(path) {
+            return self.read_local(path, move || std::fs::read(file)).await;
+        }
         self.op
             .read(&self.full(path))
             .await
@@ -331,12 +342,44 @@ impl Storage {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read_range(&self, path: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if let Some(file) = self.local_path(path) {
+            return self
+                .read_local(path, move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0; usize::try_from(len).unwrap_or(usize::MAX)];
+                    std::fs::File::open(file)?.read_exact_at(&mut buf, offset)?;
+                    Ok(buf)
+                })
+                .await;
+        }
         self.op
             .read_with(&self.full(path))
             .range(offset..offset + len)
             .await
             .map(|b| b.to_vec())
             .map_err(|e| self.err("read", path, e))
+    }
+
+    /// A read of a local file in one hop to the blocking pool. Why not opendal's fs service:
+    /// it takes several hops per read (stat, open, read), and restores measured 1-15 ms per
+    /// SST file through it against well under 1 ms this way.
+    async fn read_local(
+        &self,
+        path: &str,
+        read: impl FnOnce() -> std::io::Result<Vec<u8>> + Send + 'static,
+    ) -> Result<Vec<u8>> {
+        let io_err = |e: std::io::Error| {
+            let kind = match e.kind() {
+                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+                std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+                _ => ErrorKind::Unexpected,
+            };
+            self.err("read", path, opendal::Error::new(kind, e.to_string()).set_source(e))
+        };
+        match tokio::task::spawn_blocking(read).await {
+            Ok(read) => read.map_err(io_err),
+            Err(e) => Err(io_err(std::io::Error::other(e))),
+        }
     }
 
     /// The size of an object, or `None` if it does not exist.
@@ -597,6 +640,10 @@ mod tests {
         s.write("j/chk-1/_metadata", vec![4]).await.unwrap();
         assert_eq!(s.read("j/chk-1/op/0").await.unwrap(), vec![1, 2, 3]);
         assert_eq!(s.read_range("j/chk-1/op/0", 1, 2).await.unwrap(), vec![2, 3]);
+        let missing = s.read("j/nope").await.unwrap_err().to_string();
+        assert!(missing.contains("j/nope") && missing.contains("read"), "{missing}");
+        let past_end = s.read_range("j/chk-1/op/0", 2, 5).await.unwrap_err().to_string();
+        assert!(past_end.contains("j/chk-1/op/0"), "{past_end}");
         assert_eq!(s.size("j/chk-1/op/0").await.unwrap(), Some(3));
         assert_eq!(s.size("j/nope").await.unwrap(), None);
         let mut files = s.list_files_recursive("j/").await.unwrap();

@@ -244,9 +244,20 @@ struct TestStore {
 
 impl TestStore {
     fn new(dir: &Path) -> Self {
-        let store = format!("memory://conformance-{}", dir.display().to_string().replace('/', "_"));
+        Self::at(&format!(
+            "memory://conformance-{}",
+            dir.display().to_string().replace('/', "_")
+        ))
+    }
+
+    /// Checkpoints in the local file system under `dir` (restores link their SST files).
+    fn on_disk(dir: &Path) -> Self {
+        Self::at(dir.to_str().unwrap())
+    }
+
+    fn at(url: &str) -> Self {
         Self {
-            storage: Storage::open(&store).unwrap(),
+            storage: Storage::open(url).unwrap(),
             paths: CheckpointPaths::new("job"),
             rt: tokio::runtime::Runtime::new().unwrap(),
         }
@@ -521,6 +532,65 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
             assert_eq!(read_all(&mut merged), want, "{case}, compacted");
         }
     }
+}
+
+/// From the local file system a restore hard-links the checkpoint's SST files instead of
+/// copying them. Whatever the restored instance then does (ingest them into another instance,
+/// rewrite every key, compact), the checkpoint's files stay as they were: it restores again,
+/// checksums verified, to the same state.
+#[test]
+fn restores_from_local_storage_link_sst_files_and_leave_them_unchanged() {
+    use std::os::unix::fs::MetadataExt;
+    let kind = BACKENDS[1];
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::on_disk(&dir.path().join("checkpoints"));
+    let halves = [range_for_subtask(M, 2, 0), range_for_subtask(M, 2, 1)];
+    let acked: Vec<AckedState> = (halves.iter().enumerate())
+        .map(|(i, half)| {
+            let mut b = open(kind, &dir.path().join(format!("old{i}")), *half, Default::default());
+            fill_in(&mut b, 300, *half);
+            store.persist_subtask(1, i, b.snapshot(CheckpointId(1)).unwrap()).0
+        })
+        .collect();
+    for round in 0..2 {
+        let new_dir = dir.path().join(format!("new{round}"));
+        let mut merged = store
+            .restore_subtasks(1, acked.clone(), kind, full_range(), &new_dir, Default::default())
+            .unwrap();
+        assert_eq!(read_all(&mut merged), expected(300), "round {round}");
+        assert_eq!(rocks(&mut merged).merged().ingested, 4, "round {round}");
+        let linked = walkdir(&new_dir)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "sst"))
+            .filter(|p| std::fs::metadata(p).unwrap().nlink() > 1)
+            .count();
+        assert!(
+            linked >= 2,
+            "round {round}: the restored SSTs are links of the checkpoint's"
+        );
+        let values = merged.registry::<u64>().value_state::<String>("values").unwrap();
+        for k in 0..300u64 {
+            merged
+                .with_key(&k, M, |ctx| values.update(ctx, format!("later{k}")).unwrap())
+                .unwrap();
+        }
+        rocks(&mut merged).drain_write_cache().unwrap();
+        rocks(&mut merged).compact().unwrap();
+    }
+}
+
+/// Every file below `dir`.
+fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walkdir(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
 
 #[test]
