@@ -516,17 +516,7 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
                 assert!(counts.copied >= 4, "{case}: {counts:?}");
             }
 
-            let values = merged.registry::<u64>().value_state::<String>("values").unwrap();
-            for k in 0..300u64 {
-                merged
-                    .with_key(&k, M, |ctx| values.update(ctx, format!("later{k}")).unwrap())
-                    .unwrap();
-            }
-            rocks(&mut merged).drain_write_cache().unwrap();
-            let mut want = expected(300);
-            for k in 0..300u64 {
-                want.values.insert(k, format!("later{k}"));
-            }
+            let want = rewrite_values(&mut merged, 300);
             assert_eq!(read_all(&mut merged), want, "{case}");
             rocks(&mut merged).compact().unwrap();
             assert_eq!(read_all(&mut merged), want, "{case}, compacted");
@@ -568,15 +558,23 @@ fn restores_from_local_storage_link_sst_files_and_leave_them_unchanged() {
             linked >= 2,
             "round {round}: the restored SSTs are links of the checkpoint's"
         );
-        let values = merged.registry::<u64>().value_state::<String>("values").unwrap();
-        for k in 0..300u64 {
-            merged
-                .with_key(&k, M, |ctx| values.update(ctx, format!("later{k}")).unwrap())
-                .unwrap();
-        }
-        rocks(&mut merged).drain_write_cache().unwrap();
+        rewrite_values(&mut merged, 300);
         rocks(&mut merged).compact().unwrap();
     }
+}
+
+/// Rewrites the value of keys `0..n` of a RocksDB backend filled by `fill` and moves the writes
+/// into RocksDB; the contents expected after.
+fn rewrite_values(b: &mut KeyedBackend, n: u64) -> Contents {
+    let values = b.registry::<u64>().value_state::<String>("values").unwrap();
+    let mut want = expected(n);
+    for k in 0..n {
+        b.with_key(&k, M, |ctx| values.update(ctx, format!("later{k}")).unwrap())
+            .unwrap();
+        want.values.insert(k, format!("later{k}"));
+    }
+    rocks(b).drain_write_cache().unwrap();
+    want
 }
 
 /// Every file below `dir`.
