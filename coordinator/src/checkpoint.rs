@@ -54,20 +54,16 @@ pub(crate) enum AttemptEnd {
 
 /// A request to the job master, from a [`crate::master::JobHandle`].
 pub enum MasterCommand {
-    /// Take a savepoint under `target`; the reply carries its URL or why it failed.
+    /// Take a savepoint under `target`; the reply carries its URL or why it failed. With `stop`
+    /// the job stops after it: the sources emit nothing after its barrier, and the job ends
+    /// (FINISHED) once it is complete.
     Savepoint {
         /// Base URL; the savepoint goes to `<target>/savepoint-<job>-<n>/`.
         target: String,
         /// Where the outcome goes.
         reply: tokio::sync::oneshot::Sender<Result<String, String>>,
-    },
-    /// Take a savepoint under `target` and stop the job after it: the sources emit nothing
-    /// after its barrier, and the job ends (FINISHED) once it is complete.
-    Stop {
-        /// Base URL, as for `Savepoint`.
-        target: String,
-        /// Where the outcome goes.
-        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+        /// Stop the job after the savepoint.
+        stop: bool,
     },
     /// Cancel the job: its tasks stop now, nothing more is checkpointed.
     Cancel,
@@ -387,10 +383,8 @@ impl CheckpointCoordinator {
     }
 
     fn on_command(&mut self, a: &mut Attempt, cmd: MasterCommand) -> Option<AttemptEnd> {
-        let (target, reply, stop) = match cmd {
-            MasterCommand::Cancel => return Some(AttemptEnd::Canceled),
-            MasterCommand::Savepoint { target, reply } => (target, reply, false),
-            MasterCommand::Stop { target, reply } => (target, reply, true),
+        let MasterCommand::Savepoint { target, reply, stop } = cmd else {
+            return Some(AttemptEnd::Canceled);
         };
         match Storage::open(&target) {
             Ok(storage) => {
@@ -451,13 +445,13 @@ impl CheckpointCoordinator {
             }
         });
         debug!(checkpoint = barrier.id.0, "triggering checkpoint");
+        let cmd = if stop {
+            TaskCommand::TriggerStop(barrier)
+        } else {
+            TaskCommand::TriggerCheckpoint(barrier)
+        };
         for s in &a.sources {
-            let cmd = if stop {
-                TaskCommand::TriggerStop(barrier)
-            } else {
-                TaskCommand::TriggerCheckpoint(barrier)
-            };
-            a.send(*s, cmd);
+            a.send(*s, cmd.clone());
         }
         a.pending = Some(Pending {
             barrier,
@@ -752,7 +746,10 @@ impl CheckpointCoordinator {
     ) -> Option<AttemptEnd> {
         let id = p.barrier.id;
         let path = format!("{}{}", sp.target.dir, sluice_runtime::storage::METADATA_FILE);
-        if let Err(e) = sp.target.storage.write_atomic(&path, metadata.encode()).await {
+        let written = sp.target.storage.write_atomic(&path, metadata.encode()).await;
+        // Decided either way: no task needs the target any more.
+        self.savepoints.remove(id);
+        if let Err(e) = written {
             let _ = sp
                 .reply
                 .send(Err(format!("writing the savepoint's _metadata failed: {e}")));
@@ -765,11 +762,9 @@ impl CheckpointCoordinator {
             let _ = sp.reply.send(Ok(url));
             a.broadcast(TaskCommand::CheckpointComplete(id));
             if sp.stop {
-                self.savepoints.remove(id);
                 return Some(AttemptEnd::Stopped);
             }
         }
-        self.savepoints.remove(id);
         self.schedule_next(a, p.started);
         self.maybe_trigger_savepoint(a);
         None

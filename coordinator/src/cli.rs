@@ -1,7 +1,7 @@
 //! The `sluice` command line. A binary passes its job registry to [`main`]; the shipped binary
 //! registers the jobs in `examples/`.
 
-use crate::master::{run_job, JobOutcome, JobReport, JobSubmission, RestoredFrom};
+use crate::master::{run_job, JobOutcome, JobReport, JobState, JobSubmission, RestoredFrom};
 use clap::{Args, Parser, Subcommand};
 use sluice_runtime::config::{JobConfig, StateBackendKind};
 use sluice_runtime::storage::{set_s3_options, S3Options};
@@ -516,11 +516,11 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn print_report(r: &JobReport) {
+    let state = JobState::of(&r.outcome);
     let state = match &r.outcome {
-        JobOutcome::Finished => "FINISHED".to_string(),
-        JobOutcome::Stopped => "FINISHED (stopped with a savepoint)".to_string(),
-        JobOutcome::Canceled => "CANCELED".to_string(),
-        JobOutcome::Failed(cause) => format!("FAILED: {cause}"),
+        JobOutcome::Stopped => format!("{state} (stopped with a savepoint)"),
+        JobOutcome::Failed(cause) => format!("{state}: {cause}"),
+        JobOutcome::Finished | JobOutcome::Canceled => state.to_string(),
     };
     let secs = r.elapsed.as_secs_f64();
     println!("job {} ({}) {state} in {secs:.3} s", r.job_id, r.job_name);

@@ -250,11 +250,10 @@ impl JobControl {
 
     fn request_savepoint(&self, target: &str, stop: bool) -> Result<String> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let target = target.to_string();
-        let command = if stop {
-            MasterCommand::Stop { target, reply }
-        } else {
-            MasterCommand::Savepoint { target, reply }
+        let command = MasterCommand::Savepoint {
+            target: target.to_string(),
+            reply,
+            stop,
         };
         self.commands
             .send(command)
@@ -331,14 +330,13 @@ pub fn spawn_job_on(mut sub: JobSubmission, placement: Placement, opened: Option
     if let Some(snapshot) = &initial {
         adopt_snapshot_max_parallelism(&mut sub, snapshot)?;
     }
-    let mut master = JobMaster::start(sub, runtime.handle().clone())?;
+    let mut master = JobMaster::start(sub, runtime.handle().clone(), placement.clone())?;
     runtime.block_on(master.storage.check_writable(&master.paths.job_dir()))?;
     if let Some(source) = &initial {
         let (job, graph, config) = (master.sub.job.name, &master.graph, &master.sub.config);
         runtime.block_on(check_savepoint(source, job, graph, config))?;
     }
     master.initial = initial.map(Arc::new);
-    master.placement = placement.clone();
     let job_id = master.job_id.clone();
     let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
     let (progress_tx, progress) = tokio::sync::watch::channel(Progress::default());
@@ -377,7 +375,7 @@ struct JobMaster {
 }
 
 impl JobMaster {
-    fn start(sub: JobSubmission, handle: tokio::runtime::Handle) -> Result<Self> {
+    fn start(sub: JobSubmission, handle: tokio::runtime::Handle, placement: Placement) -> Result<Self> {
         let graph = Arc::new(build_graph(&sub.job, &sub.params, &sub.config)?);
         let job_id = new_job_id();
         let storage = Storage::open(&sub.config.checkpoint_dir)?;
@@ -389,7 +387,7 @@ impl JobMaster {
             storage,
             initial: None,
             handle,
-            placement: Placement::Local,
+            placement,
         })
     }
 
@@ -423,43 +421,43 @@ impl JobMaster {
         let mut restarts: Vec<RestartRecord> = Vec::new();
         let mut attempt = 0u32;
         let mut next_restore = RestoreChoice::Initial;
-        loop {
-            let (restore, restored_from) = match self
-                .choose_restore(&coordinator, &mut completed, &initial, &next_restore)
-                .await?
-            {
-                Some(x) => x,
-                None => (None, RestoredFrom::Nothing),
-            };
-            if attempt > 0 {
-                if let Some(r) = restarts.last_mut() {
-                    r.restored_from = restored_from.clone();
+        let mut delay = std::time::Duration::ZERO;
+        let outcome = loop {
+            // Everything before an attempt runs (the restart delay, choosing the snapshot,
+            // deploying, waiting for slots) gives way to a cancel; savepoints are refused then.
+            let prepare = async {
+                tokio::time::sleep(delay).await;
+                let (restore, restored_from) = self
+                    .choose_restore(&coordinator, &mut completed, &initial, &next_restore)
+                    .await?
+                    .unwrap_or((None, RestoredFrom::Nothing));
+                if attempt > 0 {
+                    if let Some(r) = restarts.last_mut() {
+                        r.restored_from = restored_from.clone();
+                    }
+                    info!(job = %self.job_id, attempt, from = ?restored_from, "restarting");
                 }
-                info!(job = %self.job_id, attempt, from = ?restored_from, "restarting");
-            }
-            let dcfg = DeployConfig::for_job(
-                self.job_id.clone(),
-                attempt,
-                cfg,
-                self.storage.clone(),
-                restore.clone(),
-                coordinator.savepoint_targets(),
-            );
-            let finish_hooks = dcfg.finish_hooks.clone();
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let deployment = match &self.placement {
-                Placement::Local => deploy(&self.graph, &dcfg, tx, self.handle.clone())?,
-                Placement::Cluster(cluster) => {
-                    let deployed = tokio::select! {
-                        d = cluster.deploy(&self.sub, &self.graph, &dcfg, tx) => d,
-                        // Waiting for slots: only a cancel is served (a savepoint needs tasks).
-                        outcome = wait_for_cancel(&mut commands) => {
-                            return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
-                        }
-                    };
-                    deployed?
-                }
+                let dcfg = DeployConfig::for_job(
+                    self.job_id.clone(),
+                    attempt,
+                    cfg,
+                    self.storage.clone(),
+                    restore,
+                    coordinator.savepoint_targets(),
+                );
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let deployment = match &self.placement {
+                    Placement::Local => deploy(&self.graph, &dcfg, tx, self.handle.clone())?,
+                    Placement::Cluster(cluster) => cluster.deploy(&self.sub, &self.graph, &dcfg, tx).await?,
+                };
+                Ok::<_, Error>((deployment, rx, dcfg.finish_hooks, restored_from))
             };
+            let (deployment, rx, finish_hooks, restored_from) = tokio::select! {
+                biased;
+                outcome = wait_for_cancel(&mut commands) => break outcome,
+                prepared = prepare => prepared?,
+            };
+            delay = std::time::Duration::ZERO;
             coordinator.report_state(JobState::Running, restarts.len() as u32);
             let end = coordinator
                 .run_attempt(deployment, rx, &mut commands, &mut completed)
@@ -471,24 +469,15 @@ impl JobMaster {
                         Placement::Local => finish_hooks.run()?,
                         Placement::Cluster(cluster) => cluster.finish(&self.job_id, attempt).await?,
                     }
-                    return Ok(self.report(
-                        JobOutcome::Finished,
-                        restarts,
-                        initial_restore,
-                        &coordinator,
-                        &completed,
-                        started,
-                    ));
+                    break JobOutcome::Finished;
                 }
                 AttemptEnd::Canceled => {
                     info!(job = %self.job_id, "job cancelled");
-                    let outcome = JobOutcome::Canceled;
-                    return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
+                    break JobOutcome::Canceled;
                 }
                 AttemptEnd::Stopped => {
                     info!(job = %self.job_id, "job stopped with a savepoint");
-                    let outcome = JobOutcome::Stopped;
-                    return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
+                    break JobOutcome::Stopped;
                 }
                 AttemptEnd::Failed {
                     cause,
@@ -512,8 +501,7 @@ impl JobMaster {
                     }
                     if restarts.len() as u32 >= cfg.restart.attempts {
                         warn!(job = %self.job_id, %cause, "no restart attempts left; the job failed");
-                        let outcome = JobOutcome::Failed(cause);
-                        return Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started));
+                        break JobOutcome::Failed(cause);
                     }
                     warn!(job = %self.job_id, %cause, "task failure; the job fails over");
                     attempt += 1;
@@ -524,10 +512,11 @@ impl JobMaster {
                     });
                     next_restore = RestoreChoice::Latest;
                     coordinator.report_state(JobState::Restarting, restarts.len() as u32);
-                    tokio::time::sleep(cfg.restart.delay).await;
+                    delay = cfg.restart.delay;
                 }
             }
-        }
+        };
+        Ok(self.report(outcome, restarts, initial_restore, &coordinator, &completed, started))
     }
 
     /// Picks what the next attempt restores: the newest usable completed checkpoint, else the
@@ -591,14 +580,17 @@ impl JobMaster {
 }
 
 /// Serves the job's commands while no attempt runs: a cancel ends the job, savepoints are refused.
+/// Polled first, so that a queued cancel wins over an attempt ready to start.
 async fn wait_for_cancel(commands: &mut tokio::sync::mpsc::UnboundedReceiver<MasterCommand>) -> JobOutcome {
     loop {
         match commands.recv().await {
             Some(MasterCommand::Cancel) => return JobOutcome::Canceled,
             // Nobody can cancel any more: wait for the slots.
             None => std::future::pending::<()>().await,
-            Some(MasterCommand::Savepoint { reply, .. } | MasterCommand::Stop { reply, .. }) => {
-                let _ = reply.send(Err("the job is not running (it waits for free slots)".into()));
+            Some(MasterCommand::Savepoint { reply, .. }) => {
+                let _ = reply.send(Err(
+                    "the job is not running (it is restarting or waits for free slots)".into()
+                ));
             }
         }
     }

@@ -3,6 +3,12 @@
 use sluice_runtime::snapshot::CheckpointMetadata;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Bound of every wait on a `sluice` process: generous, for a loaded machine.
+pub const DEADLINE: Duration = Duration::from_secs(120);
 
 /// The `sluice` binary built next to the test executable (`cargo build --bins` first).
 pub fn sluice_bin() -> PathBuf {
@@ -15,6 +21,65 @@ pub fn sluice_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A `sluice` command with a deterministic environment: no inherited cluster address, secret or
+/// log filter, and run from `dir` so that no relative default lands in the source tree.
+pub fn sluice_cmd(dir: &Path) -> Command {
+    let mut c = Command::new(sluice_bin());
+    c.current_dir(dir)
+        .env_remove("SLUICE_COORDINATOR")
+        .env_remove("SLUICE_SECRET")
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "0")
+        .env("NO_COLOR", "1");
+    c
+}
+
+/// Runs a command to its exit, bounded by [`DEADLINE`]; a command still running then is killed.
+pub fn run(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sluice starts");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(output) => output.expect("the command's output"),
+        Err(_) => {
+            // The child moved to the waiting thread: end it by its id.
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("{cmd:?} did not exit within {DEADLINE:?}");
+        }
+    }
+}
+
+/// The standard error of a finished command, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts that a command failed with exactly one `error:` line naming one of `any_of`
+/// (case-insensitively), and without a panic.
+pub fn assert_clear_error(o: &Output, what: &str, any_of: &[&str]) {
+    let e = stderr(o);
+    assert!(
+        !o.status.success(),
+        "{what}: succeeded\nstdout: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let lower = e.to_lowercase();
+    assert!(
+        any_of.iter().any(|n| lower.contains(&n.to_lowercase())),
+        "{what}: expected one of {any_of:?} in:\n{e}"
+    );
+    assert!(!e.contains("panicked"), "{what}: panicked:\n{e}");
+    assert_eq!(e.lines().filter(|l| l.starts_with("error:")).count(), 1, "{what}:\n{e}");
 }
 
 /// The expected output of `transactions`, as the sink writes it.

@@ -2,23 +2,18 @@
 //! retained checkpoint, refused snapshots, and clear errors for bad input.
 
 use sluice_integration_tests::{
-    assert_only_completed_checkpoints, completed_checkpoints, expected_transactions_output,
-    latest_completed_checkpoint, single_job_dir, sluice_bin,
+    assert_clear_error, assert_only_completed_checkpoints, completed_checkpoints, expected_transactions_output,
+    latest_completed_checkpoint, run, single_job_dir, sluice_bin, sluice_cmd, stderr,
 };
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+/// Runs `sluice` with `args` from the current directory, bounded by the shared deadline.
 fn sluice<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
-    Command::new(sluice_bin())
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("sluice runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    let mut c = sluice_cmd(&std::env::current_dir().expect("a current directory"));
+    c.args(args);
+    run(c)
 }
 
 const EVENTS: u64 = 300_000;
@@ -269,16 +264,7 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
         ),
     ];
     for (args, expected) in cases {
-        let o = sluice(&args);
-        let e = stderr(&o);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(e.contains(expected), "{args:?}: expected '{expected}' in:\n{e}");
-        assert!(!e.contains("panicked"), "{args:?} panicked:\n{e}");
-        assert_eq!(
-            e.lines().filter(|l| l.starts_with("error:")).count(),
-            1,
-            "{args:?}:\n{e}"
-        );
+        assert_clear_error(&sluice(&args), &format!("{args:?}"), &[expected]);
     }
     // An unknown flag is refused by the parser, naming it.
     let o = sluice(&["run", "transactions", "--bogus"]);

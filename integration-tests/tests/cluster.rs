@@ -5,7 +5,9 @@
 //! snapshots, finished jobs) get one clear error line.
 
 use serde_json::Value;
-use sluice_integration_tests::{assert_same_lines, expected_transactions_output, sluice_bin};
+use sluice_integration_tests::{
+    assert_clear_error, assert_same_lines, expected_transactions_output, run, sluice_cmd, stderr, DEADLINE,
+};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -13,68 +15,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const SECRET: &str = "cluster-test-secret";
-/// Bound of every wait on another process: generous, for a loaded machine.
-const DEADLINE: Duration = Duration::from_secs(120);
 const USERS: u64 = 20_000;
 const SEED: u64 = 7;
-
-/// A `sluice` command with a deterministic environment: no inherited cluster address, secret or
-/// log filter, and run from `dir` so that no relative default lands in the source tree.
-fn sluice_cmd(dir: &Path) -> Command {
-    let mut c = Command::new(sluice_bin());
-    c.current_dir(dir)
-        .env_remove("SLUICE_COORDINATOR")
-        .env_remove("SLUICE_SECRET")
-        .env_remove("RUST_LOG")
-        .env("RUST_BACKTRACE", "0")
-        .env("NO_COLOR", "1");
-    c
-}
-
-/// Runs a command to its exit, bounded by [`DEADLINE`].
-fn run(mut cmd: Command) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sluice starts");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(output) => output.expect("the command's output"),
-        Err(_) => {
-            // The child moved to the waiting thread: end it by its id.
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            panic!("{cmd:?} did not exit within {DEADLINE:?}");
-        }
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts that a command failed with exactly one `error:` line naming one of `any_of`
-/// (case-insensitively), and without a panic.
-fn assert_clear_error(o: &Output, what: &str, any_of: &[&str]) {
-    let e = stderr(o);
-    assert!(
-        !o.status.success(),
-        "{what}: succeeded\nstdout: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    let lower = e.to_lowercase();
-    assert!(
-        any_of.iter().any(|n| lower.contains(&n.to_lowercase())),
-        "{what}: expected one of {any_of:?} in:\n{e}"
-    );
-    assert!(!e.contains("panicked"), "{what}: panicked:\n{e}");
-    assert_eq!(e.lines().filter(|l| l.starts_with("error:")).count(), 1, "{what}:\n{e}");
-}
 
 fn field<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_else(|| panic!("no string '{key}' in {v}"))
@@ -136,14 +78,29 @@ impl Cluster {
         cluster
     }
 
-    /// Starts a worker with `slots` slots and its own data directory, and waits until it is
-    /// registered.
-    fn add_worker(&mut self, name: &str, slots: usize) {
+    /// A coordinator and `n` workers of 2 slots each, `worker-1` to `worker-<n>`.
+    fn with_workers(dir: &Path, n: usize) -> Self {
+        let mut cluster = Self::start(dir);
+        for i in 1..=n {
+            cluster.add_worker(&format!("worker-{i}"), 2);
+        }
+        cluster
+    }
+
+    /// The command of a worker with `slots` slots, its own data directory and `secret`.
+    fn worker_cmd(&self, name: &str, slots: usize, secret: &str) -> Command {
         let mut c = sluice_cmd(&self.dir);
         c.args(["worker", "--coordinator", &self.addr, "--slots", &slots.to_string()])
             .arg("--data-dir")
             .arg(self.dir.join(format!("{name}-data")))
-            .args(["--secret", SECRET]);
+            .args(["--secret", secret]);
+        c
+    }
+
+    /// Starts a worker with `slots` slots and its own data directory, and waits until it is
+    /// registered.
+    fn add_worker(&mut self, name: &str, slots: usize) {
+        let c = self.worker_cmd(name, slots, SECRET);
         let line = self.spawn(name, c, |l| l.starts_with("worker ") && l.contains(" registered with "));
         assert!(line.trim_end().ends_with(&self.addr), "{line}");
     }
@@ -298,9 +255,7 @@ impl Drop for Cluster {
 #[test]
 fn kill_a_worker_mid_run_and_recover_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(dir.path());
-    cluster.add_worker("worker-1", 2);
-    cluster.add_worker("worker-2", 2);
+    let mut cluster = Cluster::with_workers(dir.path(), 2);
     let out = dir.path().join("totals.csv");
     // About 10 s at 200k events/s: still running when a worker is killed. Parallelism 4 fills
     // both workers' slots, so the killed one holds tasks.
@@ -321,6 +276,8 @@ fn kill_a_worker_mid_run_and_recover_exactly() {
     let sp = cluster.json(&["savepoint", &job, "--target", target.to_str().unwrap()]);
     assert_snapshot(field(&sp, "url"));
 
+    // Still running, so the kill below lands in the middle of the job.
+    assert_eq!(cluster.json(&["status", &job])["state"], "RUNNING");
     // SIGKILL: the worker cannot say goodbye; the coordinator must notice that it is gone, and
     // the job can only run again once a replacement brings back the 2 slots.
     cluster.kill("worker-2");
@@ -336,9 +293,7 @@ fn kill_a_worker_mid_run_and_recover_exactly() {
 #[test]
 fn stop_with_savepoint_then_restore_at_2_and_3() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(dir.path());
-    cluster.add_worker("worker-1", 2);
-    cluster.add_worker("worker-2", 2);
+    let cluster = Cluster::with_workers(dir.path(), 2);
     let out = dir.path().join("stopped.csv");
     // About 10 s at 100k events/s: stopped long before its end of input.
     const EVENTS: u64 = 1_000_000;
@@ -381,22 +336,19 @@ fn cluster_errors_are_clear() {
     let mut cluster = Cluster::start(dir.path());
 
     // (a) A worker with the wrong secret is refused and exits.
-    let mut c = sluice_cmd(dir.path());
-    c.args(["worker", "--coordinator", &cluster.addr, "--slots", "1"])
-        .arg("--data-dir")
-        .arg(dir.path().join("intruder-data"))
-        .args(["--secret", "not-the-secret"]);
+    let c = cluster.worker_cmd("intruder", 1, "not-the-secret");
     assert_clear_error(&run(c), "worker with a wrong secret", &["secret"]);
 
     // (b) Submitting without a secret, or with a wrong one (the coordinator itself checks).
-    let submit = ["submit", "transactions", "--set", "events=1000", "--output", "json"];
-    let mut c = sluice_cmd(dir.path());
-    c.args(submit).args(["--coordinator", &cluster.addr]);
-    assert_clear_error(&run(c), "submit without a secret", &["secret"]);
-    let mut c = sluice_cmd(dir.path());
-    c.args(submit)
-        .args(["--coordinator", &cluster.addr, "--secret", "not-the-secret"]);
-    assert_clear_error(&run(c), "submit with a wrong secret", &["secret"]);
+    for secret in [None, Some("not-the-secret")] {
+        let mut c = sluice_cmd(dir.path());
+        c.args(["submit", "transactions", "--set", "events=1000", "--output", "json"])
+            .args(["--coordinator", &cluster.addr]);
+        if let Some(secret) = secret {
+            c.args(["--secret", secret]);
+        }
+        assert_clear_error(&run(c), &format!("submit with secret {secret:?}"), &["secret"]);
+    }
     let list = cluster.json(&["list"]);
     assert!(
         list["jobs"].as_array().is_some_and(Vec::is_empty),

@@ -211,11 +211,28 @@ impl RemoteSender {
     pub fn send<T: Data>(&mut self, element: &StreamElement<T>) -> std::io::Result<()> {
         if self.stream.is_none() {
             self.stream = Some(self.connect()?);
+            // The connection's first frame names its channel.
+            let key = postcard::to_stdvec(&self.key).map_err(std::io::Error::other)?;
+            if let Err(e) = self.write_frame(&key) {
+                self.stream = None;
+                return Err(e);
+            }
         }
         let payload = bitcode::serialize(element).map_err(std::io::Error::other)?;
+        self.write_frame(&payload)
+    }
+
+    /// Writes one frame: length and payload in one write, without copying the payload behind
+    /// the length. A payload the receiver would refuse is refused here, naming its size.
+    fn write_frame(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        if payload.len() > MAX_FRAME {
+            return Err(std::io::Error::other(format!(
+                "a data frame of {} bytes exceeds the limit of {MAX_FRAME} bytes (use smaller batches)",
+                payload.len()
+            )));
+        }
         let len = (payload.len() as u32).to_le_bytes();
-        // Length and payload in one write, without copying the payload behind the length.
-        self.write_all(&mut [IoSlice::new(&len), IoSlice::new(&payload)])
+        self.write_all(&mut [IoSlice::new(&len), IoSlice::new(payload)])
     }
 
     /// Sends `batch` as one data element and leaves it empty, its allocation kept for the
@@ -234,17 +251,11 @@ impl RemoteSender {
         let addr = self.peer.ok_or_else(|| {
             std::io::Error::other(format!("no data address for the worker of subtask {}", self.key.to))
         })?;
-        let mut stream = TcpStream::connect(addr)?;
+        let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
         socket2::SockRef::from(&stream).set_send_buffer_size(KERNEL_BUFFER)?;
         // Bounds how late a cancel is noticed while the receiver applies backpressure.
         stream.set_write_timeout(Some(Duration::from_millis(200)))?;
-        let mut header = Vec::new();
-        write_frame(
-            &mut header,
-            &postcard::to_stdvec(&self.key).map_err(std::io::Error::other)?,
-        )?;
-        stream.write_all(&header)?;
         Ok(stream)
     }
 
@@ -305,11 +316,6 @@ fn buffered_frame(input: &mut BufReader<TcpStream>) -> std::io::Result<Option<us
         return Ok(None);
     };
     Ok((buf.len() >= 4 + len).then_some(len))
-}
-
-fn write_frame(out: &mut impl Write, payload: &[u8]) -> std::io::Result<()> {
-    out.write_all(&(payload.len() as u32).to_le_bytes())?;
-    out.write_all(payload)
 }
 
 /// Reads one frame into `frame`, reusing its allocation.

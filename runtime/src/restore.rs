@@ -130,20 +130,15 @@ impl RestoreSource {
             files.push((self.sst_storage(f)?, f.path.as_str(), f.size));
         }
         for (storage, path, expected) in files {
-            match storage.size(path).await? {
-                None => {
-                    return Err(Error::Corrupt {
-                        location: storage.location(path),
-                        reason: "file is missing".into(),
-                    })
-                }
-                Some(size) if size != expected => {
-                    return Err(Error::Corrupt {
-                        location: storage.location(path),
-                        reason: format!("file has {size} bytes, the checkpoint recorded {expected}"),
-                    })
-                }
-                Some(_) => {}
+            let reason = match storage.size(path).await? {
+                None => Some("file is missing".to_string()),
+                Some(size) => size_mismatch(size, expected),
+            };
+            if let Some(reason) = reason {
+                return Err(Error::Corrupt {
+                    location: storage.location(path),
+                    reason,
+                });
             }
         }
         Ok(())
@@ -199,10 +194,10 @@ impl RestoreSource {
 
     async fn read_file(&self, h: &StateHandle) -> Result<Vec<u8>> {
         let bytes = self.storage.read(&h.path).await?;
-        if bytes.len() as u64 != h.size {
+        if let Some(reason) = size_mismatch(bytes.len() as u64, h.size) {
             return Err(Error::Corrupt {
                 location: self.storage.location(&h.path),
-                reason: format!("file has {} bytes, the checkpoint recorded {}", bytes.len(), h.size),
+                reason,
             });
         }
         Ok(bytes)
@@ -224,51 +219,34 @@ impl RestoreSource {
         let first = cell
             .get_or_try_init(|| async { self.fetch_sst(f, &target).await.map(|()| target.clone()) })
             .await?;
-        if *first != target && std::fs::hard_link(first, &target).is_err() {
+        if *first != target && tokio::fs::hard_link(first, &target).await.is_err() {
             self.fetch_sst(f, &target).await?;
         }
         Ok(())
     }
 
     /// Downloads one SST to `path`, verifying its size and CRC32. From local storage the
-    /// verified file is hard-linked instead (copied across file systems): an SST never
-    /// changes once written, and RocksDB removes a file by unlinking its own name only.
+    /// verified file is hard-linked instead of written again (written where a link cannot
+    /// cross file systems): an SST never changes once written, and RocksDB removes a file by
+    /// unlinking its own name only.
     async fn fetch_sst(&self, f: &RocksFile, path: &Path) -> Result<()> {
         let storage = self.sst_storage(f)?;
-        if let Some(src) = storage.local_path(&f.path) {
-            let (size, crc32, target) = (f.size, f.crc32, path.to_path_buf());
-            let linked = tokio::task::spawn_blocking(move || link_verified(&src, &target, size, crc32))
-                .await
-                .unwrap_or_else(|e| Err(LocalFetch::Read(std::io::Error::other(e))));
-            return linked.map_err(|e| match e {
-                LocalFetch::Read(e) => Error::Corrupt {
-                    location: storage.location(&f.path),
-                    reason: format!("cannot read: {e}"),
-                },
-                LocalFetch::Bad(reason) => Error::Corrupt {
-                    location: storage.location(&f.path),
-                    reason,
-                },
-                LocalFetch::Write(e) => Error::User(format!("cannot write restored state {}: {e}", path.display())),
-            });
-        }
         let data = storage.read(&f.path).await?;
-        let bad = if data.len() as u64 != f.size {
-            Some(format!(
-                "file has {} bytes, the checkpoint recorded {}",
-                data.len(),
-                f.size
-            ))
-        } else if crc32fast::hash(&data) != f.crc32 {
-            Some("checksum mismatch".to_string())
-        } else {
-            None
+        let reason = match size_mismatch(data.len() as u64, f.size) {
+            Some(reason) => Some(reason),
+            None if crc32fast::hash(&data) != f.crc32 => Some("checksum mismatch".to_string()),
+            None => None,
         };
-        if let Some(reason) = bad {
+        if let Some(reason) = reason {
             return Err(Error::Corrupt {
                 location: storage.location(&f.path),
                 reason,
             });
+        }
+        if let Some(src) = storage.local_path(&f.path) {
+            if tokio::fs::hard_link(src, path).await.is_ok() {
+                return Ok(());
+            }
         }
         tokio::fs::write(path, data)
             .await
@@ -473,42 +451,9 @@ impl RestoreSource {
     }
 }
 
-/// Why a local SST could not be put in place.
-enum LocalFetch {
-    Read(std::io::Error),
-    /// Size or checksum differ from the checkpoint's record.
-    Bad(String),
-    Write(std::io::Error),
-}
-
-/// Reads the local SST `src` through, checking its size and CRC32, then hard-links it to
-/// `target` (copies it where a link cannot cross file systems).
-fn link_verified(src: &Path, target: &Path, size: u64, crc32: u32) -> std::result::Result<(), LocalFetch> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(src).map_err(LocalFetch::Read)?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(LocalFetch::Read)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    if len != size {
-        return Err(LocalFetch::Bad(format!(
-            "file has {len} bytes, the checkpoint recorded {size}"
-        )));
-    }
-    if hasher.finalize() != crc32 {
-        return Err(LocalFetch::Bad("checksum mismatch".into()));
-    }
-    if std::fs::hard_link(src, target).is_err() {
-        std::fs::copy(src, target).map_err(LocalFetch::Write)?;
-    }
-    Ok(())
+/// Why a file of `len` bytes is not the one a checkpoint recorded with `recorded` bytes.
+fn size_mismatch(len: u64, recorded: u64) -> Option<String> {
+    (len != recorded).then(|| format!("file has {len} bytes, the checkpoint recorded {recorded}"))
 }
 
 #[cfg(test)]

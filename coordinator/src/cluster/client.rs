@@ -38,6 +38,11 @@ impl Client {
         })
     }
 
+    /// The coordinator's `host:port`, as given.
+    pub fn host(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<serde_json::Value, String> {
         let request = match &self.secret {
             Some(s) => request.bearer_auth(s),

@@ -378,12 +378,14 @@ impl Cluster {
         {
             let mut inner = self.lock();
             let hosts = inner.hosts.remove(&key).unwrap_or_default();
+            // All or none: no worker commits its part of the output while another cannot.
+            if let Some(h) = hosts.iter().find(|h| !inner.workers.contains_key(h)) {
+                return Err(Error::User(format!(
+                    "worker {h} was lost before committing the job's last output"
+                )));
+            }
             for h in hosts {
-                let Some(w) = inner.workers.get(&h) else {
-                    return Err(Error::User(format!(
-                        "worker {h} was lost before committing the job's last output"
-                    )));
-                };
+                let w = &inner.workers[&h];
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let _ = w.to_worker.send(ToWorker::Finish {
                     job: job.to_string(),

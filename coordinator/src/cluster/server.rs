@@ -242,8 +242,8 @@ pub fn run(registry: JobRegistry, listen: &str, secret: String) -> Result<(), St
             .route("/v1/jobs", get(list_jobs).post(submit))
             .route("/v1/jobs/{id}", get(job_status))
             .route("/v1/jobs/{id}/checkpoints", get(job_checkpoints))
-            .route("/v1/jobs/{id}/savepoints", post(savepoint))
-            .route("/v1/jobs/{id}/stop", post(stop))
+            .route("/v1/jobs/{id}/savepoints", post(take_savepoint::<false>))
+            .route("/v1/jobs/{id}/stop", post(take_savepoint::<true>))
             .route("/v1/jobs/{id}/cancel", post(cancel))
             .route("/v1/restore", post(restore))
             .with_state(state);
@@ -508,32 +508,14 @@ async fn with_running<T: Send + 'static>(
         .map_err(|e| bad(format!("the call panicked: {e}")))
 }
 
-async fn savepoint(
+/// A savepoint, and with `STOP` the job's end after it (answered once the job has ended).
+async fn take_savepoint<const STOP: bool>(
     State(state): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,
     Json(req): Json<SavepointRequest>,
 ) -> ApiResult<serde_json::Value> {
-    take_savepoint(state, id, headers, req, false).await
-}
-
-async fn stop(
-    State(state): State<Shared>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    Json(req): Json<SavepointRequest>,
-) -> ApiResult<serde_json::Value> {
-    take_savepoint(state, id, headers, req, true).await
-}
-
-/// A savepoint, and with `stop` the job's end after it (answered once the job has ended).
-async fn take_savepoint(
-    state: Shared,
-    id: String,
-    headers: HeaderMap,
-    req: SavepointRequest,
-    stop: bool,
-) -> ApiResult<serde_json::Value> {
+    let stop = STOP;
     authorize(&state, &headers)?;
     let url = with_running(&state, &id, move |h, default| {
         let target = req.target.as_deref().unwrap_or(&default);

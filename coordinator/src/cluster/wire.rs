@@ -8,11 +8,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Control messages above this are refused (a deployment spec is a few kilobytes).
 const MAX_MESSAGE: u32 = 64 << 20;
 
-/// Writes one message.
+/// Writes one message, length and body in one write (one segment on a no-delay socket).
 pub async fn write<W: AsyncWrite + Unpin, M: Serialize>(out: &mut W, message: &M) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(message).map_err(std::io::Error::other)?;
-    out.write_u32(bytes.len() as u32).await?;
-    out.write_all(&bytes).await?;
+    let mut frame = vec![0u8; 4];
+    serde_json::to_writer(&mut frame, message).map_err(std::io::Error::other)?;
+    let len = u32::try_from(frame.len() - 4)
+        .ok()
+        .filter(|len| *len <= MAX_MESSAGE)
+        .ok_or_else(|| std::io::Error::other(format!("a control message of {} bytes is too large", frame.len() - 4)))?;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    out.write_all(&frame).await?;
     out.flush().await
 }
 

@@ -79,8 +79,11 @@ async fn serve(registry: JobRegistry, options: WorkerOptions) -> std::result::Re
     let mut control = info.control_addr;
     if control.ip().is_unspecified() {
         // The coordinator listens on every interface: its control port is where its API answered.
-        let host = coordinator.trim_start_matches("http://").trim_end_matches('/');
-        if let Some(addr) = tokio::net::lookup_host(host).await.ok().and_then(|mut a| a.next()) {
+        if let Some(addr) = tokio::net::lookup_host(client.host())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+        {
             control.set_ip(addr.ip());
         }
     }
@@ -233,19 +236,23 @@ impl Worker {
     async fn deploy(self: Arc<Self>, spec: DeploySpec) {
         let key: AttemptKey = (spec.job.clone(), spec.attempt);
         let (events, mut rx) = tokio::sync::mpsc::unbounded_channel::<TaskEvent>();
-        let started = self.clone().start(&spec, events).await;
-        let cancelled = self.lock().deploying.remove(&key).unwrap_or(false);
-        match started {
-            Ok(deployment) => {
-                let n = deployment.tasks.len();
-                let records = deployment.source_counter();
-                {
-                    let mut local = self.lock();
-                    if cancelled {
-                        deployment.cancel();
-                    }
-                    local.deployments.insert(key.clone(), deployment);
+        let started = self.start(&spec, events).await;
+        // Under one lock: a cancel arriving now finds the attempt either still deploying (and
+        // is noted) or deployed (and reaches it), never in between.
+        let started = {
+            let mut local = self.lock();
+            let cancelled = local.deploying.remove(&key).unwrap_or(false);
+            started.map(|deployment| {
+                if cancelled {
+                    deployment.cancel();
                 }
+                let counted = (deployment.tasks.len(), deployment.source_counter());
+                local.deployments.insert(key.clone(), deployment);
+                counted
+            })
+        };
+        match started {
+            Ok((n, records)) => {
                 info!(job = %spec.job, attempt = spec.attempt, tasks = n, "deployed");
                 let mut ended = 0;
                 while let Some(event) = rx.recv().await {
@@ -278,7 +285,7 @@ impl Worker {
         }
     }
 
-    async fn start(self: Arc<Self>, spec: &DeploySpec, events: UnboundedSender<TaskEvent>) -> Result<Deployment> {
+    async fn start(&self, spec: &DeploySpec, events: UnboundedSender<TaskEvent>) -> Result<Deployment> {
         let job = self.registry.get(&spec.job_name)?.clone();
         let params = job.params_from_map(spec.params.clone())?;
         let graph = Arc::new(build_graph(&job, &params, &spec.config)?);

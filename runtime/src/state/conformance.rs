@@ -100,22 +100,18 @@ struct Contents {
 }
 
 fn read_all(b: &mut KeyedBackend) -> Contents {
-    let States {
-        values,
-        lists,
-        maps,
-        sums,
-    } = states(b, None);
+    let s = states(b, None);
     Contents {
-        values: values.entries(b).unwrap().into_iter().collect(),
-        lists: lists.entries(b).unwrap().into_iter().collect(),
-        maps: maps
+        values: s.values.entries(b).unwrap().into_iter().collect(),
+        lists: s.lists.entries(b).unwrap().into_iter().collect(),
+        maps: s
+            .maps
             .all_entries(b)
             .unwrap()
             .into_iter()
             .map(|(k, uk, v)| ((k, uk), v))
             .collect(),
-        sums: sums.entries(b).unwrap().into_iter().collect(),
+        sums: s.sums.entries(b).unwrap().into_iter().collect(),
     }
 }
 
@@ -126,22 +122,17 @@ fn fill(b: &mut KeyedBackend, n: u64) {
 
 /// Writes the pattern of [`fill`] for the keys of `0..n` in `range`.
 fn fill_in(b: &mut KeyedBackend, n: u64, range: KeyGroupRange) {
-    let States {
-        values,
-        lists,
-        maps,
-        sums,
-    } = states(b, None);
+    let s = states(b, None);
     for k in (0..n).filter(|k| range.contains(crate::keygroup::key_group_for_key(k, M))) {
         b.with_key(&k, M, |ctx| {
-            values.update(ctx, format!("v{k}")).unwrap();
+            s.values.update(ctx, format!("v{k}")).unwrap();
             for i in 0..(k % 4) as i32 {
-                lists.add(ctx, i).unwrap();
+                s.lists.add(ctx, i).unwrap();
             }
-            maps.put(ctx, format!("a{}", k % 3), k).unwrap();
-            maps.put(ctx, "b".into(), k * 2).unwrap();
-            sums.add(ctx, k as i64).unwrap();
-            sums.add(ctx, 1).unwrap();
+            s.maps.put(ctx, format!("a{}", k % 3), k).unwrap();
+            s.maps.put(ctx, "b".into(), k * 2).unwrap();
+            s.sums.add(ctx, k as i64).unwrap();
+            s.sums.add(ctx, 1).unwrap();
         })
         .unwrap();
     }
@@ -406,17 +397,9 @@ fn a_rocksdb_checkpoint_holds_the_state_of_its_barrier_whatever_follows() {
         }
         fill(&mut b, 300);
         let snapshot = b.snapshot(CheckpointId(1)).unwrap();
-        let values = b.registry::<u64>().value_state::<String>("values").unwrap();
-        for k in 0..300u64 {
-            b.with_key(&k, M, |ctx| values.update(ctx, format!("later{k}")).unwrap())
-                .unwrap();
-        }
+        let want = rewrite_values(&mut b, 300, 300);
         let mut restored = checkpoint_and_restore(snapshot, kind, full_range(), dir.path());
         assert_eq!(read_all(&mut restored), expected(300), "write cache limit {limit}");
-        let mut want = expected(300);
-        for k in 0..300u64 {
-            want.values.insert(k, format!("later{k}"));
-        }
         assert_eq!(read_all(&mut b), want, "write cache limit {limit}");
     }
 }
@@ -516,7 +499,8 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
                 assert!(counts.copied >= 4, "{case}: {counts:?}");
             }
 
-            let want = rewrite_values(&mut merged, 300);
+            let want = rewrite_values(&mut merged, 300, 300);
+            rocks(&mut merged).drain_write_cache().unwrap();
             assert_eq!(read_all(&mut merged), want, "{case}");
             rocks(&mut merged).compact().unwrap();
             assert_eq!(read_all(&mut merged), want, "{case}, compacted");
@@ -549,46 +533,33 @@ fn restores_from_local_storage_link_sst_files_and_leave_them_unchanged() {
             .unwrap();
         assert_eq!(read_all(&mut merged), expected(300), "round {round}");
         assert_eq!(rocks(&mut merged).merged().ingested, 4, "round {round}");
-        let linked = walkdir(&new_dir)
+        let restored = Storage::open(new_dir.to_str().unwrap()).unwrap();
+        let linked = (store.rt.block_on(restored.list_files_recursive("")).unwrap())
             .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "sst"))
-            .filter(|p| std::fs::metadata(p).unwrap().nlink() > 1)
+            .filter(|f| f.ends_with(".sst"))
+            .filter(|f| std::fs::metadata(new_dir.join(f)).unwrap().nlink() > 1)
             .count();
         assert!(
             linked >= 2,
             "round {round}: the restored SSTs are links of the checkpoint's"
         );
-        rewrite_values(&mut merged, 300);
+        rewrite_values(&mut merged, 300, 300);
+        rocks(&mut merged).drain_write_cache().unwrap();
         rocks(&mut merged).compact().unwrap();
     }
 }
 
-/// Rewrites the value of keys `0..n` of a RocksDB backend filled by `fill` and moves the writes
-/// into RocksDB; the contents expected after.
-fn rewrite_values(b: &mut KeyedBackend, n: u64) -> Contents {
+/// Rewrites the value of keys `0..changed` of a backend that `fill` filled with `filled` keys;
+/// the contents expected after.
+fn rewrite_values(b: &mut KeyedBackend, filled: u64, changed: u64) -> Contents {
     let values = b.registry::<u64>().value_state::<String>("values").unwrap();
-    let mut want = expected(n);
-    for k in 0..n {
+    let mut want = expected(filled);
+    for k in 0..changed {
         b.with_key(&k, M, |ctx| values.update(ctx, format!("later{k}")).unwrap())
             .unwrap();
         want.values.insert(k, format!("later{k}"));
     }
-    rocks(b).drain_write_cache().unwrap();
     want
-}
-
-/// Every file below `dir`.
-fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(walkdir(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 #[test]
@@ -741,11 +712,7 @@ fn an_incremental_checkpoint_uploads_only_what_changed() {
     let (_, first_uploaded, first_total) = checkpoint(&mut b, 1);
     assert!(first_uploaded >= first_total, "the first checkpoint uploads everything");
     // Change a hundred keys out of fifty thousand.
-    let values = b.registry::<u64>().value_state::<String>("values").unwrap();
-    for k in 0..100u64 {
-        b.with_key(&k, M, |ctx| values.update(ctx, format!("changed{k}")).unwrap())
-            .unwrap();
-    }
+    let want = rewrite_values(&mut b, 50_000, 100);
     let (acked, uploaded, total) = checkpoint(&mut b, 2);
     assert!(
         uploaded * 20 < total,
@@ -754,10 +721,6 @@ fn an_incremental_checkpoint_uploads_only_what_changed() {
     assert!(acked.new_shared.len() < acked.handle.rocksdb.as_ref().unwrap().sst_files.len());
     // Restoring from the incremental checkpoint is exact.
     let mut r = store.restore(2, acked, kind, full_range(), dir.path()).unwrap();
-    let mut want = expected(50_000);
-    for k in 0..100u64 {
-        want.values.insert(k, format!("changed{k}"));
-    }
     assert_eq!(read_all(&mut r), want);
 }
 
