@@ -345,6 +345,8 @@ pub fn deploy(
         if let Some(placement) = &cfg.placement {
             let links = crate::net::RemoteLinks {
                 placement,
+                job: &cfg.job_id,
+                attempt: cfg.attempt,
                 edge: e,
                 cancel: cancel.clone(),
             };

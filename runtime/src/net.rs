@@ -136,10 +136,6 @@ pub struct Placement {
     pub slot_workers: Vec<u64>,
     /// Each worker's data address.
     pub peers: HashMap<u64, SocketAddr>,
-    /// The job's id.
-    pub job: String,
-    /// The attempt.
-    pub attempt: u32,
 }
 
 impl Placement {
@@ -152,6 +148,8 @@ impl Placement {
 /// One edge's network ends: spawns the threads that carry its cross-worker channels.
 pub(crate) struct RemoteLinks<'a> {
     pub placement: &'a Placement,
+    pub job: &'a str,
+    pub attempt: u32,
     pub edge: usize,
     pub cancel: Arc<AtomicBool>,
 }
@@ -159,8 +157,8 @@ pub(crate) struct RemoteLinks<'a> {
 impl RemoteLinks<'_> {
     fn key(&self, from: usize, to: usize) -> ChannelKey {
         ChannelKey {
-            job: self.placement.job.clone(),
-            attempt: self.placement.attempt,
+            job: self.job.to_string(),
+            attempt: self.attempt,
             edge: self.edge,
             from,
             to,
@@ -341,8 +339,17 @@ mod tests {
             this_worker: this,
             slot_workers: vec![1, 2],
             peers,
-            job: "j".into(),
+        }
+    }
+
+    /// The network ends of edge `edge` of attempt 0 of job `j`.
+    fn links(placement: &Placement, edge: usize, cancel: Arc<AtomicBool>) -> RemoteLinks<'_> {
+        RemoteLinks {
+            placement,
+            job: "j",
             attempt: 0,
+            edge,
+            cancel,
         }
     }
 
@@ -362,16 +369,8 @@ mod tests {
     fn elements_cross_in_order() {
         let (pa, pb) = two_workers();
         let cancel = Arc::new(AtomicBool::new(false));
-        let out = RemoteLinks {
-            placement: &pa,
-            edge: 0,
-            cancel: cancel.clone(),
-        };
-        let inp = RemoteLinks {
-            placement: &pb,
-            edge: 0,
-            cancel,
-        };
+        let out = links(&pa, 0, cancel.clone());
+        let inp = links(&pb, 0, cancel);
         let mut tx = out.send_remote(0, 1);
         let (tx2, rx2) = bounded::<StreamElement<(u64, String)>>(1);
         inp.receive_remote(0, 1, tx2);
@@ -407,19 +406,9 @@ mod tests {
     fn a_vanished_sender_disconnects_the_receiver() {
         let (pa, pb) = two_workers();
         let cancel = Arc::new(AtomicBool::new(false));
-        let mut tx = RemoteLinks {
-            placement: &pa,
-            edge: 3,
-            cancel: cancel.clone(),
-        }
-        .send_remote(0, 1);
+        let mut tx = links(&pa, 3, cancel.clone()).send_remote(0, 1);
         let (tx2, rx2) = bounded::<StreamElement<u64>>(4);
-        RemoteLinks {
-            placement: &pb,
-            edge: 3,
-            cancel,
-        }
-        .receive_remote(0, 1, tx2);
+        links(&pb, 3, cancel).receive_remote(0, 1, tx2);
         tx.send(&StreamElement::Data(vec![5u64])).unwrap();
         drop(tx);
         assert!(matches!(rx2.recv().unwrap(), StreamElement::Data(v) if v == vec![5]));
@@ -432,12 +421,7 @@ mod tests {
     fn a_write_blocked_by_backpressure_ends_on_cancel() {
         let (pa, _pb) = two_workers();
         let cancel = Arc::new(AtomicBool::new(true));
-        let mut tx = RemoteLinks {
-            placement: &pa,
-            edge: 5,
-            cancel,
-        }
-        .send_remote(0, 1);
+        let mut tx = links(&pa, 5, cancel).send_remote(0, 1);
         let batch = StreamElement::Data(vec![0u64; 64 * 1024]);
         let err = loop {
             if let Err(e) = tx.send(&batch) {

@@ -93,11 +93,10 @@ pub(crate) struct WatermarkGenerator<T> {
     /// The idleness timeout in ms, if any.
     idle_after: Option<i64>,
     /// The processing time at which the output goes idle unless a record passes first: the
-    /// task wakes up for it like for a timer, whether or not its input is quiet.
-    idle_at: Timestamp,
-    /// Whether idleness was declared since the last record, and whether downstream is yet to
-    /// hear of it.
-    idle: bool,
+    /// task wakes up for it like for a timer, whether or not its input is quiet. `None` without
+    /// an idleness timeout, and once idle until the next record.
+    idle_at: Option<Timestamp>,
+    /// Whether downstream is yet to hear that the output went idle.
     went_idle: bool,
 }
 
@@ -111,8 +110,7 @@ impl<T> WatermarkGenerator<T> {
             max_timestamp: Timestamp::MIN,
             emitted: Timestamp::MIN,
             pending: None,
-            idle_at: Timestamp::MAX,
-            idle: false,
+            idle_at: None,
             went_idle: false,
         }
     }
@@ -120,8 +118,7 @@ impl<T> WatermarkGenerator<T> {
     /// Not idle (again): idle `timeout` from now unless a record passes before.
     fn active(&mut self) {
         if let Some(timeout) = self.idle_after {
-            self.idle_at = crate::state::processing_time_now().saturating_add(timeout);
-            self.idle = false;
+            self.idle_at = Some(crate::state::processing_time_now().saturating_add(timeout));
         }
     }
 
@@ -162,12 +159,12 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
     }
 
     fn next_processing_time(&self) -> Option<Timestamp> {
-        (self.idle_after.is_some() && !self.idle).then_some(self.idle_at)
+        self.idle_at
     }
 
     fn on_processing_time(&mut self, now: Timestamp, _: &mut Vec<T>) -> Result<()> {
-        if self.idle_after.is_some() && !self.idle && self.idle_at <= now {
-            self.idle = true;
+        if self.idle_at.is_some_and(|at| at <= now) {
+            self.idle_at = None;
             self.went_idle = true;
         }
         Ok(())

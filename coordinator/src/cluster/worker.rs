@@ -306,8 +306,6 @@ impl Worker {
             this_worker: self.id,
             slot_workers: spec.slot_workers.clone(),
             peers: spec.peers.clone(),
-            job: spec.job.clone(),
-            attempt: spec.attempt,
         }));
         {
             let mut local = self.lock();

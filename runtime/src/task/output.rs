@@ -40,22 +40,22 @@ pub(crate) enum Outlet<T> {
 }
 
 impl<T: Data> Outlet<T> {
-    /// Sends `element`; on failure, what went wrong (empty when the receiver just went away).
-    fn send(&mut self, element: StreamElement<T>) -> std::result::Result<(), String> {
+    /// Sends `element`; on failure, the network error (none when the receiver went away).
+    fn send(&mut self, element: StreamElement<T>) -> std::result::Result<(), Option<std::io::Error>> {
         match self {
-            Outlet::Local(tx) => tx.send(element).map_err(|_| String::new()),
-            Outlet::Remote(r) => r.send(&element).map_err(|e| format!(": {e}")),
+            Outlet::Local(tx) => tx.send(element).map_err(|_| None),
+            Outlet::Remote(r) => r.send(&element).map_err(Some),
         }
     }
 
     /// Sends the records of `batch` and leaves it empty for the next ones.
-    fn send_batch(&mut self, batch: &mut Vec<T>, capacity: usize) -> std::result::Result<(), String> {
+    fn send_batch(&mut self, batch: &mut Vec<T>, capacity: usize) -> std::result::Result<(), Option<std::io::Error>> {
         match self {
             Outlet::Local(_) => self.send(StreamElement::Data(std::mem::replace(
                 batch,
                 Vec::with_capacity(capacity),
             ))),
-            Outlet::Remote(r) => r.send_batch(batch).map_err(|e| format!(": {e}")),
+            Outlet::Remote(r) => r.send_batch(batch).map_err(Some),
         }
     }
 }
@@ -87,11 +87,13 @@ impl<T: Data> ChannelWriter<T> {
         }
     }
 
-    fn fail(&self, ch: usize, why: String) -> Error {
+    fn fail(&self, ch: usize, why: Option<std::io::Error>) -> Error {
         if self.cancel.load(Ordering::Relaxed) {
-            Error::Cancelled
-        } else {
-            Error::Disconnected(format!("downstream subtask {ch} stopped{why}"))
+            return Error::Cancelled;
+        }
+        match why {
+            Some(e) => Error::Disconnected(format!("downstream subtask {ch} stopped: {e}")),
+            None => Error::Disconnected(format!("downstream subtask {ch} stopped")),
         }
     }
 
