@@ -225,32 +225,34 @@ impl RestoreSource {
         Ok(())
     }
 
-    /// Downloads one SST to `path`, verifying its size and CRC32. From local storage the
-    /// verified file is hard-linked instead of written again (written where a link cannot
-    /// cross file systems): an SST never changes once written, and RocksDB removes a file by
-    /// unlinking its own name only.
+    /// Downloads one SST to `path`, verifying its size and CRC32. From local storage the file
+    /// is verified where it is, then hard-linked instead of written again (copied where a link
+    /// cannot cross file systems): an SST never changes once written, and RocksDB removes a
+    /// file by unlinking its own name only.
     async fn fetch_sst(&self, f: &RocksFile, path: &Path) -> Result<()> {
         let storage = self.sst_storage(f)?;
-        let data = storage.read(&f.path).await?;
-        let reason = match size_mismatch(data.len() as u64, f.size) {
-            Some(reason) => Some(reason),
-            None if crc32fast::hash(&data) != f.crc32 => Some("checksum mismatch".to_string()),
-            None => None,
-        };
-        if let Some(reason) = reason {
-            return Err(Error::Corrupt {
-                location: storage.location(&f.path),
-                reason,
-            });
-        }
-        if let Some(src) = storage.local_path(&f.path) {
-            if tokio::fs::hard_link(src, path).await.is_ok() {
-                return Ok(());
+        let verify = |len: u64, crc: u32| {
+            let reason = size_mismatch(len, f.size).or_else(|| (crc != f.crc32).then(|| "checksum mismatch".into()));
+            match reason {
+                Some(reason) => Err(Error::Corrupt {
+                    location: storage.location(&f.path),
+                    reason,
+                }),
+                None => Ok(()),
             }
+        };
+        let written = |e: std::io::Error| Error::User(format!("cannot write restored state {}: {e}", path.display()));
+        if let Some(src) = storage.local_path(&f.path) {
+            let (len, crc) = storage.checksum(&f.path).await?;
+            verify(len, crc)?;
+            if tokio::fs::hard_link(&src, path).await.is_err() {
+                tokio::fs::copy(&src, path).await.map_err(written)?;
+            }
+            return Ok(());
         }
-        tokio::fs::write(path, data)
-            .await
-            .map_err(|e| Error::User(format!("cannot write restored state {}: {e}", path.display())))
+        let data = storage.read(&f.path).await?;
+        verify(data.len() as u64, crc32fast::hash(&data))?;
+        tokio::fs::write(path, data).await.map_err(written)
     }
 
     /// Downloads one RocksDB native checkpoint into `dir`, verifying every SST's size and CRC32.

@@ -10,7 +10,7 @@ mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
 #[cfg(feature = "rocksdb")]
-mod rocks_ingest;
+mod rocks_ffi;
 mod small_map;
 mod ttl;
 #[cfg(feature = "rocksdb")]

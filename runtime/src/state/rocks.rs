@@ -20,7 +20,7 @@
 //! is dropped once its newest element expired; expired elements of a list that still has live
 //! ones go at its next read or append (see `ttl::list_add`).
 
-use super::rocks_ingest;
+use super::rocks_ffi;
 use super::ttl::{is_ttl_name, stored_timestamp, StateTtlConfig};
 use super::write_cache::{self, Background, Cached, Entries, WriteCache};
 use super::{CurrentKey, Key, StateId, StateValue};
@@ -79,7 +79,15 @@ pub(crate) fn split_rocks_key(k: &[u8]) -> Result<(KeyGroup, &[u8], &[u8])> {
     Ok((kg, key, &k[used..]))
 }
 
+/// The options of every instance and column family: a copy of one built once, because each
+/// `Options::default()` creates a default table factory (with a block cache of its own) only
+/// to have it replaced.
 fn db_options() -> Options {
+    static OPTIONS: std::sync::OnceLock<Options> = std::sync::OnceLock::new();
+    OPTIONS.get_or_init(build_db_options).clone()
+}
+
+fn build_db_options() -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
     o.create_missing_column_families(true);
@@ -94,6 +102,21 @@ fn db_options() -> Options {
     // Threads that open an instance's SST files at start: the default of 16 costs more to
     // start than small restores take to open their files.
     o.set_max_file_opening_threads(2);
+    // RocksDB's warnings and errors go to the process's log; no LOG file per instance, whose
+    // creation and options dump cost every open time (its header lines are dropped).
+    o.set_info_logger(rocksdb::InfoLogger::new_callback_logger(
+        rocksdb::LogLevel::Warn,
+        |level, msg| match level {
+            rocksdb::LogLevel::Warn => tracing::warn!(target: "rocksdb", "{}", msg.trim_end()),
+            rocksdb::LogLevel::Error | rocksdb::LogLevel::Fatal => {
+                tracing::error!(target: "rocksdb", "{}", msg.trim_end())
+            }
+            _ => {}
+        },
+    ));
+    // Compaction statistics are not loaded from every table's properties at open.
+    o.set_skip_stats_update_on_db_open(true);
+    rocks_ffi::set_open_options(&mut o);
     let mut table = rocksdb::BlockBasedOptions::default();
     // Most reads are point lookups, many of keys not stored yet: bloom filters spare reading
     // every level's blocks for them. One block cache serves all instances of the process.
@@ -316,9 +339,12 @@ impl OldInstance {
         // and copying keys opens what it reads.
         opts.set_max_open_files(64);
         let names = DB::list_cf(&opts, dir).map_err(|e| db_err("list column families", e))?;
-        let src = DB::open_cf_for_read_only(&opts, dir, &names, false).map_err(|e| db_err("open", e))?;
+        // Column families opened with the instance's options: with default ones each would
+        // create (and at close destroy) a block cache of its own.
+        let descriptors = names.iter().map(|name| ColumnFamilyDescriptor::new(name, opts.clone()));
+        let src = DB::open_cf_descriptors_read_only(&opts, dir, descriptors, false).map_err(|e| db_err("open", e))?;
         let files = match merge {
-            crate::config::RescaleMerge::Ingest => Some(rocks_ingest::files_for_ingestion(&src, dir)?),
+            crate::config::RescaleMerge::Ingest => Some(rocks_ffi::files_for_ingestion(&src, dir)?),
             crate::config::RescaleMerge::Iterate => None,
         };
         Ok(Self { src, names, files })
@@ -494,7 +520,7 @@ impl RocksBackend {
             // is off): a column family without files is empty.
             if let Some(files) = &mut files {
                 let Some(files) = files.remove(name) else { continue };
-                match rocks_ingest::ingest_db_files(&self.db, &to, &files) {
+                match rocks_ffi::ingest_db_files(&self.db, &to, &files) {
                     Ok(()) => {
                         self.merged.ingested += 1;
                         ingested = true;

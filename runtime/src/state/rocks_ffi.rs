@@ -1,13 +1,15 @@
-//! Ingestion of another RocksDB instance's own SST files into this one, without reading or
-//! rewriting a key: how a restore at a new parallelism merges old instances whose key-group
-//! ranges do not overlap (Flink's "ingest DB" rescaling). RocksDB supports it since 9.x
-//! (`IngestExternalFileOptions::allow_db_generated_files`); rust-rocksdb does not wrap the
-//! option, so this module calls the C API. It is the only unsafe code in the workspace.
+//! What the RocksDB backend needs from RocksDB's C API that rust-rocksdb does not wrap; the
+//! only unsafe code in the workspace.
+//! - Ingestion of another instance's own SST files, without reading or rewriting a key: how a
+//!   restore at a new parallelism merges old instances whose key-group ranges do not overlap
+//!   (Flink's "ingest DB" rescaling; `IngestExternalFileOptions::allow_db_generated_files`,
+//!   RocksDB 9.x and later).
+//! - Open options that shorten a restore: no IDENTITY file, SST files opened in the background.
 #![allow(unsafe_code)]
 
 use crate::{Error, Result};
 use librocksdb_sys as ffi;
-use rocksdb::{AsColumnFamilyRef, AsRawPtr, DB};
+use rocksdb::{AsColumnFamilyRef, AsRawPtr, Options, DB};
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
@@ -89,4 +91,15 @@ pub(super) fn ingest_db_files(db: &DB, cf: &impl AsColumnFamilyRef, files: &[Pat
         }
     }
     Ok(())
+}
+
+/// Open options rust-rocksdb does not wrap: no IDENTITY file (the instance's id is kept in
+/// its manifest), and the SST files opened in the background once the open returns (a
+/// restore has verified them already; a read that needs one first opens it itself).
+pub(super) fn set_open_options(opts: &mut Options) {
+    // SAFETY: `opts` is a live options object; the setters only store a flag in it.
+    unsafe {
+        ffi::rocksdb_options_set_write_identity_file(opts.as_raw_ptr(), 0);
+        ffi::rocksdb_options_set_open_files_async(opts.as_raw_ptr(), 1);
+    }
 }
