@@ -383,8 +383,9 @@ impl CheckpointCoordinator {
     }
 
     fn on_command(&mut self, a: &mut Attempt, cmd: MasterCommand) -> Option<AttemptEnd> {
-        let MasterCommand::Savepoint { target, reply, stop } = cmd else {
-            return Some(AttemptEnd::Canceled);
+        let (target, reply, stop) = match cmd {
+            MasterCommand::Savepoint { target, reply, stop } => (target, reply, stop),
+            MasterCommand::Cancel => return Some(AttemptEnd::Canceled),
         };
         match Storage::open(&target) {
             Ok(storage) => {

@@ -27,8 +27,13 @@ enum Command {
     Run {
         /// The job's name (see `sluice jobs`)
         job: String,
+        /// Start from this savepoint or retained checkpoint (a chk-<n> directory)
+        #[arg(long)]
+        from_savepoint: Option<String>,
         #[command(flatten)]
         flags: Box<JobFlags>,
+        #[command(flatten)]
+        local: LocalFlags,
     },
     /// List the built-in jobs and their parameters
     Jobs,
@@ -67,6 +72,9 @@ enum Command {
     Submit {
         /// The job's name (see `sluice jobs`)
         job: String,
+        /// Start from this savepoint or retained checkpoint (a chk-<n> directory)
+        #[arg(long)]
+        from_savepoint: Option<String>,
         #[command(flatten)]
         flags: Box<JobFlags>,
         #[command(flatten)]
@@ -143,7 +151,7 @@ struct ClientArgs {
     output: String,
 }
 
-/// Flags every job takes.
+/// Flags every job takes, run here or on a cluster.
 #[derive(Args)]
 struct JobFlags {
     /// Default parallelism of every operator
@@ -163,20 +171,12 @@ struct JobFlags {
     /// own SST files, or by `iterate`-and-write of their keys
     #[arg(long, default_value = "ingest")]
     rocksdb_rescale: String,
-    /// Local working directory (RocksDB instances); default: a directory under the system temp dir
-    #[arg(long)]
-    data_dir: Option<std::path::PathBuf>,
     /// Where checkpoints go: a path, file:///abs/path, s3://bucket/prefix or memory://name
     #[arg(long, default_value = "./checkpoints")]
     checkpoint_dir: String,
-    #[command(flatten)]
-    s3: S3Flags,
     /// Checkpoint period (e.g. 1s, 200ms), or "off"
     #[arg(long, default_value = "1s")]
     checkpoint_interval: String,
-    /// Start from this savepoint or retained checkpoint (a chk-<n> directory)
-    #[arg(long)]
-    from_savepoint: Option<String>,
     /// Drop snapshot state of operators the job no longer has
     #[arg(long)]
     allow_non_restored_state: bool,
@@ -209,6 +209,16 @@ struct JobFlags {
     no_chaining: bool,
 }
 
+/// Flags of the process a job runs in: on a cluster, its coordinator and workers have their own.
+#[derive(Args)]
+struct LocalFlags {
+    /// Local working directory (RocksDB instances); default: a directory under the system temp dir
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    s3: S3Flags,
+}
+
 /// Settings of `s3://` storage; each one not given falls back to the standard AWS variable.
 #[derive(Args)]
 struct S3Flags {
@@ -236,21 +246,6 @@ struct S3Flags {
 }
 
 impl S3Flags {
-    /// The first flag given, if any.
-    fn first_given(&self) -> Option<&'static str> {
-        [
-            (self.s3_endpoint.is_some(), "--s3-endpoint"),
-            (self.s3_region.is_some(), "--s3-region"),
-            (self.s3_access_key_id.is_some(), "--s3-access-key-id"),
-            (self.s3_secret_access_key.is_some(), "--s3-secret-access-key"),
-            (self.s3_virtual_host_style, "--s3-virtual-host-style"),
-            (self.s3_max_attempts.is_some(), "--s3-max-attempts"),
-            (self.s3_request_timeout.is_some(), "--s3-request-timeout"),
-        ]
-        .into_iter()
-        .find_map(|(given, flag)| given.then_some(flag))
-    }
-
     fn to_options(&self) -> Result<S3Options, String> {
         if self.s3_max_attempts == Some(0) {
             return Err("--s3-max-attempts must be at least 1".into());
@@ -276,7 +271,7 @@ fn duration(flag: &str, value: &str) -> Result<Duration, String> {
 }
 
 impl JobFlags {
-    fn to_config(&self) -> Result<JobConfig, String> {
+    fn to_config(&self, from_savepoint: Option<String>) -> Result<JobConfig, String> {
         let interval = match self.checkpoint_interval.as_str() {
             "off" | "0" | "none" => None,
             v => Some(duration("checkpoint-interval", v)?).filter(|d| !d.is_zero()),
@@ -304,7 +299,7 @@ impl JobFlags {
             max_parallelism_from_snapshot: self.max_parallelism.is_none(),
             state_backend,
             checkpoint_dir: self.checkpoint_dir.clone(),
-            from_savepoint: self.from_savepoint.clone(),
+            from_savepoint,
             allow_non_restored_state: self.allow_non_restored_state,
             batch_size: self.batch_size,
             chaining: !self.no_chaining,
@@ -315,9 +310,6 @@ impl JobFlags {
             .rocksdb_rescale
             .parse()
             .map_err(|e: sluice_runtime::Error| e.to_string())?;
-        if let Some(dir) = &self.data_dir {
-            c.data_dir = dir.clone();
-        }
         c.checkpoint.retained = self.retained_checkpoints;
         c.checkpoint.timeout = duration("checkpoint-timeout", &self.checkpoint_timeout)?;
         c.checkpoint.min_pause = duration("min-pause", &self.min_pause)?;
@@ -355,11 +347,19 @@ fn init_tracing() {
 
 fn dispatch(cli: Cli, registry: &JobRegistry) -> Result<ExitCode, String> {
     match cli.command {
-        Command::Run { job, flags } => {
+        Command::Run {
+            job,
+            from_savepoint,
+            flags,
+            local,
+        } => {
             let definition = registry.get(&job).map_err(|e| e.to_string())?.clone();
             let params = definition.params_from_settings(&flags.set).map_err(|e| e.to_string())?;
-            let config = flags.to_config()?;
-            set_s3_options(flags.s3.to_options()?);
+            let mut config = flags.to_config(from_savepoint)?;
+            if let Some(dir) = local.data_dir {
+                config.data_dir = dir;
+            }
+            set_s3_options(local.s3.to_options()?);
             let report = run_job(JobSubmission {
                 job: definition,
                 params,
@@ -434,38 +434,26 @@ fn absolute(location: &str) -> String {
 fn command_request(command: Command, registry: &JobRegistry) -> Result<crate::cluster::commands::Request, String> {
     use crate::cluster::commands::{Call, Request};
     use crate::cluster::server::{RestoreRequest, SubmitRequest};
-    // The flags that set up this process's storage and working directory mean nothing to a
-    // cluster's job: its coordinator and workers have their own. Refused, not ignored.
-    let job_config = |flags: &JobFlags, command: &str| -> Result<JobConfig, String> {
-        if let Some(flag) = flags.s3.first_given() {
-            return Err(format!(
-                "{command} does not take {flag}: a cluster reaches S3 with the settings its \
-                 coordinator and workers were started with (their --s3-* flags or AWS_* variables)"
-            ));
-        }
-        if flags.data_dir.is_some() {
-            return Err(format!(
-                "{command} does not take --data-dir: each worker has its own (sluice worker --data-dir)"
-            ));
-        }
-        let mut config = flags.to_config()?;
+    let job_config = |flags: &JobFlags, from_savepoint: Option<String>| -> Result<JobConfig, String> {
+        let mut config = flags.to_config(from_savepoint.as_deref().map(absolute))?;
         config.checkpoint_dir = absolute(&config.checkpoint_dir);
-        config.from_savepoint = config.from_savepoint.as_deref().map(absolute);
         Ok(config)
     };
     let (client, call) = match command {
-        Command::Submit { job, flags, client } => {
+        Command::Submit {
+            job,
+            from_savepoint,
+            flags,
+            client,
+        } => {
             // Checked here too: a typo is reported without a round trip.
             registry.get(&job).map_err(|e| e.to_string())?;
-            let config = job_config(&flags, "submit")?;
+            let config = job_config(&flags, from_savepoint)?;
             let settings = flags.set.clone();
             (client, Call::Submit(SubmitRequest { job, settings, config }))
         }
         Command::Restore { url, flags, client } => {
-            if flags.from_savepoint.is_some() {
-                return Err("restore takes the snapshot to restore as its argument, not --from-savepoint".into());
-            }
-            let config = job_config(&flags, "restore")?;
+            let config = job_config(&flags, None)?;
             let url = absolute(&url);
             let settings = flags.set.clone();
             (client, Call::Restore(RestoreRequest { url, settings, config }))

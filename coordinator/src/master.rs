@@ -421,12 +421,15 @@ impl JobMaster {
         let mut restarts: Vec<RestartRecord> = Vec::new();
         let mut attempt = 0u32;
         let mut next_restore = RestoreChoice::Initial;
-        let mut delay = std::time::Duration::ZERO;
+        // The pause before the next attempt: none before the first.
+        let mut delay = None;
         let outcome = loop {
             // Everything before an attempt runs (the restart delay, choosing the snapshot,
             // deploying, waiting for slots) gives way to a cancel; savepoints are refused then.
             let prepare = async {
-                tokio::time::sleep(delay).await;
+                if let Some(delay) = delay.take() {
+                    tokio::time::sleep(delay).await;
+                }
                 let (restore, restored_from) = self
                     .choose_restore(&coordinator, &mut completed, &initial, &next_restore)
                     .await?
@@ -457,7 +460,6 @@ impl JobMaster {
                 outcome = wait_for_cancel(&mut commands) => break outcome,
                 prepared = prepare => prepared?,
             };
-            delay = std::time::Duration::ZERO;
             coordinator.report_state(JobState::Running, restarts.len() as u32);
             let end = coordinator
                 .run_attempt(deployment, rx, &mut commands, &mut completed)
@@ -512,7 +514,7 @@ impl JobMaster {
                     });
                     next_restore = RestoreChoice::Latest;
                     coordinator.report_state(JobState::Restarting, restarts.len() as u32);
-                    delay = cfg.restart.delay;
+                    delay = Some(cfg.restart.delay);
                 }
             }
         };

@@ -244,23 +244,23 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             ],
             "--slots must be at least 1",
         ),
-        // Flags of this process's storage mean nothing to a cluster's job: refused by name
-        // before any request.
+        // Flags of this process's storage mean nothing to a cluster's job: the parser refuses
+        // them by name before any request.
         (
             vec!["submit", "transactions", "--data-dir", "/tmp/x"],
-            "submit does not take --data-dir",
+            "unexpected argument '--data-dir'",
         ),
         (
             vec!["submit", "transactions", "--s3-region", "eu-west-1"],
-            "submit does not take --s3-region",
+            "unexpected argument '--s3-region'",
         ),
         (
             vec!["restore", "/tmp/chk-1", "--s3-endpoint", "http://127.0.0.1:9"],
-            "restore does not take --s3-endpoint",
+            "unexpected argument '--s3-endpoint'",
         ),
         (
             vec!["restore", "/tmp/chk-1", "--from-savepoint", "/tmp/chk-2"],
-            "not --from-savepoint",
+            "unexpected argument '--from-savepoint'",
         ),
     ];
     for (args, expected) in cases {

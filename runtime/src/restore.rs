@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// SST files downloaded at once by one restoring subtask.
+/// SST files downloaded at once per old instance a subtask restores from.
 const DOWNLOAD_CONCURRENCY: usize = 4;
 
 /// The old subtasks whose key-group range overlaps `range`: the only state a new subtask owning
@@ -203,9 +203,9 @@ impl RestoreSource {
         Ok(bytes)
     }
 
-    /// Puts one SST into `dir`: a hard link to the copy another subtask of this attempt already
-    /// downloaded, else downloaded. The other copy may have moved since (its instance opened
-    /// under another name): then it is downloaded again.
+    /// Puts one SST into `dir`, linked to the verified file another subtask of this attempt
+    /// already used, else fetched. A downloaded copy may have moved since (its instance opened
+    /// under another name): then it is fetched again.
     async fn download_sst(&self, f: &RocksFile, dir: &Path, attempt: u32) -> Result<()> {
         let target = dir.join(&f.name);
         let location = self.sst_storage(f)?.location(&f.path);
@@ -216,20 +216,22 @@ impl RestoreSource {
             }
             downloads.1.entry(location).or_default().clone()
         };
-        let first = cell
-            .get_or_try_init(|| async { self.fetch_sst(f, &target).await.map(|()| target.clone()) })
-            .await?;
-        if *first != target && tokio::fs::hard_link(first, &target).await.is_err() {
-            self.fetch_sst(f, &target).await?;
+        let verified = cell.get_or_try_init(|| self.fetch_sst(f, &target)).await?;
+        if *verified == target || link_or_copy(verified, &target).await.is_ok() {
+            return Ok(());
+        }
+        let again = self.fetch_sst(f, &target).await?;
+        if again != target {
+            link_or_copy(&again, &target).await?;
         }
         Ok(())
     }
 
-    /// Downloads one SST to `path`, verifying its size and CRC32. From local storage the file
-    /// is verified where it is, then hard-linked instead of written again (copied where a link
-    /// cannot cross file systems): an SST never changes once written, and RocksDB removes a
-    /// file by unlinking its own name only.
-    async fn fetch_sst(&self, f: &RocksFile, path: &Path) -> Result<()> {
+    /// Verifies one SST's size and CRC32; the verified file. From local storage that is the
+    /// checkpoint's own file, verified where it is and linked (or copied) from there: an SST
+    /// never changes once written, and RocksDB removes a file by unlinking its own name only.
+    /// From other stores it is downloaded to `target`.
+    async fn fetch_sst(&self, f: &RocksFile, target: &Path) -> Result<PathBuf> {
         let storage = self.sst_storage(f)?;
         let verify = |len: u64, crc: u32| {
             let reason = size_mismatch(len, f.size).or_else(|| (crc != f.crc32).then(|| "checksum mismatch".into()));
@@ -241,18 +243,16 @@ impl RestoreSource {
                 None => Ok(()),
             }
         };
-        let written = |e: std::io::Error| Error::User(format!("cannot write restored state {}: {e}", path.display()));
-        if let Some(src) = storage.local_path(&f.path) {
-            let (len, crc) = storage.checksum(&f.path).await?;
+        if let Some((file, len, crc)) = storage.local_checksum(&f.path).await? {
             verify(len, crc)?;
-            if tokio::fs::hard_link(&src, path).await.is_err() {
-                tokio::fs::copy(&src, path).await.map_err(written)?;
-            }
-            return Ok(());
+            return Ok(file);
         }
         let data = storage.read(&f.path).await?;
         verify(data.len() as u64, crc32fast::hash(&data))?;
-        tokio::fs::write(path, data).await.map_err(written)
+        tokio::fs::write(target, data)
+            .await
+            .map_err(|e| cannot_write(target, e))?;
+        Ok(target.to_path_buf())
     }
 
     /// Downloads one RocksDB native checkpoint into `dir`, verifying every SST's size and CRC32.
@@ -454,6 +454,21 @@ impl RestoreSource {
 }
 
 /// Why a file of `len` bytes is not the one a checkpoint recorded with `recorded` bytes.
+/// Hard-links `from` to `to`, or copies it where a link cannot cross file systems.
+async fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if tokio::fs::hard_link(from, to).await.is_ok() {
+        return Ok(());
+    }
+    tokio::fs::copy(from, to)
+        .await
+        .map(drop)
+        .map_err(|e| cannot_write(to, e))
+}
+
+fn cannot_write(path: &Path, e: std::io::Error) -> Error {
+    Error::User(format!("cannot write restored state {}: {e}", path.display()))
+}
+
 fn size_mismatch(len: u64, recorded: u64) -> Option<String> {
     (len != recorded).then(|| format!("file has {len} bytes, the checkpoint recorded {recorded}"))
 }

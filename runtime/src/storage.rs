@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use opendal::layers::{ConcurrentLimitLayer, RetryLayer, TimeoutLayer, TracingLayer};
 use opendal::{services, EntryMode, ErrorKind, Operator};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ const MULTIPART_CONCURRENCY: usize = 4;
 const MAX_CONCURRENT_REQUESTS: usize = 64;
 /// The buffer a local file is checksummed through: reused, and small enough to stay in cache.
 const CHECKSUM_BUFFER: usize = 256 * 1024;
-/// The bytes of a local file checksummed as one part, in parallel with the others.
+/// The least bytes of a local file checksummed on a thread of their own.
 const CHECKSUM_PART: u64 = 16 * 1024 * 1024;
 
 /// Settings of S3-compatible storage, for every `s3://` URL the process opens. Each one not
@@ -205,6 +205,8 @@ pub struct Storage {
     /// An object store that creates a missing bucket on the first write (some do): the start
     /// check lists it first, so that a wrong bucket name is an error, not a new bucket.
     list_before_writing: bool,
+    /// The local file system (`file://` or a bare path): read without opendal.
+    local: bool,
 }
 
 impl Storage {
@@ -253,6 +255,7 @@ impl Storage {
             op,
             prefix: dir_prefix(&path),
             list_before_writing: scheme == "s3",
+            local: scheme == "file",
         })
     }
 
@@ -264,6 +267,7 @@ impl Storage {
             op: self.op.clone(),
             prefix: format!("{}{}/", self.prefix, dir),
             list_before_writing: self.list_before_writing,
+            local: self.local,
         }
     }
 
@@ -274,9 +278,7 @@ impl Storage {
     /// Where `path` lies on the local file system, for storage that is the local file system.
     pub(crate) fn local_path(&self, path: &str) -> Option<std::path::PathBuf> {
         // The operator is rooted at `/` (see `open`).
-        self.url
-            .starts_with("file://")
-            .then(|| Path::new("/").join(self.full(path)))
+        self.local.then(|| Path::new("/").join(self.full(path)))
     }
 
     fn url_for_join(&self) -> String {
@@ -344,28 +346,15 @@ impl Storage {
             .map_err(|e| self.err("read", path, e))
     }
 
-    /// The length and CRC32 of an object. A local file is read a buffer at a time (reading it
-    /// whole would fault in fresh memory for every page, which costs more than the read), its
-    /// parts in parallel on the blocking pool, their CRCs then combined.
-    pub async fn checksum(&self, path: &str) -> Result<(u64, u32)> {
+    /// For storage on the local file system, the file behind `path`, its length and its CRC32
+    /// (see [`crc32_of_file`]); `None` for other stores, whose objects must be read to be checked.
+    pub(crate) async fn local_checksum(&self, path: &str) -> Result<Option<(PathBuf, u64, u32)>> {
         let Some(file) = self.local_path(path) else {
-            let data = self.read(path).await?;
-            return Ok((data.len() as u64, crc32fast::hash(&data)));
+            return Ok(None);
         };
-        let f = file.clone();
-        let len = self
-            .read_local(path, move || std::fs::metadata(f).map(|m| m.len()))
-            .await?;
-        let parts = (0..len.div_ceil(CHECKSUM_PART).max(1)).map(|i| {
-            let file = file.clone();
-            let (start, end) = (i * CHECKSUM_PART, ((i + 1) * CHECKSUM_PART).min(len));
-            self.read_local(path, move || crc32_of_part(&file, start, end))
-        });
-        let mut crc = crc32fast::Hasher::new();
-        for part in futures::future::try_join_all(parts).await? {
-            crc.combine(&part);
-        }
-        Ok((len, crc.finalize()))
+        let at = file.clone();
+        let (len, crc) = self.read_local(path, move || crc32_of_file(&at)).await?;
+        Ok(Some((file, len, crc)))
     }
 
     /// Reads `len` bytes at `offset`.
@@ -396,14 +385,7 @@ impl Storage {
         path: &str,
         read: impl FnOnce() -> std::io::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let io_err = |e: std::io::Error| {
-            let kind = match e.kind() {
-                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
-                std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
-                _ => ErrorKind::Unexpected,
-            };
-            self.err("read", path, opendal::Error::new(kind, e.to_string()).set_source(e))
-        };
+        let io_err = |e| self.err("read", path, opendal::raw::new_std_io_error(e));
         match tokio::task::spawn_blocking(read).await {
             Ok(read) => read.map_err(io_err),
             Err(e) => Err(io_err(std::io::Error::other(e))),
@@ -412,6 +394,15 @@ impl Storage {
 
     /// The size of an object, or `None` if it does not exist.
     pub async fn size(&self, path: &str) -> Result<Option<u64>> {
+        if let Some(file) = self.local_path(path) {
+            return self
+                .read_local(path, move || match std::fs::metadata(file) {
+                    Ok(m) => Ok(Some(m.len())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                })
+                .await;
+        }
         match self.op.stat(&self.full(path)).await {
             Ok(m) => Ok(Some(m.content_length())),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -539,11 +530,44 @@ pub struct CheckpointPaths {
     job_id: String,
 }
 
+/// The length and CRC32 of a local file, read through small reused buffers: reading it whole
+/// would fault in fresh memory for every page, which costs more than the read. A file over
+/// [`CHECKSUM_PART`] bytes twice or more is read in parts of at least that size, one per
+/// core at most, on threads of their own, and their CRCs combined.
+fn crc32_of_file(path: &Path) -> std::io::Result<(u64, u32)> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    static CORES: OnceLock<u64> = OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+    let parts = (len / CHECKSUM_PART).clamp(1, cores);
+    let bounds = |i: u64| len * i / parts;
+    let crcs = std::thread::scope(|s| {
+        let others: Vec<_> = (1..parts)
+            .map(|i| {
+                let file = &file;
+                s.spawn(move || crc32_of_part(file, bounds(i), bounds(i + 1)))
+            })
+            .collect();
+        let mut crcs = vec![crc32_of_part(&file, 0, bounds(1))];
+        for part in others {
+            crcs.push(
+                part.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("checksum thread panicked"))),
+            );
+        }
+        crcs
+    });
+    let mut crc = crc32fast::Hasher::new();
+    for part in crcs {
+        crc.combine(&part?);
+    }
+    Ok((len, crc.finalize()))
+}
+
 /// The CRC32 state of bytes `start..end` of `file`; an error if the file ends before `end`.
-fn crc32_of_part(file: &std::path::Path, start: u64, end: u64) -> std::io::Result<crc32fast::Hasher> {
+fn crc32_of_part(file: &std::fs::File, start: u64, end: u64) -> std::io::Result<crc32fast::Hasher> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(file)?;
-    let mut buf = vec![0; CHECKSUM_BUFFER];
+    let mut buf = vec![0; CHECKSUM_BUFFER.min(usize::try_from(end - start).unwrap_or(usize::MAX))];
     let mut crc = crc32fast::Hasher::new();
     let mut at = start;
     while at < end {
@@ -649,6 +673,17 @@ mod tests {
     }
 
     #[test]
+    fn the_local_file_system_is_known_by_scheme_and_kept_by_sub_storages() {
+        for url in ["/data/ck", "file:///data/ck", "FILE:///data/ck"] {
+            let s = Storage::open(url).unwrap();
+            let expected = Some(std::path::PathBuf::from("/data/ck/j/f"));
+            assert_eq!(s.local_path("j/f"), expected, "{url}");
+            assert_eq!(s.at("j").local_path("f"), expected, "{url}");
+        }
+        assert_eq!(Storage::open("memory://x").unwrap().local_path("f"), None);
+    }
+
+    #[test]
     fn unknown_scheme_is_refused_by_name() {
         let e = Storage::open("ftp://x/y").unwrap_err().to_string();
         assert!(e.contains("unsupported storage scheme 'ftp'"), "{e}");
@@ -711,19 +746,21 @@ mod tests {
     async fn checksums_of_local_files_in_parts_equal_the_whole_files_and_name_a_missing_one() {
         let dir = tempfile::tempdir().unwrap();
         let local = Storage::open(dir.path().to_str().unwrap()).unwrap();
-        let remote = Storage::open("memory://checksums").unwrap();
         // Empty, under one buffer, one part exactly, and parts with a short last one.
         let part = CHECKSUM_PART as usize;
         for len in [0, 1000, part, 2 * part + CHECKSUM_BUFFER + 7] {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let expected = (len as u64, crc32fast::hash(&data));
-            local.write("f", data.clone()).await.unwrap();
-            remote.write("f", data).await.unwrap();
-            assert_eq!(local.checksum("f").await.unwrap(), expected, "{len} bytes");
-            assert_eq!(remote.checksum("f").await.unwrap(), expected, "{len} bytes");
+            local.write("f", data).await.unwrap();
+            let (file, len, crc) = local.local_checksum("f").await.unwrap().expect("a local file");
+            assert_eq!((len, crc), expected, "{len} bytes");
+            assert_eq!(file, dir.path().join("f"));
         }
-        let missing = local.checksum("nope").await.unwrap_err().to_string();
+        let missing = local.local_checksum("nope").await.unwrap_err().to_string();
         assert!(missing.contains("nope"), "{missing}");
+        let remote = Storage::open("memory://checksums").unwrap();
+        remote.write("f", vec![1]).await.unwrap();
+        assert!(remote.local_checksum("f").await.unwrap().is_none());
     }
 
     #[tokio::test]

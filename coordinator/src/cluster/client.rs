@@ -38,7 +38,7 @@ impl Client {
         })
     }
 
-    /// The coordinator's `host:port`, as given.
+    /// The coordinator's `host:port`: the address given, without `http://`.
     pub fn host(&self) -> &str {
         self.base.trim_start_matches("http://")
     }

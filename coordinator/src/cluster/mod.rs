@@ -378,7 +378,8 @@ impl Cluster {
         {
             let mut inner = self.lock();
             let hosts = inner.hosts.remove(&key).unwrap_or_default();
-            // All or none: no worker commits its part of the output while another cannot.
+            // Refused before any worker commits if one of them is gone already: a worker lost
+            // later, while committing, still leaves the others' parts committed.
             if let Some(h) = hosts.iter().find(|h| !inner.workers.contains_key(h)) {
                 return Err(Error::User(format!(
                     "worker {h} was lost before committing the job's last output"

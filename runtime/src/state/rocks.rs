@@ -116,7 +116,7 @@ fn build_db_options() -> Options {
     ));
     // Compaction statistics are not loaded from every table's properties at open.
     o.set_skip_stats_update_on_db_open(true);
-    rocks_ffi::set_open_options(&mut o);
+    rocks_ffi::skip_identity_file(&mut o);
     let mut table = rocksdb::BlockBasedOptions::default();
     // Most reads are point lookups, many of keys not stored yet: bloom filters spare reading
     // every level's blocks for them. One block cache serves all instances of the process.

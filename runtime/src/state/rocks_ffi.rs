@@ -4,7 +4,7 @@
 //!   restore at a new parallelism merges old instances whose key-group ranges do not overlap
 //!   (Flink's "ingest DB" rescaling; `IngestExternalFileOptions::allow_db_generated_files`,
 //!   RocksDB 9.x and later).
-//! - Open options that shorten a restore: no IDENTITY file, SST files opened in the background.
+//! - No IDENTITY file at open, which shortens a restore.
 #![allow(unsafe_code)]
 
 use crate::{Error, Result};
@@ -93,13 +93,11 @@ pub(super) fn ingest_db_files(db: &DB, cf: &impl AsColumnFamilyRef, files: &[Pat
     Ok(())
 }
 
-/// Open options rust-rocksdb does not wrap: no IDENTITY file (the instance's id is kept in
-/// its manifest), and the SST files opened in the background once the open returns (a
-/// restore has verified them already; a read that needs one first opens it itself).
-pub(super) fn set_open_options(opts: &mut Options) {
-    // SAFETY: `opts` is a live options object; the setters only store a flag in it.
+/// No IDENTITY file at open (the instance's id is kept in its manifest): one file write and
+/// sync less per open.
+pub(super) fn skip_identity_file(opts: &mut Options) {
+    // SAFETY: `opts` is a live options object; the setter only stores a flag in it.
     unsafe {
         ffi::rocksdb_options_set_write_identity_file(opts.as_raw_ptr(), 0);
-        ffi::rocksdb_options_set_open_files_async(opts.as_raw_ptr(), 1);
     }
 }
