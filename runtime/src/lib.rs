@@ -29,7 +29,8 @@
 //!    records after the barrier wait in the bounded channel (and its sender waits when it is
 //!    full). End of input on a channel removes it from the alignment.
 //! 4. When barrier n has arrived on every open channel, the task snapshots its chain: the memory
-//!    backend's snapshot clones one `Arc` per key group (copy-on-write), operator state is copied.
+//!    backend's snapshot shares each key group's map behind an `Arc` (copy-on-write), operator
+//!    state is copied.
 //!    The barrier is forwarded on every output, and the task goes back to processing records.
 //! 5. The snapshots are serialized and written on the async runtime (one file per operator
 //!    subtask, one checksummed block per key group); then the task sends `Ack` with the file

@@ -1,8 +1,11 @@
-//! The memory state backend: per state, one hash map per key group, each behind an `Arc`.
+//! The memory state backend: per state, one hash map per key group.
 //!
-//! A snapshot clones the `Arc`s (a copy-on-write view costing O(key groups)); the first write to
-//! a key group after a snapshot copies that key group's map. Serialization into the canonical
-//! entry format then runs off the task thread.
+//! A snapshot moves each key group's map behind an `Arc` and keeps a clone of it (a
+//! copy-on-write view costing O(key groups)); the first write to a key group after a snapshot
+//! takes the map back, copying it only if the snapshot still holds it. Serialization into the
+//! canonical entry format then runs off the task thread. Between snapshots a map is owned
+//! outright: an access costs no atomic operation, which would wait for the cache misses of the
+//! accesses before it.
 //!
 //! States with a TTL are cleaned incrementally, so that keys never read again do not stay
 //! forever: every access to such a state earns it [`CHECKS_PER_ACCESS`] checks, and once they
@@ -141,7 +144,53 @@ impl<S: Expiring> Sweeper<S> {
     }
 }
 
-type KgMap<K, S> = Arc<FxHashMap<K, S>>;
+/// One key group's map: owned while no snapshot holds it, shared with the snapshots that do.
+enum KgMap<K, S> {
+    Owned(FxHashMap<K, S>),
+    Shared(Arc<FxHashMap<K, S>>),
+}
+
+impl<K, S> std::ops::Deref for KgMap<K, S> {
+    type Target = FxHashMap<K, S>;
+    fn deref(&self) -> &FxHashMap<K, S> {
+        match self {
+            Self::Owned(m) => m,
+            Self::Shared(m) => m,
+        }
+    }
+}
+
+impl<K: Key, S: Stored> KgMap<K, S> {
+    fn is_shared(&self) -> bool {
+        matches!(self, Self::Shared(_))
+    }
+
+    /// The map to change: taken back from the snapshots, copied if one still holds it.
+    fn to_mut(&mut self) -> &mut FxHashMap<K, S> {
+        if self.is_shared() {
+            let map = match std::mem::replace(self, Self::Owned(FxHashMap::default())) {
+                Self::Owned(map) => map,
+                Self::Shared(shared) => Arc::unwrap_or_clone(shared),
+            };
+            *self = Self::Owned(map);
+        }
+        match self {
+            Self::Owned(m) => m,
+            Self::Shared(m) => Arc::make_mut(m),
+        }
+    }
+
+    /// The map for a snapshot, which from now on shares it.
+    fn share(&mut self) -> Arc<FxHashMap<K, S>> {
+        if let Self::Owned(map) = self {
+            *self = Self::Shared(Arc::new(std::mem::take(map)));
+        }
+        match self {
+            Self::Shared(m) => Arc::clone(m),
+            Self::Owned(m) => Arc::new(m.clone()),
+        }
+    }
+}
 
 struct Table<K, S> {
     name: String,
@@ -173,7 +222,7 @@ impl<K: Key, S: Stored> Table<K, S> {
             (s.any_expired)(v, cfg, now)
         });
         if any_expired {
-            Arc::make_mut(map).retain(|_, v| {
+            map.to_mut().retain(|_, v| {
                 checked += checks(v);
                 (s.retain)(v, cfg, now)
             });
@@ -185,7 +234,7 @@ impl<K: Key, S: Stored> Table<K, S> {
 trait ErasedTable: Send {
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
-    fn snapshot(&self) -> Box<dyn TableSnapshot>;
+    fn snapshot(&mut self) -> Box<dyn TableSnapshot>;
     fn ttl(&self) -> Option<StateTtlConfig>;
     fn tick(&mut self, now: Timestamp);
     /// How many keys it holds.
@@ -205,11 +254,10 @@ impl<K: Key, S: Stored> ErasedTable for Table<K, S> {
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
-    fn snapshot(&self) -> Box<dyn TableSnapshot> {
-        Box::new(Table::<K, S> {
+    fn snapshot(&mut self) -> Box<dyn TableSnapshot> {
+        Box::new(FrozenTable::<K, S> {
             name: self.name.clone(),
-            maps: self.maps.clone(),
-            sweeper: None,
+            maps: self.maps.iter_mut().map(KgMap::share).collect(),
         })
     }
     fn ttl(&self) -> Option<StateTtlConfig> {
@@ -224,7 +272,13 @@ impl<K: Key, S: Stored> ErasedTable for Table<K, S> {
     }
 }
 
-impl<K: Key, S: Stored> TableSnapshot for Table<K, S> {
+/// One state as a snapshot holds it.
+struct FrozenTable<K, S> {
+    name: String,
+    maps: Vec<Arc<FxHashMap<K, S>>>,
+}
+
+impl<K: Key, S: Stored> TableSnapshot for FrozenTable<K, S> {
     fn write_key_group(&self, index: usize, out: &mut Vec<u8>) -> Result<u64> {
         let map = &self.maps[index];
         if map.is_empty() {
@@ -319,14 +373,16 @@ impl MemoryBackend {
         }
         let mut table = Table::<K, S> {
             name: name.to_string(),
-            maps: (0..self.range.len()).map(|_| Arc::new(FxHashMap::default())).collect(),
+            maps: (0..self.range.len())
+                .map(|_| KgMap::Owned(FxHashMap::default()))
+                .collect(),
             sweeper,
         };
         for (kg, payload) in &self.restored.blocks {
             if !self.range.contains(*kg) {
                 continue;
             }
-            let map = Arc::make_mut(&mut table.maps[self.range.index_of(*kg)]);
+            let map = table.maps[self.range.index_of(*kg)].to_mut();
             for_each_entry(payload, name, |e| {
                 let key: K = postcard::from_bytes(e.key)?;
                 if let Some(new) = S::decode(map.get_mut(&key), e.namespace, e.value)? {
@@ -407,10 +463,10 @@ impl MemoryBackend {
     fn slot_mut<K: Key, S: Stored>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Option<&mut S> {
         let map = self.map_mut::<K, S>(id, c.index);
         // Unshared (no snapshot holds it): one lookup. Shared: copy only if the key is there.
-        if Arc::get_mut(map).is_none() && !map.contains_key(c.key) {
+        if map.is_shared() && !map.contains_key(c.key) {
             return None;
         }
-        Arc::make_mut(map).get_mut(c.key)
+        map.to_mut().get_mut(c.key)
     }
 
     pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {
@@ -421,7 +477,9 @@ impl MemoryBackend {
         match self.slot_mut::<K, Single<V>>(id, c) {
             Some(slot) => slot.0 = v,
             None => {
-                Arc::make_mut(self.map_mut::<K, Single<V>>(id, c.index)).insert(c.key.clone(), Single(v));
+                self.map_mut::<K, Single<V>>(id, c.index)
+                    .to_mut()
+                    .insert(c.key.clone(), Single(v));
             }
         }
         Ok(())
@@ -439,7 +497,9 @@ impl MemoryBackend {
             None => {
                 let mut v = default();
                 f(&mut v);
-                Arc::make_mut(self.map_mut::<K, Single<V>>(id, c.index)).insert(c.key.clone(), Single(v));
+                self.map_mut::<K, Single<V>>(id, c.index)
+                    .to_mut()
+                    .insert(c.key.clone(), Single(v));
             }
         }
         Ok(())
@@ -448,7 +508,7 @@ impl MemoryBackend {
     fn remove<K: Key, S: Stored>(&mut self, id: StateId, c: &CurrentKey<'_, K>) {
         let map = self.map_mut::<K, S>(id, c.index);
         if map.contains_key(c.key) {
-            Arc::make_mut(map).remove(c.key);
+            map.to_mut().remove(c.key);
         }
     }
 
@@ -492,7 +552,9 @@ impl MemoryBackend {
                 let mut v = default();
                 f(&mut v);
                 let m = MapEntries(SmallMap::one(uk, v));
-                Arc::make_mut(self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)).insert(c.key.clone(), m);
+                self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)
+                    .to_mut()
+                    .insert(c.key.clone(), m);
                 Ok(false)
             }
         }
@@ -511,7 +573,9 @@ impl MemoryBackend {
             }
             None => {
                 let m = MapEntries(SmallMap::one(uk, uv));
-                Arc::make_mut(self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)).insert(c.key.clone(), m);
+                self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)
+                    .to_mut()
+                    .insert(c.key.clone(), m);
             }
         }
         Ok(())
@@ -576,10 +640,10 @@ impl MemoryBackend {
     }
 
     /// A copy-on-write view of all state, cheap to take on the task thread.
-    pub fn snapshot(&self) -> MemorySnapshot {
+    pub fn snapshot(&mut self) -> MemorySnapshot {
         MemorySnapshot {
             range: self.range,
-            tables: self.tables.iter().map(|t| t.snapshot()).collect(),
+            tables: self.tables.iter_mut().map(|t| t.snapshot()).collect(),
         }
     }
 }

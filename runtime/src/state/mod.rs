@@ -173,10 +173,14 @@ pub enum TimeDomain {
 /// so that firing order does not depend on registration or restore order.
 pub(crate) struct TimerQueue {
     state: StateId,
-    by_time: std::collections::BTreeMap<Timestamp, rustc_hash::FxHashSet<Box<[u8]>>>,
+    by_time: std::collections::BTreeMap<Timestamp, rustc_hash::FxHashSet<TimerKey>>,
     /// The timers of the time being fired, in key order.
-    firing: std::collections::VecDeque<(Timestamp, Box<[u8]>)>,
+    firing: std::collections::VecDeque<(Timestamp, TimerKey)>,
 }
+
+/// A timer's key, serialized: inline up to 16 bytes (an integer or a short string), so that a
+/// timer costs no allocation and its set's lookups no pointer chase.
+pub(crate) type TimerKey = smallvec::SmallVec<[u8; 16]>;
 
 impl TimerQueue {
     /// Registers the timer state `name` on `backend` and indexes the timers restored into it.
@@ -198,11 +202,7 @@ impl TimerQueue {
         if self.in_firing(ts, key).is_ok() {
             return false;
         }
-        let keys = self.by_time.entry(ts).or_default();
-        if keys.contains(key) {
-            return false;
-        }
-        keys.insert(key.into())
+        self.by_time.entry(ts).or_default().insert(TimerKey::from_slice(key))
     }
 
     /// Removes a timer from the index; false if it was not there.
@@ -238,12 +238,12 @@ impl TimerQueue {
     }
 
     /// The earliest timer at or before `now`, removed from the index.
-    fn pop_due(&mut self, now: Timestamp) -> Option<(Timestamp, Box<[u8]>)> {
+    fn pop_due(&mut self, now: Timestamp) -> Option<(Timestamp, TimerKey)> {
         if self.firing.is_empty() {
             match self.by_time.first_key_value() {
                 Some((ts, _)) if *ts <= now => {
                     let (ts, keys) = self.by_time.pop_first()?;
-                    let mut keys: Vec<Box<[u8]>> = keys.into_iter().collect();
+                    let mut keys: Vec<TimerKey> = keys.into_iter().collect();
                     keys.sort_unstable();
                     self.firing.extend(keys.into_iter().map(|k| (ts, k)));
                 }
@@ -311,7 +311,7 @@ impl TimerService {
 
     /// The earliest timer of `domain` due at `now` (the watermark for event time), removed
     /// from the index.
-    pub(crate) fn pop_due(&mut self, domain: TimeDomain, now: Timestamp) -> Option<(Timestamp, Box<[u8]>)> {
+    pub(crate) fn pop_due(&mut self, domain: TimeDomain, now: Timestamp) -> Option<(Timestamp, TimerKey)> {
         match domain {
             TimeDomain::EventTime => self.event.pop_due(self.watermark),
             TimeDomain::ProcessingTime => self.processing.pop_due(now),

@@ -1,14 +1,23 @@
-//! The memory backend's map for one key's map state: a vector while small, a hash map beyond.
+//! The memory backend's map for one key's map state: entries inline while few, a vector while
+//! small, a hash map beyond.
 //!
 //! Most keys' maps are small, and many are written where they were last written: a window's
 //! panes (the newest pane takes nearly every record, the oldest goes when its last window
-//! closes), timers, a few counters. A vector keeps such a map in a few contiguous cache lines,
-//! finds the newest entry first (searched from the end), and is read whole without a hash
-//! table's empty buckets. Past [`SPILL`] entries a lookup would cost more than hashing, so the
-//! map turns into a hash map for good.
+//! closes), timers, a few counters. Up to [`INLINE`] entries live inside the map itself, so in
+//! the key's own slot of the key group's hash table: reading a tumbling window's pane or a
+//! key's timer costs one cache miss, not two, and creating one allocates nothing. Beyond that
+//! a vector keeps the map in a few contiguous cache lines, finds the newest entry first
+//! (searched from the end), and is read whole without a hash table's empty buckets. Past
+//! [`SPILL`] entries a lookup would cost more than hashing, so the map turns into a hash map for
+//! good.
 
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 use std::hash::Hash;
+
+/// Entries kept inline: two, as a tumbling window's key holds its pane and, while the watermark
+/// lags behind, the next window's.
+const INLINE: usize = 2;
 
 /// Entries at which the vector becomes a hash map: a 1-hour window sliding by the minute keeps
 /// 61 panes per key, which still fit.
@@ -18,7 +27,7 @@ const SPILL: usize = 128;
 #[derive(Debug)]
 pub(crate) enum SmallMap<K, V> {
     /// Insertion order, newest last; searched from the end.
-    Small(Vec<(K, V)>),
+    Small(SmallVec<[(K, V); INLINE]>),
     /// Many entries.
     Large(FxHashMap<K, V>),
 }
@@ -29,8 +38,8 @@ impl<K: Clone, V: Clone> Clone for SmallMap<K, V> {
     fn clone(&self) -> Self {
         match self {
             Self::Small(v) => {
-                let mut copy = Vec::with_capacity(v.capacity());
-                copy.extend_from_slice(v);
+                let mut copy = SmallVec::with_capacity(v.capacity());
+                copy.extend(v.iter().cloned());
                 Self::Small(copy)
             }
             Self::Large(m) => Self::Large(m.clone()),
@@ -40,14 +49,16 @@ impl<K: Clone, V: Clone> Clone for SmallMap<K, V> {
 
 impl<K, V> Default for SmallMap<K, V> {
     fn default() -> Self {
-        Self::Small(Vec::new())
+        Self::Small(SmallVec::new())
     }
 }
 
 impl<K: Hash + Eq, V> SmallMap<K, V> {
     /// A map of one entry.
     pub fn one(k: K, v: V) -> Self {
-        Self::Small(vec![(k, v)])
+        let mut entries = SmallVec::new();
+        entries.push((k, v));
+        Self::Small(entries)
     }
 
     fn position(entries: &[(K, V)], k: &K) -> Option<usize> {
@@ -150,7 +161,7 @@ impl<K, V> SmallMap<K, V> {
 
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
         match self {
-            Self::Small(v) => v.retain_mut(|(k, v)| keep(k, v)),
+            Self::Small(v) => v.retain(|(k, v)| keep(k, v)),
             Self::Large(m) => m.retain(|k, v| keep(k, v)),
         }
     }
