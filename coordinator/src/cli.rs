@@ -27,9 +27,8 @@ enum Command {
     Run {
         /// The job's name (see `sluice jobs`)
         job: String,
-        /// Start from this savepoint or retained checkpoint (a chk-<n> directory)
-        #[arg(long)]
-        from_savepoint: Option<String>,
+        #[command(flatten)]
+        start: StartFlags,
         #[command(flatten)]
         flags: Box<JobFlags>,
         #[command(flatten)]
@@ -72,9 +71,8 @@ enum Command {
     Submit {
         /// The job's name (see `sluice jobs`)
         job: String,
-        /// Start from this savepoint or retained checkpoint (a chk-<n> directory)
-        #[arg(long)]
-        from_savepoint: Option<String>,
+        #[command(flatten)]
+        start: StartFlags,
         #[command(flatten)]
         flags: Box<JobFlags>,
         #[command(flatten)]
@@ -207,6 +205,14 @@ struct JobFlags {
     /// Run every operator in its own thread
     #[arg(long)]
     no_chaining: bool,
+}
+
+/// Where a new job starts from (`restore` takes its snapshot as its argument instead).
+#[derive(Args)]
+struct StartFlags {
+    /// Start from this savepoint or retained checkpoint (a chk-<n> directory)
+    #[arg(long)]
+    from_savepoint: Option<String>,
 }
 
 /// Flags of the process a job runs in: on a cluster, its coordinator and workers have their own.
@@ -349,13 +355,13 @@ fn dispatch(cli: Cli, registry: &JobRegistry) -> Result<ExitCode, String> {
     match cli.command {
         Command::Run {
             job,
-            from_savepoint,
+            start,
             flags,
             local,
         } => {
             let definition = registry.get(&job).map_err(|e| e.to_string())?.clone();
             let params = definition.params_from_settings(&flags.set).map_err(|e| e.to_string())?;
-            let mut config = flags.to_config(from_savepoint)?;
+            let mut config = flags.to_config(start.from_savepoint)?;
             if let Some(dir) = local.data_dir {
                 config.data_dir = dir;
             }
@@ -442,13 +448,13 @@ fn command_request(command: Command, registry: &JobRegistry) -> Result<crate::cl
     let (client, call) = match command {
         Command::Submit {
             job,
-            from_savepoint,
+            start,
             flags,
             client,
         } => {
             // Checked here too: a typo is reported without a round trip.
             registry.get(&job).map_err(|e| e.to_string())?;
-            let config = job_config(&flags, from_savepoint)?;
+            let config = job_config(&flags, start.from_savepoint)?;
             let settings = flags.set.clone();
             (client, Call::Submit(SubmitRequest { job, settings, config }))
         }

@@ -453,7 +453,6 @@ impl RestoreSource {
     }
 }
 
-/// Why a file of `len` bytes is not the one a checkpoint recorded with `recorded` bytes.
 /// Hard-links `from` to `to`, or copies it where a link cannot cross file systems.
 async fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
     if tokio::fs::hard_link(from, to).await.is_ok() {
@@ -469,6 +468,7 @@ fn cannot_write(path: &Path, e: std::io::Error) -> Error {
     Error::User(format!("cannot write restored state {}: {e}", path.display()))
 }
 
+/// Why a file of `len` bytes is not the one a checkpoint recorded with `recorded` bytes.
 fn size_mismatch(len: u64, recorded: u64) -> Option<String> {
     (len != recorded).then(|| format!("file has {len} bytes, the checkpoint recorded {recorded}"))
 }

@@ -144,51 +144,46 @@ impl<S: Expiring> Sweeper<S> {
     }
 }
 
-/// One key group's map: owned while no snapshot holds it, shared with the snapshots that do.
-enum KgMap<K, S> {
-    Owned(FxHashMap<K, S>),
-    Shared(Arc<FxHashMap<K, S>>),
+/// One key group's map: owned while no snapshot holds it, shared with the snapshots that do
+/// (then `owned` is empty).
+struct KgMap<K, S> {
+    owned: FxHashMap<K, S>,
+    shared: Option<Arc<FxHashMap<K, S>>>,
+}
+
+impl<K, S> Default for KgMap<K, S> {
+    fn default() -> Self {
+        Self {
+            owned: FxHashMap::default(),
+            shared: None,
+        }
+    }
 }
 
 impl<K, S> std::ops::Deref for KgMap<K, S> {
     type Target = FxHashMap<K, S>;
     fn deref(&self) -> &FxHashMap<K, S> {
-        match self {
-            Self::Owned(m) => m,
-            Self::Shared(m) => m,
-        }
+        self.shared.as_deref().unwrap_or(&self.owned)
     }
 }
 
 impl<K: Key, S: Stored> KgMap<K, S> {
     fn is_shared(&self) -> bool {
-        matches!(self, Self::Shared(_))
+        self.shared.is_some()
     }
 
     /// The map to change: taken back from the snapshots, copied if one still holds it.
     fn to_mut(&mut self) -> &mut FxHashMap<K, S> {
-        if self.is_shared() {
-            let map = match std::mem::replace(self, Self::Owned(FxHashMap::default())) {
-                Self::Owned(map) => map,
-                Self::Shared(shared) => Arc::unwrap_or_clone(shared),
-            };
-            *self = Self::Owned(map);
+        if let Some(shared) = self.shared.take() {
+            self.owned = Arc::unwrap_or_clone(shared);
         }
-        match self {
-            Self::Owned(m) => m,
-            Self::Shared(m) => Arc::make_mut(m),
-        }
+        &mut self.owned
     }
 
     /// The map for a snapshot, which from now on shares it.
     fn share(&mut self) -> Arc<FxHashMap<K, S>> {
-        if let Self::Owned(map) = self {
-            *self = Self::Shared(Arc::new(std::mem::take(map)));
-        }
-        match self {
-            Self::Shared(m) => Arc::clone(m),
-            Self::Owned(m) => Arc::new(m.clone()),
-        }
+        let owned = &mut self.owned;
+        Arc::clone(self.shared.get_or_insert_with(|| Arc::new(std::mem::take(owned))))
     }
 }
 
@@ -373,9 +368,7 @@ impl MemoryBackend {
         }
         let mut table = Table::<K, S> {
             name: name.to_string(),
-            maps: (0..self.range.len())
-                .map(|_| KgMap::Owned(FxHashMap::default()))
-                .collect(),
+            maps: (0..self.range.len()).map(|_| KgMap::default()).collect(),
             sweeper,
         };
         for (kg, payload) in &self.restored.blocks {
