@@ -46,6 +46,11 @@ fn job_args<'a>(ck: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
 /// Runs a complete job (with `extra` flags) and returns the checkpoint base dir's only job
 /// directory.
 fn completed_run(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
+    completed_run_output(dir, extra).0
+}
+
+/// [`completed_run`], with the run's output.
+fn completed_run_output(dir: &Path, extra: &[&str]) -> (std::path::PathBuf, Output) {
     let ck = dir.join("ck");
     let out = dir.join("first.csv");
     // About 3 s at 50 ms intervals: enough completed checkpoints to retain 3 even while other
@@ -54,7 +59,7 @@ fn completed_run(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
     args.extend(extra.iter().map(|s| s.to_string()));
     let o = sluice(&args);
     assert!(o.status.success(), "{}", stderr(&o));
-    single_job_dir(&ck)
+    (single_job_dir(&ck), o)
 }
 
 #[test]
@@ -311,10 +316,23 @@ fn wordcount_counts_words_of_a_directory() {
     );
 }
 
-/// A completed RocksDB run; returns its job directory.
+/// A completed RocksDB run; returns its job directory. A clean finish logs no RocksDB warning or error and leaves no local state behind.
 fn completed_rocksdb_run(dir: &Path) -> std::path::PathBuf {
-    let data = dir.join("data").display().to_string();
-    completed_run(dir, &["--state-backend", "rocksdb", "--data-dir", &data])
+    let data = dir.join("data");
+    let (job_dir, o) = completed_run_output(
+        dir,
+        &["--state-backend", "rocksdb", "--data-dir", data.to_str().unwrap()],
+    );
+    assert_quiet_and_clean(&o, &data);
+    job_dir
+}
+
+/// No warning or error logged, and no file left under the data directory `data`.
+fn assert_quiet_and_clean(o: &Output, data: &Path) {
+    let err = stderr(o);
+    assert!(!err.contains(" WARN ") && !err.contains("ERROR"), "{err}");
+    let left = sluice_integration_tests::files_below(data);
+    assert!(left.is_empty(), "local state left behind: {left:?}");
 }
 
 #[test]
@@ -346,6 +364,13 @@ fn missing_or_corrupt_sst_files_are_detected() {
         a.extend(extra.iter().map(|s| s.to_string()));
         sluice(&a)
     };
+    // Intact, the checkpoint restores quietly (RocksDB's routine warnings are not warnings).
+    let data = dir.path().join("data2");
+    let o = resume(&["--data-dir", data.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_quiet_and_clean(&o, &data);
+    std::fs::remove_dir_all(&ck).unwrap();
+    std::fs::remove_file(&out).unwrap();
     // A flipped byte in an SST: its CRC32 no longer matches.
     flip_byte_in_middle(&job_dir.join(&shared[0]));
     let o = resume(&[]);

@@ -87,6 +87,13 @@ fn db_options() -> Options {
     OPTIONS.get_or_init(build_db_options).clone()
 }
 
+/// Warnings RocksDB logs on every restore, though nothing is wrong: the tail prefetch size
+/// it learned, and SSTs restored from a checkpoint whose manifest does not list their unique
+/// ids (checkpoint files are verified by their CRC32 instead).
+fn routine_warning(msg: &str) -> bool {
+    msg.contains("Tail prefetch size") || msg.contains("opened without unique ID to verify")
+}
+
 fn build_db_options() -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
@@ -107,6 +114,7 @@ fn build_db_options() -> Options {
     o.set_info_logger(rocksdb::InfoLogger::new_callback_logger(
         rocksdb::LogLevel::Warn,
         |level, msg| match level {
+            rocksdb::LogLevel::Warn if routine_warning(msg) => tracing::debug!(target: "rocksdb", "{}", msg.trim_end()),
             rocksdb::LogLevel::Warn => tracing::warn!(target: "rocksdb", "{}", msg.trim_end()),
             rocksdb::LogLevel::Error | rocksdb::LogLevel::Fatal => {
                 tracing::error!(target: "rocksdb", "{}", msg.trim_end())
@@ -373,6 +381,8 @@ pub struct RocksBackend {
     pending: Arc<Mutex<BTreeMap<CheckpointId, Vec<RocksFile>>>>,
     /// How the restore merged other old instances' column families in.
     merged: MergeCounts,
+    /// Last, so that it runs after the instance has closed.
+    _cleanup: RemoveOnDrop,
 }
 
 /// Column families a restore merged in from other old instances, by path.
@@ -446,6 +456,7 @@ impl RocksBackend {
             confirmed,
             pending: Default::default(),
             merged: MergeCounts::default(),
+            _cleanup: RemoveOnDrop(dir.to_path_buf()),
         };
         // Clipped after the merges: range deletes in the base would overlap the files ingested.
         let mut clip = base.is_some_and(|b| !range.contains_range(&b.range));
@@ -970,17 +981,28 @@ fn checkpoint_into(db: &DB, names: &[String], entries: &[Entries], dir: &Path) -
 
 impl Drop for RocksBackend {
     fn drop(&mut self) {
-        // A checkpoint thread may still use the instance.
+        // A checkpoint thread may still use the instance; once it is done, the fields drop in
+        // order: the instance closes, then `RemoveOnDrop` removes its directory.
         let _ = self.cache.settle();
-        // Remove the instance; a native checkpoint still being uploaded removes itself (its
-        // `RocksSnapshot` drop), and whichever goes last removes the emptied directory.
-        let _ = std::fs::remove_dir_all(self.dir.join("db"));
-        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+    }
+}
+
+/// Removes a backend's working directory when dropped. A field of [`RocksBackend`] declared
+/// after the instance: removed before the instance closed, RocksDB's close would fail on its
+/// vanished MANIFEST and log errors at every clean finish.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        // A native checkpoint still being uploaded removes itself (its `RocksSnapshot` drop),
+        // and whichever goes last removes the emptied directory.
+        let _ = std::fs::remove_dir_all(self.0.join("db"));
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
             if e.file_name().to_string_lossy().starts_with("restore-") {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
