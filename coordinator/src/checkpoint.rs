@@ -706,7 +706,7 @@ impl CheckpointCoordinator {
         let duration = p.started.elapsed();
         info!(
             checkpoint = id.0,
-            duration_ms = duration.as_secs_f64() * 1e3,
+            duration_ms = tenths_of_ms(duration),
             bytes = p.bytes,
             "checkpoint completed"
         );
@@ -759,7 +759,7 @@ impl CheckpointCoordinator {
             self.delete_location(id, Some(&sp.target)).await;
         } else {
             let url = sp.target.storage.location(sp.target.dir.trim_end_matches('/'));
-            info!(savepoint = id.0, %url, duration_ms = p.started.elapsed().as_secs_f64() * 1e3, "savepoint completed");
+            info!(savepoint = id.0, %url, duration_ms = tenths_of_ms(p.started.elapsed()), "savepoint completed");
             let _ = sp.reply.send(Ok(url));
             a.broadcast(TaskCommand::CheckpointComplete(id));
             if sp.stop {
@@ -832,4 +832,9 @@ impl CheckpointCoordinator {
             self.delete_or_remember(path).await;
         }
     }
+}
+
+/// A duration in milliseconds rounded to a tenth, for logs: `150.1`, not `150.10139999999998`.
+pub(crate) fn tenths_of_ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }

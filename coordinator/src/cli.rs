@@ -551,7 +551,12 @@ fn print_report(r: &JobReport) {
         );
     }
     if let Some(first) = r.restore_times.first() {
-        println!("  restore (deploy to running): {:.1} ms", first.as_secs_f64() * 1e3);
+        // The first attempt restored state only if the job started from a snapshot.
+        let what = match r.initial_restore {
+            RestoredFrom::Nothing => "start",
+            _ => "restore",
+        };
+        println!("  {what} (deploy to running): {:.1} ms", first.as_secs_f64() * 1e3);
     }
     let retained: Vec<String> = r.retained.iter().map(|id| format!("chk-{id}")).collect();
     println!(

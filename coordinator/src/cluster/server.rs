@@ -177,7 +177,7 @@ impl From<&CheckpointStats> for CheckpointInfo {
     fn from(c: &CheckpointStats) -> Self {
         Self {
             id: c.id.0,
-            duration_ms: c.duration.as_secs_f64() * 1e3,
+            duration_ms: crate::checkpoint::tenths_of_ms(c.duration),
             bytes: c.bytes,
             state_bytes: c.state_bytes,
         }
