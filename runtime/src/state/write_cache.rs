@@ -8,20 +8,71 @@
 //! the state at the barrier. Hot keys are also read and rewritten in memory instead of RocksDB.
 //!
 //! Reads look in the live cache, then the frozen one, then RocksDB; `None` is a deletion that
-//! shadows RocksDB. The cache is bounded: past its limit it is written to RocksDB on the task
+//! shadows RocksDB. Each cache also keeps the hashes of its keys: with millions of keys most
+//! reads are for keys it does not hold, and a hash probe answers those without descending the
+//! sorted tree (a key comparison per step). The tree stays for what needs key order: scans of
+//! a key's map entries and moves into RocksDB. The cache is bounded: past its limit it is written to RocksDB on the task
 //! thread (after waiting for a frozen cache still being moved, to keep writes in order).
 
 use crate::error::{Error, Result};
+use rustc_hash::FxHashSet;
 use std::collections::BTreeMap;
+use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Cached writes of one state (column family): stored key -> value, or `None` for a deletion.
-pub(crate) type Entries = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+pub(crate) type Entries = BTreeMap<CacheKey, Option<Vec<u8>>>;
 
-/// Bytes charged per cached entry on top of its key and value (tree node and allocations).
-const ENTRY_OVERHEAD: usize = 48;
+/// A stored key in the cache, ordered as its bytes are, with its first 16 bytes also held as
+/// one big-endian integer. Most keys (key group, length, an 8-byte id) fit in it whole, so the
+/// tree tells two keys apart with one integer comparison rather than a `memcmp` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CacheKey {
+    head: u128,
+    bytes: Vec<u8>,
+}
+
+impl CacheKey {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl From<Vec<u8>> for CacheKey {
+    fn from(bytes: Vec<u8>) -> Self {
+        let mut head = [0u8; 16];
+        let n = bytes.len().min(16);
+        head[..n].copy_from_slice(&bytes[..n]);
+        Self {
+            head: u128::from_be_bytes(head),
+            bytes,
+        }
+    }
+}
+
+/// Byte order: heads that differ differ as the bytes do (zero padding sorts a key before its
+/// extensions, which are either larger there or equal and then longer); equal heads fall back
+/// to the bytes.
+impl Ord for CacheKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.head.cmp(&other.head).then_with(|| self.bytes.cmp(&other.bytes))
+    }
+}
+
+impl PartialOrd for CacheKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The hashes of the keys (with their state) of one cache's entries.
+pub(crate) type KeyHashes = FxHashSet<u64>;
+
+/// Bytes charged per cached entry on top of its key and value (tree node, key hash and
+/// allocations).
+const ENTRY_OVERHEAD: usize = 64;
 
 /// Default bound of one subtask's live cache.
 pub(crate) const DEFAULT_LIMIT: usize = 64 << 20;
@@ -39,6 +90,7 @@ pub(crate) enum Cached<'a> {
 /// The live and frozen caches of one backend.
 pub(crate) struct WriteCache {
     live: Vec<Entries>,
+    live_keys: KeyHashes,
     live_bytes: usize,
     limit: usize,
     frozen: Option<Frozen>,
@@ -50,6 +102,7 @@ pub(crate) struct WriteCache {
 /// Writes frozen at a barrier, readable until they are in RocksDB.
 struct Frozen {
     entries: Arc<Vec<Entries>>,
+    keys: KeyHashes,
     moved: Arc<Background>,
 }
 
@@ -57,6 +110,7 @@ impl WriteCache {
     pub(crate) fn new(limit: usize) -> Self {
         Self {
             live: Vec::new(),
+            live_keys: KeyHashes::default(),
             live_bytes: 0,
             limit,
             frozen: None,
@@ -75,10 +129,13 @@ impl WriteCache {
         }
     }
 
-    pub(crate) fn get(&self, id: usize, key: &[u8]) -> Cached<'_> {
-        let found = self.live[id]
-            .get(key)
-            .or_else(|| self.frozen.as_ref().and_then(|f| f.entries.get(id)?.get(key)));
+    pub(crate) fn get(&self, id: usize, key: &CacheKey) -> Cached<'_> {
+        let h = key_hash(id, key.as_bytes());
+        let live = self.live_keys.contains(&h).then(|| self.live[id].get(key));
+        let found = live.flatten().or_else(|| {
+            let f = self.frozen.as_ref().filter(|f| f.keys.contains(&h))?;
+            f.entries.get(id)?.get(key)
+        });
         match found {
             Some(Some(v)) => Cached::Value(v),
             Some(None) => Cached::Deleted,
@@ -87,7 +144,7 @@ impl WriteCache {
     }
 
     /// Records a write (`None`: a deletion). Returns whether the cache is now over its limit.
-    pub(crate) fn put(&mut self, id: usize, key: Vec<u8>, value: Option<Vec<u8>>) -> bool {
+    pub(crate) fn put(&mut self, id: usize, key: CacheKey, value: Option<Vec<u8>>) -> bool {
         let new_len = value.as_ref().map_or(0, Vec::len);
         match self.live[id].entry(key) {
             std::collections::btree_map::Entry::Occupied(mut slot) => {
@@ -96,7 +153,8 @@ impl WriteCache {
                 slot.insert(value);
             }
             std::collections::btree_map::Entry::Vacant(slot) => {
-                self.live_bytes += slot.key().len() + new_len + ENTRY_OVERHEAD;
+                self.live_bytes += slot.key().bytes.len() + new_len + ENTRY_OVERHEAD;
+                self.live_keys.insert(key_hash(id, slot.key().as_bytes()));
                 slot.insert(value);
             }
         }
@@ -113,11 +171,16 @@ impl WriteCache {
         }
     }
 
-    /// Takes the live writes out (to freeze them or to write them to RocksDB).
-    pub(crate) fn take_live(&mut self) -> Vec<Entries> {
+    /// Takes the live writes and their key hashes out (to freeze them or to write them to
+    /// RocksDB).
+    pub(crate) fn take_live(&mut self) -> (Vec<Entries>, KeyHashes) {
         self.live_bytes = 0;
         let n = self.live.len();
-        std::mem::replace(&mut self.live, (0..n).map(|_| Entries::new()).collect())
+        let keys = std::mem::take(&mut self.live_keys);
+        (
+            std::mem::replace(&mut self.live, (0..n).map(|_| Entries::new()).collect()),
+            keys,
+        )
     }
 
     /// Lets a frozen cache go once it is in RocksDB (without waiting), so reads stop looking
@@ -129,10 +192,11 @@ impl WriteCache {
         Ok(())
     }
 
-    /// Freezes `entries`; `moved` reports when they are in RocksDB.
-    pub(crate) fn freeze(&mut self, entries: Arc<Vec<Entries>>, moved: Arc<Background>) {
+    /// Freezes `entries` (whose key hashes are `keys`); `moved` reports when they are in
+    /// RocksDB.
+    pub(crate) fn freeze(&mut self, entries: Arc<Vec<Entries>>, keys: KeyHashes, moved: Arc<Background>) {
         debug_assert!(self.frozen.is_none());
-        self.frozen = Some(Frozen { entries, moved });
+        self.frozen = Some(Frozen { entries, keys, moved });
     }
 
     /// Waits until the frozen cache is in RocksDB and lets it go; fails if moving it failed
@@ -151,10 +215,15 @@ impl WriteCache {
     }
 }
 
+/// The hash of state `id`'s stored key `key`.
+fn key_hash(id: usize, key: &[u8]) -> u64 {
+    rustc_hash::FxBuildHasher.hash_one((id, key))
+}
+
 fn prefixed<'a>(map: &'a Entries, prefix: &[u8]) -> Vec<(&'a [u8], Option<&'a [u8]>)> {
-    map.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
-        .take_while(|(k, _)| k.starts_with(prefix))
-        .map(|(k, v)| (k.as_slice(), v.as_deref()))
+    map.range((Bound::Included(CacheKey::from(prefix.to_vec())), Bound::Unbounded))
+        .take_while(|(k, _)| k.bytes.starts_with(prefix))
+        .map(|(k, v)| (k.as_bytes(), v.as_deref()))
         .collect()
 }
 
@@ -276,6 +345,22 @@ impl Background {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn key(bytes: &[u8]) -> CacheKey {
+        bytes.to_vec().into()
+    }
+
+    proptest! {
+        /// Keys sort exactly as their bytes, whatever their lengths and zero bytes.
+        #[test]
+        fn cache_keys_sort_as_their_bytes(
+            a in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..24),
+            b in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..24),
+        ) {
+            prop_assert_eq!(key(&a).cmp(&key(&b)), a.cmp(&b));
+        }
+    }
 
     #[test]
     fn newer_entries_shadow_older_ones_in_key_order() {
@@ -298,24 +383,29 @@ mod tests {
     fn the_live_cache_shadows_the_frozen_one_and_reports_its_limit() {
         let mut c = WriteCache::new(200);
         c.register(0);
-        assert!(!c.put(0, b"k1".to_vec(), Some(b"old".to_vec())));
-        let frozen = Arc::new(c.take_live());
+        assert!(!c.put(0, key(b"k1"), Some(b"old".to_vec())));
+        let (frozen, keys) = c.take_live();
         let moved = Background::new();
-        c.freeze(frozen, moved.clone());
+        c.freeze(Arc::new(frozen), keys, moved.clone());
         assert!(c.frozen.is_some() && !moved.is_done(), "frozen and still moving");
-        assert!(matches!(c.get(0, b"k1"), Cached::Value(v) if v == b"old"));
-        c.put(0, b"k1".to_vec(), None);
-        assert!(matches!(c.get(0, b"k1"), Cached::Deleted));
-        assert!(matches!(c.get(0, b"k2"), Cached::Miss));
+        assert!(matches!(c.get(0, &key(b"k1")), Cached::Value(v) if v == b"old"));
+        c.put(0, key(b"k1"), None);
+        assert!(matches!(c.get(0, &key(b"k1")), Cached::Deleted));
+        assert!(matches!(c.get(0, &key(b"k2")), Cached::Miss));
+        c.register(1);
+        assert!(
+            matches!(c.get(1, &key(b"k1")), Cached::Miss),
+            "the same key of another state"
+        );
         assert_eq!(c.scan(0, b"k"), vec![(&b"k1"[..], None)]);
         moved.finish(Ok(()));
         c.settle().unwrap();
         assert!(c.frozen.is_none(), "settled: the frozen cache is let go");
         let mut over = false;
         for i in 0..10u8 {
-            over |= c.put(0, vec![b'x', i], Some(vec![0; 8]));
+            over |= c.put(0, vec![b'x', i].into(), Some(vec![0; 8]));
         }
-        assert!(over, "ten entries of about 58 bytes exceed 200 bytes");
+        assert!(over, "ten entries of about 74 bytes exceed 200 bytes");
     }
 
     #[test]
