@@ -316,7 +316,8 @@ fn wordcount_counts_words_of_a_directory() {
     );
 }
 
-/// A completed RocksDB run; returns its job directory. A clean finish logs no RocksDB warning or error and leaves no local state behind.
+/// A completed RocksDB run; returns its job directory. A clean finish logs no RocksDB warning
+/// or error and leaves no local state behind; its summary says it started, not restored.
 fn completed_rocksdb_run(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("data");
     let (job_dir, o) = completed_run_output(
@@ -324,6 +325,11 @@ fn completed_rocksdb_run(dir: &Path) -> std::path::PathBuf {
         &["--state-backend", "rocksdb", "--data-dir", data.to_str().unwrap()],
     );
     assert_quiet_and_clean(&o, &data);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("start (deploy to running)") && !out.contains("restore ("),
+        "{out}"
+    );
     job_dir
 }
 
@@ -369,6 +375,7 @@ fn missing_or_corrupt_sst_files_are_detected() {
     let o = resume(&["--data-dir", data.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_quiet_and_clean(&o, &data);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("restore (deploy to running)"));
     std::fs::remove_dir_all(&ck).unwrap();
     std::fs::remove_file(&out).unwrap();
     // A flipped byte in an SST: its CRC32 no longer matches.

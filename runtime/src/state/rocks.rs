@@ -129,8 +129,8 @@ fn build_db_options() -> Options {
     // Most reads are point lookups, many of keys not stored yet: bloom filters spare reading
     // every level's blocks for them. One block cache serves all instances of the process.
     table.set_bloom_filter(10.0, false);
-    // A hash index in each data block: a point lookup finds its key without a binary search of
-    // key comparisons (files written before are read as they are).
+    // A hash index in each data block: a point lookup finds its key in the block without a
+    // binary search of key comparisons (files written before are read as they are).
     table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
     table.set_block_cache(block_cache());
     o.set_block_based_table_factory(&table);
