@@ -368,7 +368,6 @@ pub struct RocksBackend {
     range: KeyGroupRange,
     /// Shared with the background thread that moves a frozen cache into it.
     db: Arc<DB>,
-    dir: PathBuf,
     names: Vec<String>,
     /// The TTL of each registered state.
     ttls: Vec<Option<StateTtlConfig>>,
@@ -385,8 +384,8 @@ pub struct RocksBackend {
     pending: Arc<Mutex<BTreeMap<CheckpointId, Vec<RocksFile>>>>,
     /// How the restore merged other old instances' column families in.
     merged: MergeCounts,
-    /// Last, so that it runs after the instance has closed.
-    _cleanup: RemoveOnDrop,
+    /// The working directory; last, so that it is removed after the instance has closed.
+    dir: WorkDir,
 }
 
 /// Column families a restore merged in from other old instances, by path.
@@ -449,7 +448,6 @@ impl RocksBackend {
         let mut backend = Self {
             range,
             db: Arc::new(db),
-            dir: dir.to_path_buf(),
             names: Vec::new(),
             ttls: Vec::new(),
             filters,
@@ -460,7 +458,7 @@ impl RocksBackend {
             confirmed,
             pending: Default::default(),
             merged: MergeCounts::default(),
-            _cleanup: RemoveOnDrop(dir.to_path_buf()),
+            dir: WorkDir(dir.to_path_buf()),
         };
         // Clipped after the merges: range deletes in the base would overlap the files ingested.
         let mut clip = base.is_some_and(|b| !range.contains_range(&b.range));
@@ -708,7 +706,7 @@ impl RocksBackend {
     fn drain(&mut self) -> Result<()> {
         self.cache.settle()?;
         drop(self.cache.take_retired());
-        let (live, _) = self.cache.take_live();
+        let live = self.cache.take_live();
         write_entries(&self.db, &self.names, &live, &self.write)
     }
 
@@ -912,26 +910,25 @@ impl RocksBackend {
         // One move at a time (a previous one is normally long done).
         self.cache.settle()?;
         let dir = self.dir.join(format!("chk-{}", id.0));
-        let (frozen, keys) = self.cache.take_live();
-        let frozen = Arc::new(frozen);
         let retired = self.cache.take_retired();
-        let (db, names, entries, target) = (self.db.clone(), self.names.clone(), frozen.clone(), dir.clone());
+        let (db, names, target) = (self.db.clone(), self.names.clone(), dir.clone());
         let mover = self.mover()?.clone();
         // Started by the upload (or whoever waits first), not here: waking the checkpoint thread
         // from the task thread hands the scheduler a moment to take the task's core.
-        let moved = Background::deferred(Box::new(move |worker| {
-            let job: MoveJob = Box::new(move || {
-                let result = checkpoint_into(&db, &names, &entries, &target);
-                // Let go of the instance before reporting, so the task may own it again.
-                drop((db, entries));
-                worker.finish(result.map_err(|e| e.to_string()));
-                drop(retired);
-            });
-            mover
-                .send(job)
-                .map_err(|_| "the rocksdb checkpoint thread is gone".to_string())
-        }));
-        self.cache.freeze(frozen, keys, moved.clone());
+        let moved = self.cache.freeze(|entries| {
+            Background::deferred(Box::new(move |worker| {
+                let job: MoveJob = Box::new(move || {
+                    let result = checkpoint_into(&db, &names, &entries, &target);
+                    // Let go of the instance before reporting, so the task may own it again.
+                    drop((db, entries));
+                    worker.finish(result.map_err(|e| e.to_string()));
+                    drop(retired);
+                });
+                mover
+                    .send(job)
+                    .map_err(|_| "the rocksdb checkpoint thread is gone".to_string())
+            }))
+        });
         Ok(RocksSnapshot {
             id,
             dir,
@@ -988,17 +985,24 @@ fn checkpoint_into(db: &DB, names: &[String], entries: &[Entries], dir: &Path) -
 impl Drop for RocksBackend {
     fn drop(&mut self) {
         // A checkpoint thread may still use the instance; once it is done, the fields drop in
-        // order: the instance closes, then `RemoveOnDrop` removes its directory.
+        // order: the instance closes, then `WorkDir` removes its directory.
         let _ = self.cache.settle();
     }
 }
 
-/// Removes a backend's working directory when dropped. A field of [`RocksBackend`] declared
-/// after the instance: removed before the instance closed, RocksDB's close would fail on its
-/// vanished MANIFEST and log errors at every clean finish.
-struct RemoveOnDrop(PathBuf);
+/// A backend's working directory, removed when dropped. The last field of [`RocksBackend`]:
+/// removed before the instance closed, RocksDB's close would fail on its vanished MANIFEST and
+/// log errors at every clean finish.
+struct WorkDir(PathBuf);
 
-impl Drop for RemoveOnDrop {
+impl std::ops::Deref for WorkDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
     fn drop(&mut self) {
         // A native checkpoint still being uploaded removes itself (its `RocksSnapshot` drop),
         // and whichever goes last removes the emptied directory.

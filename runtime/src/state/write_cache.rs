@@ -70,7 +70,7 @@ impl PartialOrd for CacheKey {
 }
 
 /// The hashes of the keys (with their state) of one cache's entries.
-pub(crate) type KeyHashes = FxHashSet<u64>;
+type KeyHashes = FxHashSet<u64>;
 
 /// Bytes charged per cached entry on top of its key's and value's bytes: its tree slot (a
 /// 48-byte key, a 24-byte value) in nodes about 3/4 full, its key hash's slot, and the
@@ -100,11 +100,11 @@ pub(crate) struct WriteCache {
     frozen: Option<Frozen>,
     /// Frozen caches already in RocksDB, kept until a background thread can free them: freeing
     /// hundreds of thousands of entries takes milliseconds the task thread should not spend.
-    retired: Vec<Arc<Vec<Entries>>>,
+    retired: Vec<Frozen>,
 }
 
 /// Writes frozen at a barrier, readable until they are in RocksDB.
-struct Frozen {
+pub(crate) struct Frozen {
     entries: Arc<Vec<Entries>>,
     keys: KeyHashes,
     moved: Arc<Background>,
@@ -175,18 +175,16 @@ impl WriteCache {
         }
     }
 
-    /// Takes the live writes and their key hashes out (to freeze them or to write them to
-    /// RocksDB).
-    pub(crate) fn take_live(&mut self) -> (Vec<Entries>, KeyHashes) {
+    /// Takes the live writes out (to write them to RocksDB); their key hashes go.
+    pub(crate) fn take_live(&mut self) -> Vec<Entries> {
+        self.take_live_with_keys().0
+    }
+
+    fn take_live_with_keys(&mut self) -> (Vec<Entries>, KeyHashes) {
         self.live_bytes = 0;
         let n = self.live.len();
-        // The next interval's set starts at this one's size: no rehashing while it grows back.
-        let size = KeyHashes::with_capacity_and_hasher(self.live_keys.len(), Default::default());
-        let keys = std::mem::replace(&mut self.live_keys, size);
-        (
-            std::mem::replace(&mut self.live, (0..n).map(|_| Entries::new()).collect()),
-            keys,
-        )
+        let entries = std::mem::replace(&mut self.live, (0..n).map(|_| Entries::new()).collect());
+        (entries, std::mem::take(&mut self.live_keys))
     }
 
     /// Lets a frozen cache go once it is in RocksDB (without waiting), so reads stop looking
@@ -198,11 +196,19 @@ impl WriteCache {
         Ok(())
     }
 
-    /// Freezes `entries` (whose key hashes are `keys`); `moved` reports when they are in
-    /// RocksDB.
-    pub(crate) fn freeze(&mut self, entries: Arc<Vec<Entries>>, keys: KeyHashes, moved: Arc<Background>) {
+    /// Freezes the live writes; `move_in` starts moving them into RocksDB and returns what
+    /// reports when they are there, which is returned too.
+    pub(crate) fn freeze(&mut self, move_in: impl FnOnce(Arc<Vec<Entries>>) -> Arc<Background>) -> Arc<Background> {
         debug_assert!(self.frozen.is_none());
-        self.frozen = Some(Frozen { entries, keys, moved });
+        let (entries, keys) = self.take_live_with_keys();
+        let entries = Arc::new(entries);
+        let moved = move_in(entries.clone());
+        self.frozen = Some(Frozen {
+            entries,
+            keys,
+            moved: moved.clone(),
+        });
+        moved
     }
 
     /// Waits until the frozen cache is in RocksDB and lets it go; fails if moving it failed
@@ -211,12 +217,12 @@ impl WriteCache {
         let Some(f) = &self.frozen else { return Ok(()) };
         f.moved.wait()?;
         let f = self.frozen.take().expect("checked above");
-        self.retired.push(f.entries);
+        self.retired.push(f);
         Ok(())
     }
 
     /// Frozen caches no longer needed, for freeing off the task thread.
-    pub(crate) fn take_retired(&mut self) -> Vec<Arc<Vec<Entries>>> {
+    pub(crate) fn take_retired(&mut self) -> Vec<Frozen> {
         std::mem::take(&mut self.retired)
     }
 }
@@ -407,9 +413,8 @@ mod tests {
         let mut c = WriteCache::new(200);
         c.register(0);
         assert!(!c.put(0, key(b"k1"), Some(b"old".to_vec())));
-        let (frozen, keys) = c.take_live();
         let moved = Background::new();
-        c.freeze(Arc::new(frozen), keys, moved.clone());
+        assert!(Arc::ptr_eq(&c.freeze(|_| moved.clone()), &moved));
         assert!(c.frozen.is_some() && !moved.is_done(), "frozen and still moving");
         assert!(matches!(c.get(0, &key(b"k1")), Cached::Value(v) if v == b"old"));
         c.put(0, key(b"k1"), None);
