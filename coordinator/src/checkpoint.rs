@@ -604,9 +604,15 @@ impl CheckpointCoordinator {
         let id = p.barrier.id;
         let new_shared: Vec<String> = p.new_shared().cloned().collect();
         self.delete_unreferenced_shared(new_shared, completed).await;
-        warn!(checkpoint = id.0, %reason, "checkpoint aborted");
-        a.broadcast(TaskCommand::AbortCheckpoint(id));
         let is_savepoint = p.savepoint.is_some();
+        // A checkpoint cut short by the job's own end is routine; a failure or a lost savepoint
+        // is worth a warning.
+        if counts || is_savepoint {
+            warn!(checkpoint = id.0, %reason, "checkpoint aborted");
+        } else {
+            info!(checkpoint = id.0, %reason, "checkpoint aborted");
+        }
+        a.broadcast(TaskCommand::AbortCheckpoint(id));
         let location = p.savepoint.map(|sp| {
             let _ = sp.reply.send(Err(format!("savepoint {} failed: {reason}", id.0)));
             sp.target
