@@ -369,29 +369,30 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
     fn fire_aligned(
         &self,
         ctx: &mut KeyedContext<'_, K>,
-        (start, end, pane): (Timestamp, Timestamp, i64),
+        (start, end): (Timestamp, Timestamp),
         later: Timestamp,
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<Option<Timestamp>> {
-        // One pass over the key's panes, borrowed in place: the window's panes go to their
-        // position (so they merge in time order without sorting), and the first pane at or
-        // after `later` is noted. Only the first pane's accumulator is copied.
-        let n = usize::try_from((end - start) / pane).unwrap_or(0);
+        // One pass over the key's panes, borrowed in place: the window's panes are gathered
+        // (on the stack up to 64) and merged in time order, which is their insertion order
+        // unless an out-of-order record opened a pane late (then they are sorted first); the
+        // first pane at or after `later` is noted. Only the first pane's accumulator is copied.
         let (acc, later_pane) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
-            let mut window: Vec<Option<&A::Acc>> = vec![None; n];
+            let mut window: smallvec::SmallVec<[(Timestamp, &A::Acc); 64]> = smallvec::SmallVec::new();
             let mut later_pane: Option<Timestamp> = None;
             for (&p, a) in entries {
                 if p >= later {
                     later_pane = Some(later_pane.map_or(p, |l| l.min(p)));
                 }
                 if (start..end).contains(&p) {
-                    if let Some(slot) = usize::try_from((p - start) / pane).ok().and_then(|i| window.get_mut(i)) {
-                        *slot = Some(a);
-                    }
+                    window.push((p, a));
                 }
             }
+            if !window.is_sorted_by_key(|(p, _)| *p) {
+                window.sort_unstable_by_key(|(p, _)| *p);
+            }
             let mut acc: Option<A::Acc> = None;
-            for a in window.into_iter().flatten() {
+            for (_, a) in window {
                 match &mut acc {
                     Some(acc) => self.agg.merge(acc, a),
                     None => acc = Some(a.clone()),
@@ -443,7 +444,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         while start + size > ts {
             let end = start + size;
             if end - 1 <= wm && end - 1 + self.lateness > wm {
-                self.fire_aligned(ctx, (start, end, pane), end, out)?;
+                self.fire_aligned(ctx, (start, end), end, out)?;
             }
             start -= slide;
         }
@@ -488,7 +489,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         // of the slide).
         if (end - size).rem_euclid(slide) == 0 {
             let start = end - size;
-            let next_pane = self.fire_aligned(ctx, (start, end, pane), start + slide, out)?;
+            let next_pane = self.fire_aligned(ctx, (start, end), start + slide, out)?;
             if let Some(p) = next_pane {
                 // The next window with data: the first after this one that holds pane `p`
                 // (skipping empty slides, however many).

@@ -133,6 +133,12 @@ fn build_db_options() -> Options {
     // binary search of key comparisons (files written before are read as they are).
     table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
     table.set_block_cache(block_cache());
+    // Index and filter blocks load into the block cache at their first read, not when a table
+    // opens: opening an instance (or ingesting its files at a rescale) reads only each file's
+    // footer and properties, not its megabytes of filter. L0's stay pinned once read: every
+    // read probes them.
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     o.set_block_based_table_factory(&table);
     o
 }

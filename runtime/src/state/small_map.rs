@@ -6,8 +6,9 @@
 //! closes), timers, a few counters. Up to [`INLINE`] entries live inside the map itself, so in
 //! the key's own slot of the key group's hash table: reading a tumbling window's pane or a
 //! key's timer costs one cache miss, not two, and creating one allocates nothing. Beyond that
-//! a vector keeps the map in a few contiguous cache lines, finds the newest entry first
-//! (searched from the end), and is read whole without a hash table's empty buckets. Past
+//! the newest entry stays inline and the older ones go to a vector: a sliding window's record
+//! updates its newest pane without touching the vector (one cache miss, not two), and a firing
+//! reads the vector's few contiguous cache lines without a hash table's empty buckets. Past
 //! [`SPILL`] entries a lookup would cost more than hashing, so the map turns into a hash map for
 //! good.
 
@@ -23,11 +24,15 @@ const INLINE: usize = 2;
 /// 61 panes per key, which still fit.
 const SPILL: usize = 128;
 
-/// A map that is a vector of entries up to [`SPILL`] entries, then a hash map.
+/// A map that is inline up to [`INLINE`] entries, then its newest entry inline and the others
+/// in a vector up to [`SPILL`] entries, then a hash map.
 #[derive(Debug)]
 pub(crate) enum SmallMap<K, V> {
-    /// Insertion order, newest last; searched from the end.
+    /// At most [`INLINE`] entries (never on the heap), in insertion order, newest last.
     Small(SmallVec<[(K, V); INLINE]>),
+    /// More (or, after removals, fewer: the vector stays): the entry inserted last, and the
+    /// others in insertion order, newest last.
+    Split { newest: (K, V), older: Vec<(K, V)> },
     /// Many entries.
     Large(FxHashMap<K, V>),
 }
@@ -37,10 +42,14 @@ pub(crate) enum SmallMap<K, V> {
 impl<K: Clone, V: Clone> Clone for SmallMap<K, V> {
     fn clone(&self) -> Self {
         match self {
-            Self::Small(v) => {
-                let mut copy = SmallVec::with_capacity(v.capacity());
-                copy.extend(v.iter().cloned());
-                Self::Small(copy)
+            Self::Small(v) => Self::Small(v.clone()),
+            Self::Split { newest, older } => {
+                let mut copy = Vec::with_capacity(older.capacity());
+                copy.extend(older.iter().cloned());
+                Self::Split {
+                    newest: newest.clone(),
+                    older: copy,
+                }
             }
             Self::Large(m) => Self::Large(m.clone()),
         }
@@ -65,64 +74,79 @@ impl<K: Hash + Eq, V> SmallMap<K, V> {
         entries.iter().rposition(|(e, _)| e == k)
     }
 
+    /// The value under `k`, looked for newest first.
+    fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        match self {
+            Self::Small(v) => Self::position(v, k).map(|i| &mut v[i].1),
+            Self::Split { newest, .. } if newest.0 == *k => Some(&mut newest.1),
+            Self::Split { older, .. } => Self::position(older, k).map(|i| &mut older[i].1),
+            Self::Large(m) => m.get_mut(k),
+        }
+    }
+
     pub fn get(&self, k: &K) -> Option<&V> {
         match self {
             Self::Small(v) => Self::position(v, k).map(|i| &v[i].1),
+            Self::Split { newest, .. } if newest.0 == *k => Some(&newest.1),
+            Self::Split { older, .. } => Self::position(older, k).map(|i| &older[i].1),
             Self::Large(m) => m.get(k),
         }
     }
 
     /// Inserts or replaces; the old value if any.
     pub fn insert(&mut self, k: K, value: V) -> Option<V> {
-        match self {
-            Self::Small(v) => match Self::position(v, &k) {
-                Some(i) => Some(std::mem::replace(&mut v[i].1, value)),
-                None => {
-                    self.push(k, value);
-                    None
-                }
-            },
-            Self::Large(m) => m.insert(k, value),
+        match self.get_mut(&k) {
+            Some(v) => Some(std::mem::replace(v, value)),
+            None => {
+                self.push(k, value);
+                None
+            }
         }
     }
 
     /// Changes the value under `k` in place, inserting `default()` first when absent; whether
     /// it was present.
     pub fn update(&mut self, k: K, default: impl FnOnce() -> V, f: impl FnOnce(&mut V)) -> bool {
-        match self {
-            Self::Small(v) => match Self::position(v, &k) {
-                Some(i) => {
-                    f(&mut v[i].1);
-                    true
-                }
-                None => {
-                    let mut value = default();
-                    f(&mut value);
-                    self.push(k, value);
-                    false
-                }
-            },
-            Self::Large(m) => {
-                let mut existed = true;
-                f(m.entry(k).or_insert_with(|| {
-                    existed = false;
-                    default()
-                }));
-                existed
+        match self.get_mut(&k) {
+            Some(v) => {
+                f(v);
+                true
+            }
+            None => {
+                let mut value = default();
+                f(&mut value);
+                self.push(k, value);
+                false
             }
         }
     }
 
-    /// Appends a new key, spilling into a hash map when the vector is full.
+    /// Appends a key not in the map: inline while there is room, then as the newest entry
+    /// (the one before it joins the vector), then into a hash map when the vector is full.
     fn push(&mut self, k: K, value: V) {
-        if let Self::Small(v) = self {
-            if v.len() < SPILL {
-                v.push((k, value));
-                return;
+        match self {
+            Self::Small(v) if v.len() < INLINE => v.push((k, value)),
+            Self::Small(v) => {
+                let mut older = Vec::with_capacity(2 * INLINE);
+                older.extend(std::mem::take(v));
+                *self = Self::Split {
+                    newest: (k, value),
+                    older,
+                };
             }
-            let mut m: FxHashMap<K, V> = std::mem::take(v).into_iter().collect();
-            m.insert(k, value);
-            *self = Self::Large(m);
+            Self::Split { newest, older } if older.len() + 1 < SPILL => {
+                older.push(std::mem::replace(newest, (k, value)));
+            }
+            Self::Split { .. } => {
+                if let Self::Split { newest, older } = std::mem::take(self) {
+                    let mut m: FxHashMap<K, V> = older.into_iter().chain([newest]).collect();
+                    m.insert(k, value);
+                    *self = Self::Large(m);
+                }
+            }
+            Self::Large(m) => {
+                m.insert(k, value);
+            }
         }
     }
 
@@ -130,6 +154,16 @@ impl<K: Hash + Eq, V> SmallMap<K, V> {
         match self {
             // `remove`, not `swap_remove`: the order keeps the newest entries at the end.
             Self::Small(v) => Self::position(v, k).map(|i| v.remove(i).1),
+            Self::Split { newest, older } if newest.0 == *k => match older.pop() {
+                // The vector's newest entry takes the removed one's place. The vector stays
+                // (as a spilled vector did): a map that shrank is likely to grow again.
+                Some(next) => Some(std::mem::replace(newest, next).1),
+                None => match std::mem::take(self) {
+                    Self::Split { newest, .. } => Some(newest.1),
+                    _ => None,
+                },
+            },
+            Self::Split { older, .. } => Self::position(older, k).map(|i| older.remove(i).1),
             Self::Large(m) => m.remove(k),
         }
     }
@@ -139,6 +173,7 @@ impl<K, V> SmallMap<K, V> {
     pub fn len(&self) -> usize {
         match self {
             Self::Small(v) => v.len(),
+            Self::Split { older, .. } => older.len() + 1,
             Self::Large(m) => m.len(),
         }
     }
@@ -147,10 +182,11 @@ impl<K, V> SmallMap<K, V> {
         self.len() == 0
     }
 
-    /// Every entry, borrowed: vector order while small.
+    /// Every entry, borrowed: insertion order while not a hash map.
     pub fn iter(&self) -> Iter<'_, K, V> {
         match self {
-            Self::Small(v) => Iter::Small(v.iter()),
+            Self::Small(v) => Iter::Small(v.iter(), None),
+            Self::Split { newest, older } => Iter::Small(older.iter(), Some(newest)),
             Self::Large(m) => Iter::Large(m.iter()),
         }
     }
@@ -162,6 +198,15 @@ impl<K, V> SmallMap<K, V> {
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
         match self {
             Self::Small(v) => v.retain(|(k, v)| keep(k, v)),
+            Self::Split { .. } => {
+                if let Self::Split { newest, mut older } = std::mem::take(self) {
+                    older.push(newest);
+                    older.retain_mut(|(k, v)| keep(k, v));
+                    if let Some(newest) = older.pop() {
+                        *self = Self::Split { newest, older };
+                    }
+                }
+            }
             Self::Large(m) => m.retain(|k, v| keep(k, v)),
         }
     }
@@ -169,7 +214,8 @@ impl<K, V> SmallMap<K, V> {
 
 /// The entries of a [`SmallMap`].
 pub(crate) enum Iter<'a, K, V> {
-    Small(std::slice::Iter<'a, (K, V)>),
+    /// A vector's entries, then the newest entry of a split map.
+    Small(std::slice::Iter<'a, (K, V)>, Option<&'a (K, V)>),
     Large(std::collections::hash_map::Iter<'a, K, V>),
 }
 
@@ -177,7 +223,7 @@ impl<'a, K, V> Iterator for Iter<'a, K, V> {
     type Item = (&'a K, &'a V);
     fn next(&mut self) -> Option<Self::Item> {
         match self {
-            Self::Small(i) => i.next().map(|(k, v)| (k, v)),
+            Self::Small(i, last) => i.next().or_else(|| last.take()).map(|(k, v)| (k, v)),
             Self::Large(i) => i.next(),
         }
     }
@@ -197,12 +243,13 @@ mod tests {
         Retain(u16),
     }
 
-    fn op() -> impl Strategy<Value = Op> {
-        // Keys up to 300: maps cross the spill point.
+    /// Keys below `keys`: few keys keep maps inline or split (and remove their newest entry
+    /// often); up to 300 cross the spill point.
+    fn op(keys: u16) -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0..300u16, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
-            2 => (0..300u16, any::<u32>()).prop_map(|(k, v)| Op::Update(k, v)),
-            2 => (0..300u16).prop_map(Op::Remove),
+            4 => (0..keys, any::<u32>()).prop_map(|(k, v)| Op::Insert(k, v)),
+            2 => (0..keys, any::<u32>()).prop_map(|(k, v)| Op::Update(k, v)),
+            2 => (0..keys).prop_map(Op::Remove),
             1 => (1..7u16).prop_map(Op::Retain),
         ]
     }
@@ -210,10 +257,22 @@ mod tests {
     proptest! {
         /// Every operation answers as a hash map does, before and after spilling.
         #[test]
-        fn behaves_like_a_hash_map(ops in proptest::collection::vec(op(), 1..600)) {
+        fn behaves_like_a_hash_map(
+            ops in prop_oneof![
+                proptest::collection::vec(op(300), 1..600),
+                proptest::collection::vec(op(6), 1..100),
+            ]
+        ) {
             let mut small = SmallMap::default();
             let mut model: HashMap<u16, u32> = HashMap::new();
+            // The model's keys in insertion order, which a map that is not a hash map keeps.
+            let mut order: Vec<u16> = Vec::new();
             for op in ops {
+                if let Op::Insert(k, _) | Op::Update(k, _) = op {
+                    if !model.contains_key(&k) {
+                        order.push(k);
+                    }
+                }
                 match op {
                     Op::Insert(k, v) => prop_assert_eq!(small.insert(k, v), model.insert(k, v)),
                     Op::Update(k, v) => {
@@ -228,7 +287,11 @@ mod tests {
                         model.retain(|k, _| k % m != 0);
                     }
                 }
+                order.retain(|k| model.contains_key(k));
                 prop_assert_eq!(small.len(), model.len());
+                if !matches!(small, SmallMap::Large(_)) {
+                    prop_assert!(small.iter().map(|(k, _)| *k).eq(order.iter().copied()));
+                }
                 for (k, v) in &model {
                     prop_assert_eq!(small.get(k), Some(v));
                 }
@@ -242,12 +305,22 @@ mod tests {
     }
 
     #[test]
-    fn spills_into_a_hash_map_past_the_limit() {
+    fn keeps_the_newest_entry_inline_then_spills_into_a_hash_map_past_the_limit() {
         let mut m = SmallMap::default();
-        for k in 0..SPILL as u32 {
+        for k in 0..INLINE as u32 {
             m.insert(k, k);
         }
         assert!(matches!(m, SmallMap::Small(_)));
+        for k in INLINE as u32..SPILL as u32 {
+            m.insert(k, k);
+            assert!(matches!(&m, SmallMap::Split { newest, .. } if newest.0 == k));
+        }
+        // Insertion order, newest last.
+        assert!(m.iter().map(|(k, _)| *k).eq(0..SPILL as u32));
+        // Removing the newest brings the one before it inline.
+        assert_eq!(m.remove(&(SPILL as u32 - 1)), Some(SPILL as u32 - 1));
+        assert!(matches!(&m, SmallMap::Split { newest, .. } if newest.0 == SPILL as u32 - 2));
+        m.insert(SPILL as u32 - 1, 0);
         m.insert(SPILL as u32, 0);
         assert!(matches!(m, SmallMap::Large(_)));
         assert_eq!(m.len(), SPILL + 1);
