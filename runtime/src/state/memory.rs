@@ -26,6 +26,7 @@ use crate::keygroup::KeyGroupRange;
 use crate::snapshot::{for_each_entry, state_names, EntryWriter, KeyGroupIndex, RestoredKeyGroups, StateFileWriter};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// How a stored value turns into canonical entries and back.
@@ -300,6 +301,10 @@ pub struct MemoryBackend {
     restored_names: FxHashSet<String>,
     /// Processing time (see `KeyedBackend::processing_time`).
     clock: Timestamp,
+    /// Bytes the latest snapshot serialized to: the next one's buffer starts that large
+    /// instead of doubling its way up (each doubling copies what was written and faults in
+    /// fresh pages).
+    snapshot_bytes: Arc<AtomicUsize>,
 }
 
 impl MemoryBackend {
@@ -312,6 +317,7 @@ impl MemoryBackend {
             restored: RestoredKeyGroups::default(),
             restored_names: FxHashSet::default(),
             clock: Timestamp::MIN,
+            snapshot_bytes: Arc::default(),
         }
     }
 
@@ -637,6 +643,7 @@ impl MemoryBackend {
         MemorySnapshot {
             range: self.range,
             tables: self.tables.iter_mut().map(|t| t.snapshot()).collect(),
+            bytes: self.snapshot_bytes.clone(),
         }
     }
 }
@@ -645,12 +652,16 @@ impl MemoryBackend {
 pub struct MemorySnapshot {
     range: KeyGroupRange,
     tables: Vec<Box<dyn TableSnapshot>>,
+    /// The backend's size of its latest snapshot, read and then updated here.
+    bytes: Arc<AtomicUsize>,
 }
 
 impl MemorySnapshot {
     /// Appends one canonical block per key group; returns the index of their offsets.
     pub fn write(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
         let mut offsets = Vec::with_capacity(self.range.len());
+        let start = w.payload().len();
+        w.payload().reserve(self.bytes.load(Ordering::Relaxed));
         for i in 0..self.range.len() {
             offsets.push(w.begin_block());
             for t in &self.tables {
@@ -658,6 +669,7 @@ impl MemorySnapshot {
             }
             w.end_block();
         }
+        self.bytes.store(w.payload().len() - start, Ordering::Relaxed);
         Ok(KeyGroupIndex {
             range: self.range,
             offsets,
