@@ -374,9 +374,11 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<Option<Timestamp>> {
         // One pass over the key's panes, borrowed in place: the window's panes are gathered
-        // (on the stack up to 64) and merged in time order, which is their insertion order
-        // unless an out-of-order record opened a pane late (then they are sorted first); the
-        // first pane at or after `later` is noted. Only the first pane's accumulator is copied.
+        // (on the stack up to 64) and merged in time order, as a merge need not be commutative.
+        // The memory backend mostly holds them in that order already (insertion order); they
+        // are sorted when not (a late record opened a pane, a map past 128 panes, RocksDB's
+        // byte order). The first pane at or after `later` is noted. Only the first pane's
+        // accumulator is copied.
         let (acc, later_pane) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
             let mut window: smallvec::SmallVec<[(Timestamp, &A::Acc); 64]> = smallvec::SmallVec::new();
             let mut later_pane: Option<Timestamp> = None;

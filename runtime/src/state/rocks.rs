@@ -36,7 +36,8 @@ use rocksdb::checkpoint::Checkpoint;
 use rocksdb::compaction_filter::CompactionFilter;
 use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, CompactionDecision, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+    ColumnFamily, ColumnFamilyDescriptor, CompactionDecision, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
@@ -133,10 +134,10 @@ fn build_db_options() -> Options {
     // binary search of key comparisons (files written before are read as they are).
     table.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
     table.set_block_cache(block_cache());
-    // Index and filter blocks load into the block cache at their first read, not when a table
-    // opens: opening an instance (or ingesting its files at a rescale) reads only each file's
-    // footer and properties, not its megabytes of filter. L0's stay pinned once read: every
-    // read probes them.
+    // Index and filter blocks of L1 and deeper load into the block cache at their first read,
+    // not when a table opens: opening an instance (or ingesting its files at a rescale) reads
+    // only each file's footer and properties, not its megabytes of filter. L0's (small, and
+    // probed by every read) load at open and stay pinned.
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     o.set_block_based_table_factory(&table);
@@ -232,6 +233,15 @@ impl CompactionFilter for TtlFilter {
     fn name(&self) -> &CStr {
         c"sluice-ttl"
     }
+}
+
+/// Options of a read through all of an instance's keys (a savepoint, a merge by copying):
+/// its blocks stay out of the block cache, which would otherwise evict every instance's hot
+/// blocks and index and filter blocks for data read once.
+fn bulk_read() -> ReadOptions {
+    let mut r = ReadOptions::default();
+    r.fill_cache(false);
+    r
 }
 
 fn write_options() -> WriteOptions {
@@ -551,7 +561,11 @@ impl RocksBackend {
             // The source's keys from the range start on, up to the range end (every key starts
             // with its key group, big-endian).
             let rows = src
-                .iterator_cf(from, IteratorMode::From(&start, rocksdb::Direction::Forward))
+                .iterator_cf_opt(
+                    from,
+                    bulk_read(),
+                    IteratorMode::From(&start, rocksdb::Direction::Forward),
+                )
                 .map(|item| item.map_err(|e| db_err("iterate", e)))
                 .take_while(|item| match item {
                     Ok((k, _)) => k.get(..2).is_some_and(|kg| kg <= &end[..]),
@@ -1105,7 +1119,11 @@ impl RocksSnapshot {
                 let cf = db.cf_handle(name).expect("listed");
                 let prefix = kg.to_be_bytes();
                 let mut ew: Option<EntryWriter<'_>> = None;
-                for item in db.iterator_cf(cf, IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+                for item in db.iterator_cf_opt(
+                    cf,
+                    bulk_read(),
+                    IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+                ) {
                     let (k, v) = item.map_err(|e| db_err("iterate", e))?;
                     if !k.starts_with(&prefix) {
                         break;

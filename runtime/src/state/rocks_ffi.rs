@@ -82,6 +82,9 @@ pub(super) fn ingest_db_files(db: &DB, cf: &impl AsColumnFamilyRef, files: &[Pat
         // Overlap with the memtable is refused like any overlap rather than flushed.
         ffi::rocksdb_ingestexternalfileoptions_set_allow_blocking_flush(opts, 0);
         ffi::rocksdb_ingestexternalfileoptions_set_link_files(opts, 1);
+        // Nothing of the files goes into the block cache now: reads load what they need.
+        ffi::rocksdb_ingestexternalfileoptions_set_fill_cache(opts, 0);
+        ffi::rocksdb_ingestexternalfileoptions_set_prefetch_lmax_index_and_filter_blocks(opts, 0);
         ffi::rocksdb_ingest_external_file_cf(db.as_raw_ptr(), cf.inner(), ptrs.as_ptr(), ptrs.len(), opts, &mut err);
         ffi::rocksdb_ingestexternalfileoptions_destroy(opts);
         if !err.is_null() {

@@ -1,5 +1,5 @@
-//! The memory backend's map for one key's map state: entries inline while few, a vector while
-//! small, a hash map beyond.
+//! The memory backend's map for one key's map state: entries inline while few, then the entry
+//! inserted last inline and the others in a vector, a hash map beyond.
 //!
 //! Most keys' maps are small, and many are written where they were last written: a window's
 //! panes (the newest pane takes nearly every record, the oldest goes when its last window
