@@ -375,9 +375,8 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
     ) -> Result<Option<Timestamp>> {
         // One pass over the key's panes, borrowed in place: the window's panes are gathered
         // (on the stack up to 64) and merged in time order, as a merge need not be commutative.
-        // The memory backend mostly holds them in that order already (insertion order); they
-        // are sorted when not (a late record opened a pane, a map past 128 panes, RocksDB's
-        // byte order). The first pane at or after `later` is noted. Only the first pane's
+        // The memory backend mostly holds them in that order already, which the sort finds in
+        // one pass. The first pane at or after `later` is noted. Only the first pane's
         // accumulator is copied.
         let (acc, later_pane) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
             let mut window: smallvec::SmallVec<[(Timestamp, &A::Acc); 64]> = smallvec::SmallVec::new();
@@ -390,9 +389,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
                     window.push((p, a));
                 }
             }
-            if !window.is_sorted_by_key(|(p, _)| *p) {
-                window.sort_unstable_by_key(|(p, _)| *p);
-            }
+            window.sort_unstable_by_key(|(p, _)| *p);
             let mut acc: Option<A::Acc> = None;
             for (_, a) in window {
                 match &mut acc {

@@ -138,8 +138,8 @@ impl<K: Hash + Eq, V> SmallMap<K, V> {
                 older.push(std::mem::replace(newest, (k, value)));
             }
             Self::Split { .. } => {
-                if let Self::Split { newest, older } = std::mem::take(self) {
-                    let mut m: FxHashMap<K, V> = older.into_iter().chain([newest]).collect();
+                if let Some(entries) = self.take_split() {
+                    let mut m: FxHashMap<K, V> = entries.into_iter().collect();
                     m.insert(k, value);
                     *self = Self::Large(m);
                 }
@@ -158,10 +158,8 @@ impl<K: Hash + Eq, V> SmallMap<K, V> {
                 // The vector's newest entry takes the removed one's place. The vector stays
                 // (as a spilled vector did): a map that shrank is likely to grow again.
                 Some(next) => Some(std::mem::replace(newest, next).1),
-                None => match std::mem::take(self) {
-                    Self::Split { newest, .. } => Some(newest.1),
-                    _ => None,
-                },
+                // It was the only entry.
+                None => self.take_split().and_then(|mut entries| entries.pop()).map(|(_, v)| v),
             },
             Self::Split { older, .. } => Self::position(older, k).map(|i| older.remove(i).1),
             Self::Large(m) => m.remove(k),
@@ -198,16 +196,32 @@ impl<K, V> SmallMap<K, V> {
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
         match self {
             Self::Small(v) => v.retain(|(k, v)| keep(k, v)),
-            Self::Split { .. } => {
-                if let Self::Split { newest, mut older } = std::mem::take(self) {
-                    older.push(newest);
-                    older.retain_mut(|(k, v)| keep(k, v));
-                    if let Some(newest) = older.pop() {
-                        *self = Self::Split { newest, older };
+            Self::Split { newest, older } => {
+                let keep_newest = keep(&newest.0, &mut newest.1);
+                older.retain_mut(|(k, v)| keep(k, v));
+                if !keep_newest {
+                    match older.pop() {
+                        Some(next) => *newest = next,
+                        None => *self = Self::default(),
                     }
                 }
             }
             Self::Large(m) => m.retain(|k, v| keep(k, v)),
+        }
+    }
+
+    /// A split map's entries in insertion order, leaving it empty; `None`, and the map as it
+    /// was, for the others.
+    fn take_split(&mut self) -> Option<Vec<(K, V)>> {
+        match std::mem::take(self) {
+            Self::Split { newest, mut older } => {
+                older.push(newest);
+                Some(older)
+            }
+            other => {
+                *self = other;
+                None
+            }
         }
     }
 }
