@@ -354,7 +354,9 @@ impl RestoreSource {
         if let Some(r) = &h.rocksdb {
             let file = self.read_file(h).await?;
             let dir = info.local_dir.join(format!("restore-{old}"));
+            let started = std::time::Instant::now();
             self.download_rocksdb(r, &file, &location, &dir, info).await?;
+            tracing::debug!(old, files = r.sst_files.len(), took = ?started.elapsed(), "rocksdb instance downloaded");
             part.rocksdb = Some(RestoredRocks {
                 range: r.range,
                 dir,

@@ -508,6 +508,50 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
     }
 }
 
+/// A merge of whole old instances takes the one with the most SST files as its base and
+/// ingests the others: the open reads the base's tables in parallel, ingestion links and syncs
+/// its files one by one.
+#[test]
+fn a_merge_ingests_the_old_instance_with_fewer_files() {
+    let kind = BACKENDS[1];
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(dir.path());
+    let halves = [range_for_subtask(M, 2, 0), range_for_subtask(M, 2, 1)];
+    let acked: Vec<AckedState> = (halves.iter().enumerate())
+        .map(|(i, half)| {
+            let mut b = open(kind, &dir.path().join(format!("old{i}")), *half, Default::default());
+            fill_in(&mut b, 300, *half);
+            if i == 1 {
+                // The second instance flushes twice: its values' column family has two files.
+                drop(b.snapshot(CheckpointId(1)).unwrap());
+                let values = b.registry::<u64>().value_state::<String>("values").unwrap();
+                for k in (0..300).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M))) {
+                    b.with_key(&k, M, |ctx| values.update(ctx, format!("v{k}")).unwrap())
+                        .unwrap();
+                }
+            }
+            store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
+        })
+        .collect();
+    let files: Vec<usize> = (acked.iter())
+        .map(|a| a.handle.rocksdb.as_ref().map_or(0, |r| r.sst_files.len()))
+        .collect();
+    assert!(files[1] > files[0], "the second old instance has more files: {files:?}");
+    let mut merged = store
+        .restore_subtasks(
+            2,
+            acked,
+            kind,
+            full_range(),
+            &dir.path().join("new"),
+            Default::default(),
+        )
+        .unwrap();
+    assert_eq!(read_all(&mut merged), expected(300));
+    let counts = rocks(&mut merged).merged();
+    assert_eq!(counts.files, files[0], "{counts:?}");
+}
+
 /// From the local file system a restore hard-links the checkpoint's SST files instead of
 /// copying them. Whatever the restored instance then does (ingest them into another instance,
 /// rewrite every key, compact), the checkpoint's files stay as they were: it restores again,

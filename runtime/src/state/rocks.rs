@@ -409,6 +409,8 @@ pub struct RocksBackend {
 pub(crate) struct MergeCounts {
     /// Brought in as the old instance's own SST files.
     pub ingested: usize,
+    /// The SST files those brought in.
+    pub files: usize,
     /// Brought in key by key.
     pub copied: usize,
 }
@@ -425,6 +427,8 @@ impl RocksBackend {
         incremental: bool,
         merge: crate::config::RescaleMerge,
     ) -> Result<Self> {
+        // Step times go to the debug log: where a restore's time goes (open, merge, clip).
+        let started = std::time::Instant::now();
         let db_path = dir.join("db");
         if db_path.exists() {
             std::fs::remove_dir_all(&db_path).map_err(|e| io_err("cannot clear", &db_path, e))?;
@@ -434,7 +438,10 @@ impl RocksBackend {
         // Native instances: the one overlapping most becomes the base; the others' key groups
         // are brought in, then whatever lies outside the range is deleted.
         let mut natives = restored.rocksdb;
-        natives.sort_by_key(|r| std::cmp::Reverse(r.range.intersect(&range).len()));
+        // Of those overlapping alike (a merge of whole instances), the one with the most files:
+        // the open reads its tables in parallel, while ingestion brings files in one by one,
+        // each linked and synced.
+        natives.sort_by_key(|r| std::cmp::Reverse((r.range.intersect(&range).len(), r.files.len())));
         let mut others = natives.into_iter();
         let base = others.next();
         if let Some(base) = &base {
@@ -461,6 +468,7 @@ impl RocksBackend {
             (base, others)
         });
         let (db, mut cfs) = opened?;
+        let opened_at = started.elapsed();
         let mut backend = Self {
             range,
             db: Arc::new(db),
@@ -483,15 +491,21 @@ impl RocksBackend {
             let _ = std::fs::remove_dir_all(&other.dir);
         }
         if backend.merged != MergeCounts::default() {
-            let MergeCounts { ingested, copied } = backend.merged;
-            tracing::debug!(%range, ingested, copied, "merged old instances' column families");
+            let MergeCounts {
+                ingested,
+                files,
+                copied,
+            } = backend.merged;
+            tracing::debug!(%range, ingested, files, copied, "merged old instances' column families");
         }
+        let merged_at = started.elapsed();
         if clip {
             backend.clip_to_range(&cfs)?;
         }
         if !restored.blocks.is_empty() {
             backend.load_canonical(&restored.blocks)?;
         }
+        tracing::debug!(%range, ?opened_at, ?merged_at, total = ?started.elapsed(), "rocksdb instance restored");
         Ok(backend)
     }
 
@@ -552,6 +566,7 @@ impl RocksBackend {
                 match rocks_ffi::ingest_db_files(&self.db, &to, &files) {
                     Ok(()) => {
                         self.merged.ingested += 1;
+                        self.merged.files += files.len();
                         ingested = true;
                         continue;
                     }
