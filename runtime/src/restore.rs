@@ -356,12 +356,14 @@ impl RestoreSource {
             let dir = info.local_dir.join(format!("restore-{old}"));
             let started = std::time::Instant::now();
             self.download_rocksdb(r, &file, &location, &dir, info).await?;
-            tracing::debug!(old, files = r.sst_files.len(), took = ?started.elapsed(), "rocksdb instance downloaded");
+            tracing::debug!(old, files = r.sst_files.len(), download = ?started.elapsed(), "rocksdb instance downloaded");
             part.rocksdb = Some(RestoredRocks {
                 range: r.range,
                 dir,
                 files: r.sst_files.clone(),
                 own_job: self.metadata.job_id == info.job_id,
+                linked: (r.sst_files.iter())
+                    .all(|f| self.sst_storage(f).is_ok_and(|s| s.local_path(&f.path).is_some())),
             });
             part.file = Some(file);
         }

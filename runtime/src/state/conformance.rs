@@ -508,48 +508,72 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
     }
 }
 
-/// A merge of whole old instances takes the one with the most SST files as its base and
-/// ingests the others: the open reads the base's tables in parallel, ingestion links and syncs
-/// its files one by one.
+/// Of two old instances that a new subtask's range holds whole, the one cheaper to ingest is
+/// ingested into the other: from local storage (files linked, clean) the one with fewer SST
+/// files, from other storage (files downloaded) the one with fewer bytes.
 #[test]
-fn a_merge_ingests_the_old_instance_with_fewer_files() {
+fn a_merge_ingests_the_old_instance_cheaper_to_ingest() {
     let kind = BACKENDS[1];
-    let dir = tempfile::tempdir().unwrap();
-    let store = TestStore::new(dir.path());
     let halves = [range_for_subtask(M, 2, 0), range_for_subtask(M, 2, 1)];
-    let acked: Vec<AckedState> = (halves.iter().enumerate())
-        .map(|(i, half)| {
-            let mut b = open(kind, &dir.path().join(format!("old{i}")), *half, Default::default());
-            fill_in(&mut b, 300, *half);
-            if i == 1 {
-                // The second instance flushes twice: its values' column family has two files.
-                drop(b.snapshot(CheckpointId(1)).unwrap());
-                let values = b.registry::<u64>().value_state::<String>("values").unwrap();
-                for k in (0..300).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M))) {
-                    b.with_key(&k, M, |ctx| values.update(ctx, format!("v{k}")).unwrap())
-                        .unwrap();
+    for local in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = match local {
+            true => TestStore::on_disk(&dir.path().join("checkpoints")),
+            false => TestStore::new(dir.path()),
+        };
+        // Old instance 0 holds more bytes (a fifth state of 2 KiB values) in 5 files; old
+        // instance 1 holds fewer in 6 (its values flushed three times, written again unchanged).
+        let acked: Vec<AckedState> = (halves.iter().enumerate())
+            .map(|(i, half)| {
+                let mut b = open(kind, &dir.path().join(format!("old{i}")), *half, Default::default());
+                fill_in(&mut b, 300, *half);
+                let keys = (0..300u64).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M)));
+                if i == 0 {
+                    let ballast = b.registry::<u64>().value_state::<String>("ballast").unwrap();
+                    for k in keys {
+                        b.with_key(&k, M, |ctx| ballast.update(ctx, "x".repeat(2048)).unwrap())
+                            .unwrap();
+                    }
+                } else {
+                    let values = b.registry::<u64>().value_state::<String>("values").unwrap();
+                    for round in 0..2 {
+                        drop(b.snapshot(CheckpointId(round)).unwrap());
+                        for k in keys.clone() {
+                            b.with_key(&k, M, |ctx| values.update(ctx, format!("v{k}")).unwrap())
+                                .unwrap();
+                        }
+                    }
                 }
-            }
-            store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
-        })
-        .collect();
-    let files: Vec<usize> = (acked.iter())
-        .map(|a| a.handle.rocksdb.as_ref().map_or(0, |r| r.sst_files.len()))
-        .collect();
-    assert!(files[1] > files[0], "the second old instance has more files: {files:?}");
-    let mut merged = store
-        .restore_subtasks(
-            2,
-            acked,
-            kind,
-            full_range(),
-            &dir.path().join("new"),
-            Default::default(),
-        )
-        .unwrap();
-    assert_eq!(read_all(&mut merged), expected(300));
-    let counts = rocks(&mut merged).merged();
-    assert_eq!(counts.files, files[0], "{counts:?}");
+                store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
+            })
+            .collect();
+        let (files, bytes): (Vec<usize>, Vec<u64>) = (acked.iter())
+            .map(|a| {
+                let r = a.handle.rocksdb.as_ref().unwrap();
+                (r.sst_files.len(), r.sst_files.iter().map(|f| f.size).sum::<u64>())
+            })
+            .unzip();
+        assert!(
+            files[1] > files[0] && bytes[0] > bytes[1],
+            "instance 1 has more files, instance 0 more bytes: {files:?} {bytes:?}"
+        );
+        let mut merged = store
+            .restore_subtasks(
+                2,
+                acked,
+                kind,
+                full_range(),
+                &dir.path().join("new"),
+                Default::default(),
+            )
+            .unwrap();
+        assert_eq!(read_all(&mut merged), expected(300), "local: {local}");
+        let counts = rocks(&mut merged).merged();
+        // Ingested: instance 0 (5 column families) when local, else instance 1 (4).
+        let want = if local { (5, files[0]) } else { (4, files[1]) };
+        assert_eq!((counts.ingested, counts.files), want, "local: {local}, {counts:?}");
+        assert_eq!(counts.copied, 0, "local: {local}, {counts:?}");
+    }
 }
 
 /// From the local file system a restore hard-links the checkpoint's SST files instead of

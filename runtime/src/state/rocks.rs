@@ -29,8 +29,8 @@ use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::{KeyGroup, KeyGroupRange};
 use crate::snapshot::{
-    for_each_entry, put_varint, state_names, Cursor, EntryWriter, KeyGroupIndex, RestoredKeyGroups, RocksFile,
-    StateFileWriter,
+    for_each_entry, put_varint, state_names, Cursor, EntryWriter, KeyGroupIndex, RestoredKeyGroups, RestoredRocks,
+    RocksFile, StateFileWriter,
 };
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::compaction_filter::CompactionFilter;
@@ -404,12 +404,13 @@ pub struct RocksBackend {
     dir: WorkDir,
 }
 
-/// Column families a restore merged in from other old instances, by path.
+/// Column families a restore merged in from other old instances, by path, and the SST files
+/// ingested.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MergeCounts {
     /// Brought in as the old instance's own SST files.
     pub ingested: usize,
-    /// The SST files those brought in.
+    /// SST files ingested, over all those column families.
     pub files: usize,
     /// Brought in key by key.
     pub copied: usize,
@@ -427,7 +428,7 @@ impl RocksBackend {
         incremental: bool,
         merge: crate::config::RescaleMerge,
     ) -> Result<Self> {
-        // Step times go to the debug log: where a restore's time goes (open, merge, clip).
+        // Step times go to the debug log: where a restore's time goes.
         let started = std::time::Instant::now();
         let db_path = dir.join("db");
         if db_path.exists() {
@@ -436,12 +437,20 @@ impl RocksBackend {
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
         let mut confirmed = Arc::default();
         // Native instances: the one overlapping most becomes the base; the others' key groups
-        // are brought in, then whatever lies outside the range is deleted.
+        // are brought in, then whatever lies outside the range is deleted. Of those overlapping
+        // alike: one inside the range (copying keys from the other then needs no clip), then
+        // the one costliest to bring in. Ingestion syncs each file: files linked from local
+        // storage are clean, so the cost is per file (the open reads the base's tables on
+        // parallel threads); downloaded files are written back whole, as copied keys are.
         let mut natives = restored.rocksdb;
-        // Of those overlapping alike (a merge of whole instances), the one with the most files:
-        // the open reads its tables in parallel, while ingestion brings files in one by one,
-        // each linked and synced.
-        natives.sort_by_key(|r| std::cmp::Reverse((r.range.intersect(&range).len(), r.files.len())));
+        let cost = |r: &RestoredRocks| match merge {
+            crate::config::RescaleMerge::Ingest if r.linked => r.files.len() as u64,
+            _ => r.files.iter().map(|f| f.size).sum(),
+        };
+        natives.sort_by_key(|r| {
+            let overlap = r.range.intersect(&range).len();
+            std::cmp::Reverse((overlap, range.contains_range(&r.range), cost(r)))
+        });
         let mut others = natives.into_iter();
         let base = others.next();
         if let Some(base) = &base {
@@ -468,7 +477,8 @@ impl RocksBackend {
             (base, others)
         });
         let (db, mut cfs) = opened?;
-        let opened_at = started.elapsed();
+        // The base's open, and waiting for the other instances' (opened at the same time).
+        let opening = started.elapsed();
         let mut backend = Self {
             range,
             db: Arc::new(db),
@@ -498,14 +508,15 @@ impl RocksBackend {
             } = backend.merged;
             tracing::debug!(%range, ingested, files, copied, "merged old instances' column families");
         }
-        let merged_at = started.elapsed();
+        let merging = started.elapsed() - opening;
         if clip {
             backend.clip_to_range(&cfs)?;
         }
         if !restored.blocks.is_empty() {
             backend.load_canonical(&restored.blocks)?;
         }
-        tracing::debug!(%range, ?opened_at, ?merged_at, total = ?started.elapsed(), "rocksdb instance restored");
+        let clip_and_load = started.elapsed() - opening - merging;
+        tracing::debug!(%range, ?opening, ?merging, ?clip_and_load, "rocksdb instance restored");
         Ok(backend)
     }
 
