@@ -114,7 +114,9 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
                 timers: Some(&mut *timers),
                 now,
             };
-            ctx.backend.map_remove::<P::Key, Timestamp, ()>(state, &ctx.cur, &ts)?;
+            if let Some(state) = state {
+                ctx.backend.map_remove::<P::Key, Timestamp, ()>(state, &ctx.cur, &ts)?;
+            }
             match domain {
                 TimeDomain::EventTime => self.f.on_timer(ts, &mut ctx, out)?,
                 TimeDomain::ProcessingTime => self.f.on_processing_time_timer(ts, &mut ctx, out)?,
@@ -195,11 +197,16 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
     }
 
     fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<OperatorSnapshot> {
-        let backend = self.backend();
+        let max_parallelism = self.max_parallelism;
+        let backend = self.backend.as_mut().expect("opened before use");
         let keyed = if backend.is_empty() {
             None
         } else {
-            Some(backend.snapshot(checkpoint)?)
+            let mut snapshot = backend.snapshot(checkpoint)?;
+            if let (crate::state::KeyedSnapshot::Memory(m), Some(t)) = (&mut snapshot, &self.timers) {
+                m.add_states(t.unstored(backend.range(), max_parallelism));
+            }
+            Some(snapshot)
         };
         // Even at MIN: a restore takes the smallest clock of all old subtasks.
         // The event-time clock: every subtask had the same one at an aligned barrier, and a

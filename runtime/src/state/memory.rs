@@ -234,6 +234,8 @@ trait ErasedTable: Send {
     fn snapshot(&mut self) -> Box<dyn TableSnapshot>;
     fn ttl(&self) -> Option<StateTtlConfig>;
     fn tick(&mut self, now: Timestamp);
+    /// Drops every key's value.
+    fn clear(&mut self);
     /// How many keys it holds.
     #[cfg(test)]
     fn len(&self) -> usize;
@@ -262,6 +264,9 @@ impl<K: Key, S: Stored> ErasedTable for Table<K, S> {
     }
     fn tick(&mut self, now: Timestamp) {
         Table::tick(self, now)
+    }
+    fn clear(&mut self) {
+        self.maps.iter_mut().for_each(|m| *m = KgMap::default());
     }
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -639,13 +644,26 @@ impl MemoryBackend {
             .collect())
     }
 
+    /// Empties state `id` (whose values now live elsewhere: restored timers).
+    pub(crate) fn clear_state(&mut self, id: StateId) {
+        self.tables[id].clear();
+    }
+
     /// A copy-on-write view of all state, cheap to take on the task thread.
     pub fn snapshot(&mut self) -> MemorySnapshot {
         MemorySnapshot {
             range: self.range,
             tables: self.tables.iter_mut().map(|t| t.snapshot()).collect(),
+            timers: Vec::new(),
             bytes: self.snapshot_bytes.clone(),
         }
+    }
+}
+
+impl MemorySnapshot {
+    /// Adds map states kept outside the backend's tables (see [`super::TimerQueue`]).
+    pub(crate) fn add_states(&mut self, states: Vec<(String, super::TimersByKeyGroup)>) {
+        self.timers.extend(states);
     }
 }
 
@@ -653,6 +671,9 @@ impl MemoryBackend {
 pub struct MemorySnapshot {
     range: KeyGroupRange,
     tables: Vec<Box<dyn TableSnapshot>>,
+    /// Map states of `(key bytes, time)` entries held outside the tables (timers), by name,
+    /// then by key group position.
+    timers: Vec<(String, super::TimersByKeyGroup)>,
     /// The backend's size of its latest snapshot, read and then updated here.
     bytes: Arc<AtomicUsize>,
 }
@@ -670,6 +691,16 @@ impl MemorySnapshot {
             offsets.push(w.begin_block());
             for t in &self.tables {
                 t.write_key_group(i, w.payload())?;
+            }
+            for (name, by_kg) in &self.timers {
+                let Some(timers) = by_kg.get(i).filter(|t| !t.is_empty()) else {
+                    continue;
+                };
+                let mut e = EntryWriter::begin(w.payload(), name);
+                for (key, ts) in timers {
+                    e.entry_of(key, ts, &())?;
+                }
+                e.finish();
             }
             w.end_block();
         }

@@ -119,7 +119,7 @@ impl<K: Key> KeyedContext<'_, K> {
 
     fn register_timer(&mut self, domain: TimeDomain, timestamp: Timestamp) -> Result<()> {
         let (queue, backend, cur) = self.timer_queue(domain)?;
-        if queue.insert(timestamp, cur.bytes) {
+        if queue.insert(timestamp, cur.bytes) && queue.stored {
             backend.map_put::<K, Timestamp, ()>(queue.state, cur, timestamp, ())?;
         }
         Ok(())
@@ -127,7 +127,7 @@ impl<K: Key> KeyedContext<'_, K> {
 
     fn delete_timer(&mut self, domain: TimeDomain, timestamp: Timestamp) -> Result<()> {
         let (queue, backend, cur) = self.timer_queue(domain)?;
-        if queue.remove(timestamp, cur.bytes) {
+        if queue.remove(timestamp, cur.bytes) && queue.stored {
             backend.map_remove::<K, Timestamp, ()>(queue.state, cur, &timestamp)?;
         }
         Ok(())
@@ -167,12 +167,18 @@ pub enum TimeDomain {
     ProcessingTime,
 }
 
-/// The timers of one time domain: an index in memory over a map state (key -> timestamp) that
-/// checkpoints, restores and rescales like any keyed state. The index groups keys by time
-/// (windows put many keys' timers at the same time), and fires one time's keys in key order,
-/// so that firing order does not depend on registration or restore order.
+/// The timers of one time domain: an index in memory that checkpoints, restores and rescales
+/// as a map state (key -> timestamp) like any keyed state. On RocksDB the map state holds the
+/// timers too, written with each change. On the memory backend the index alone holds them
+/// (restored timers are read out of the state, which then stays empty), and a snapshot writes
+/// them as that state's entries: keeping a second copy in memory cost a fifth of a tumbling
+/// window's CPU. The index groups keys by time (windows put many keys' timers at the same
+/// time), and fires one time's keys in key order, so that firing order does not depend on
+/// registration or restore order.
 pub(crate) struct TimerQueue {
     state: StateId,
+    /// Whether the map state holds the timers (RocksDB), or only the index (memory).
+    stored: bool,
     by_time: std::collections::BTreeMap<Timestamp, rustc_hash::FxHashSet<TimerKey>>,
     /// The timers of the time being fired, in key order.
     firing: std::collections::VecDeque<(Timestamp, TimerKey)>,
@@ -182,19 +188,43 @@ pub(crate) struct TimerQueue {
 /// timer costs no allocation and its set's lookups no pointer chase.
 pub(crate) type TimerKey = smallvec::SmallVec<[u8; 16]>;
 
+/// Timers as `(key bytes, time)`, by key group position in a range.
+pub(crate) type TimersByKeyGroup = Vec<Vec<(TimerKey, Timestamp)>>;
+
 impl TimerQueue {
     /// Registers the timer state `name` on `backend` and indexes the timers restored into it.
     fn open<K: Key>(backend: &mut KeyedBackend, name: &str) -> Result<Self> {
         let state = backend.register_map::<K, Timestamp, ()>(name)?;
+        let stored = !matches!(backend, KeyedBackend::Memory(_));
         let mut queue = Self {
             state,
+            stored,
             by_time: Default::default(),
             firing: Default::default(),
         };
         for (key, ts, ()) in backend.map_all::<K, Timestamp, ()>(state)? {
             queue.insert(ts, &postcard::to_allocvec(&key)?);
         }
+        if let KeyedBackend::Memory(m) = backend {
+            m.clear_state(state);
+        }
         Ok(queue)
+    }
+
+    /// Every timer as `(key bytes, time)`, by key group position in `range` (what a memory
+    /// backend's snapshot writes as the timer state).
+    fn by_key_group(&self, range: KeyGroupRange, max_parallelism: u16) -> TimersByKeyGroup {
+        let mut out = vec![Vec::new(); range.len()];
+        let firing = self.firing.iter().map(|(ts, k)| (*ts, k));
+        let waiting = (self.by_time.iter()).flat_map(|(ts, keys)| keys.iter().map(move |k| (*ts, k)));
+        for (ts, key) in firing.chain(waiting) {
+            let kg = key_group_for_bytes(key, max_parallelism);
+            // Every timer was registered by a key of this range.
+            if let Some(v) = range.contains(kg).then(|| &mut out[range.index_of(kg)]) {
+                v.push((key.clone(), ts));
+            }
+        }
+        out
     }
 
     /// Adds a timer to the index; false if it was there.
@@ -282,12 +312,25 @@ impl TimerService {
         }
     }
 
-    /// The timer state of `domain`.
-    pub(crate) fn state(&self, domain: TimeDomain) -> StateId {
-        match domain {
-            TimeDomain::EventTime => self.event.state,
-            TimeDomain::ProcessingTime => self.processing.state,
-        }
+    /// The timer state of `domain`, if it holds the timers (see [`TimerQueue`]).
+    pub(crate) fn state(&self, domain: TimeDomain) -> Option<StateId> {
+        let q = match domain {
+            TimeDomain::EventTime => &self.event,
+            TimeDomain::ProcessingTime => &self.processing,
+        };
+        q.stored.then_some(q.state)
+    }
+
+    /// The timers a memory backend's snapshot writes, by state name (see [`TimerQueue`]).
+    pub(crate) fn unstored(&self, range: KeyGroupRange, max_parallelism: u16) -> Vec<(String, TimersByKeyGroup)> {
+        [
+            (EVENT_TIMER_STATE, &self.event),
+            (PROCESSING_TIMER_STATE, &self.processing),
+        ]
+        .into_iter()
+        .filter(|(_, q)| !q.stored)
+        .map(|(name, q)| (name.to_string(), q.by_key_group(range, max_parallelism)))
+        .collect()
     }
 
     /// The clock; never moves back (a restored operator may see older watermarks first).
