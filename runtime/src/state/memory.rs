@@ -662,7 +662,7 @@ impl MemoryBackend {
 
 impl MemorySnapshot {
     /// Adds map states kept outside the backend's tables (see [`super::TimerQueue`]).
-    pub(crate) fn add_states(&mut self, states: Vec<(String, super::TimersByKeyGroup)>) {
+    pub(crate) fn add_states(&mut self, states: Vec<(&'static str, super::TimersByKeyGroup)>) {
         self.timers.extend(states);
     }
 }
@@ -673,7 +673,7 @@ pub struct MemorySnapshot {
     tables: Vec<Box<dyn TableSnapshot>>,
     /// Map states of `(key bytes, time)` entries held outside the tables (timers), by name,
     /// then by key group position.
-    timers: Vec<(String, super::TimersByKeyGroup)>,
+    timers: Vec<(&'static str, super::TimersByKeyGroup)>,
     /// The backend's size of its latest snapshot, read and then updated here.
     bytes: Arc<AtomicUsize>,
 }

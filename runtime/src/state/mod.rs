@@ -168,13 +168,11 @@ pub enum TimeDomain {
 }
 
 /// The timers of one time domain: an index in memory that checkpoints, restores and rescales
-/// as a map state (key -> timestamp) like any keyed state. On RocksDB the map state holds the
-/// timers too, written with each change. On the memory backend the index alone holds them
-/// (restored timers are read out of the state, which then stays empty), and a snapshot writes
-/// them as that state's entries: keeping a second copy in memory cost a fifth of a tumbling
-/// window's CPU. The index groups keys by time (windows put many keys' timers at the same
-/// time), and fires one time's keys in key order, so that firing order does not depend on
-/// registration or restore order.
+/// as a map state (key -> timestamp) like any keyed state. RocksDB writes the state with each
+/// change; on the memory backend the index alone holds the timers and a snapshot writes them
+/// as the state's entries (see ARCHITECTURE.md). The index groups keys by time (windows put
+/// many keys' timers at the same time), and fires one time's keys in key order, so that firing
+/// order does not depend on registration or restore order.
 pub(crate) struct TimerQueue {
     state: StateId,
     /// Whether the map state holds the timers (RocksDB), or only the index (memory).
@@ -195,7 +193,7 @@ impl TimerQueue {
     /// Registers the timer state `name` on `backend` and indexes the timers restored into it.
     fn open<K: Key>(backend: &mut KeyedBackend, name: &str) -> Result<Self> {
         let state = backend.register_map::<K, Timestamp, ()>(name)?;
-        let stored = !matches!(backend, KeyedBackend::Memory(_));
+        let stored = backend.writes_timers();
         let mut queue = Self {
             state,
             stored,
@@ -205,8 +203,8 @@ impl TimerQueue {
         for (key, ts, ()) in backend.map_all::<K, Timestamp, ()>(state)? {
             queue.insert(ts, &postcard::to_allocvec(&key)?);
         }
-        if let KeyedBackend::Memory(m) = backend {
-            m.clear_state(state);
+        if !stored {
+            backend.clear_memory_state(state);
         }
         Ok(queue)
     }
@@ -219,9 +217,9 @@ impl TimerQueue {
         let waiting = (self.by_time.iter()).flat_map(|(ts, keys)| keys.iter().map(move |k| (*ts, k)));
         for (ts, key) in firing.chain(waiting) {
             let kg = key_group_for_bytes(key, max_parallelism);
-            // Every timer was registered by a key of this range.
-            if let Some(v) = range.contains(kg).then(|| &mut out[range.index_of(kg)]) {
-                v.push((key.clone(), ts));
+            debug_assert!(range.contains(kg), "a timer of a key outside the range");
+            if range.contains(kg) {
+                out[range.index_of(kg)].push((key.clone(), ts));
             }
         }
         out
@@ -322,14 +320,14 @@ impl TimerService {
     }
 
     /// The timers a memory backend's snapshot writes, by state name (see [`TimerQueue`]).
-    pub(crate) fn unstored(&self, range: KeyGroupRange, max_parallelism: u16) -> Vec<(String, TimersByKeyGroup)> {
+    pub(crate) fn unstored(&self, range: KeyGroupRange, max_parallelism: u16) -> Vec<(&'static str, TimersByKeyGroup)> {
         [
             (EVENT_TIMER_STATE, &self.event),
             (PROCESSING_TIMER_STATE, &self.processing),
         ]
         .into_iter()
         .filter(|(_, q)| !q.stored)
-        .map(|(name, q)| (name.to_string(), q.by_key_group(range, max_parallelism)))
+        .map(|(name, q)| (name, q.by_key_group(range, max_parallelism)))
         .collect()
     }
 
@@ -479,6 +477,25 @@ impl KeyedBackend {
     /// Whether no state has been registered.
     pub fn is_empty(&self) -> bool {
         dispatch!(self, b => b.is_empty())
+    }
+
+    /// Whether timer states are written with each change (RocksDB), or only by snapshots from
+    /// the timer index (memory; see [`TimerQueue`]).
+    fn writes_timers(&self) -> bool {
+        match self {
+            KeyedBackend::Memory(_) => false,
+            #[cfg(feature = "rocksdb")]
+            KeyedBackend::RocksDb(_) => true,
+        }
+    }
+
+    /// Empties state `id` of a memory backend (restored timers, once indexed).
+    fn clear_memory_state(&mut self, id: StateId) {
+        match self {
+            KeyedBackend::Memory(m) => m.clear_state(id),
+            #[cfg(feature = "rocksdb")]
+            KeyedBackend::RocksDb(_) => {}
+        }
     }
 
     /// Takes a snapshot for checkpoint `id`; cheap on the task thread.
