@@ -519,7 +519,8 @@ pub struct RestoredRocks {
     /// Whether the snapshot is one of the restoring job's own checkpoints (its shared files may
     /// then be referenced again instead of uploaded).
     pub own_job: bool,
-    /// Whether its SST files came from local storage (linked, not downloaded and written).
+    /// Whether its SST files came from local storage: hard-linked, so clean (copied only across
+    /// file systems), not downloaded and written.
     pub linked: bool,
 }
 

@@ -204,7 +204,7 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
         } else {
             let mut snapshot = backend.snapshot(checkpoint)?;
             if let (crate::state::KeyedSnapshot::Memory(m), Some(t)) = (&mut snapshot, &self.timers) {
-                m.add_states(t.unstored(backend.range(), max_parallelism));
+                m.add_states(t.unstored(), max_parallelism);
             }
             Some(snapshot)
         };

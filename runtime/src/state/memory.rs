@@ -655,32 +655,57 @@ impl MemoryBackend {
             range: self.range,
             tables: self.tables.iter_mut().map(|t| t.snapshot()).collect(),
             timers: Vec::new(),
+            max_parallelism: 0,
             bytes: self.snapshot_bytes.clone(),
         }
     }
 }
 
-impl MemorySnapshot {
-    /// Adds map states kept outside the backend's tables (see [`super::TimerQueue`]).
-    pub(crate) fn add_states(&mut self, states: Vec<(&'static str, super::TimersByKeyGroup)>) {
-        self.timers.extend(states);
-    }
-}
+/// Timers, borrowed, by key group position.
+type ByKeyGroup<'a> = Vec<Vec<(&'a super::TimerKey, Timestamp)>>;
 
 /// A frozen view of a [`MemoryBackend`].
 pub struct MemorySnapshot {
     range: KeyGroupRange,
     tables: Vec<Box<dyn TableSnapshot>>,
     /// Map states of `(key bytes, time)` entries held outside the tables (timers), by name,
-    /// then by key group position.
-    timers: Vec<(&'static str, super::TimersByKeyGroup)>,
+    /// and the max parallelism that places their keys in key groups.
+    timers: Vec<(&'static str, super::TimerEntries)>,
+    max_parallelism: u16,
     /// The backend's size of its latest snapshot, read and then updated here.
     bytes: Arc<AtomicUsize>,
 }
 
 impl MemorySnapshot {
+    /// Adds map states kept outside the backend's tables (see [`super::TimerQueue`]), whose
+    /// keys `max_parallelism` places in key groups.
+    pub(crate) fn add_states(&mut self, states: Vec<(&'static str, super::TimerEntries)>, max_parallelism: u16) {
+        self.timers.extend(states);
+        self.max_parallelism = max_parallelism;
+    }
+
+    /// The entries of [`Self::add_states`] by key group position: grouped here, off the task
+    /// thread, not at the barrier.
+    fn timers_by_key_group(&self) -> Vec<(&'static str, ByKeyGroup<'_>)> {
+        let range = self.range;
+        (self.timers.iter())
+            .map(|(name, timers)| {
+                let mut by_kg = vec![Vec::new(); range.len()];
+                for (key, ts) in timers {
+                    let kg = crate::keygroup::key_group_for_bytes(key, self.max_parallelism);
+                    debug_assert!(range.contains(kg), "a timer of a key outside the range");
+                    if range.contains(kg) {
+                        by_kg[range.index_of(kg)].push((key, *ts));
+                    }
+                }
+                (*name, by_kg)
+            })
+            .collect()
+    }
+
     /// Appends one canonical block per key group; returns the index of their offsets.
     pub fn write(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
+        let timers = self.timers_by_key_group();
         let mut offsets = Vec::with_capacity(self.range.len());
         let start = w.payload().len();
         // An eighth more (and the operator state written after): state that grew a little
@@ -692,7 +717,7 @@ impl MemorySnapshot {
             for t in &self.tables {
                 t.write_key_group(i, w.payload())?;
             }
-            for (name, by_kg) in &self.timers {
+            for (name, by_kg) in &timers {
                 let Some(timers) = by_kg.get(i).filter(|t| !t.is_empty()) else {
                     continue;
                 };

@@ -186,8 +186,8 @@ pub(crate) struct TimerQueue {
 /// timer costs no allocation and its set's lookups no pointer chase.
 pub(crate) type TimerKey = smallvec::SmallVec<[u8; 16]>;
 
-/// Timers as `(key bytes, time)`, by key group position in a range.
-pub(crate) type TimersByKeyGroup = Vec<Vec<(TimerKey, Timestamp)>>;
+/// Timers as `(key bytes, time)`.
+pub(crate) type TimerEntries = Vec<(TimerKey, Timestamp)>;
 
 impl TimerQueue {
     /// Registers the timer state `name` on `backend` and indexes the timers restored into it.
@@ -209,20 +209,12 @@ impl TimerQueue {
         Ok(queue)
     }
 
-    /// Every timer as `(key bytes, time)`, by key group position in `range` (what a memory
-    /// backend's snapshot writes as the timer state).
-    fn by_key_group(&self, range: KeyGroupRange, max_parallelism: u16) -> TimersByKeyGroup {
-        let mut out = vec![Vec::new(); range.len()];
-        let firing = self.firing.iter().map(|(ts, k)| (*ts, k));
-        let waiting = (self.by_time.iter()).flat_map(|(ts, keys)| keys.iter().map(move |k| (*ts, k)));
-        for (ts, key) in firing.chain(waiting) {
-            let kg = key_group_for_bytes(key, max_parallelism);
-            debug_assert!(range.contains(kg), "a timer of a key outside the range");
-            if range.contains(kg) {
-                out[range.index_of(kg)].push((key.clone(), ts));
-            }
-        }
-        out
+    /// A copy of every timer (what a memory backend's snapshot writes as the timer state): the
+    /// firing ones, then the waiting ones.
+    fn entries(&self) -> TimerEntries {
+        let firing = self.firing.iter().map(|(ts, k)| (k.clone(), *ts));
+        let waiting = (self.by_time.iter()).flat_map(|(ts, keys)| keys.iter().map(|k| (k.clone(), *ts)));
+        firing.chain(waiting).collect()
     }
 
     /// Adds a timer to the index; false if it was there.
@@ -319,15 +311,16 @@ impl TimerService {
         q.stored.then_some(q.state)
     }
 
-    /// The timers a memory backend's snapshot writes, by state name (see [`TimerQueue`]).
-    pub(crate) fn unstored(&self, range: KeyGroupRange, max_parallelism: u16) -> Vec<(&'static str, TimersByKeyGroup)> {
+    /// The timers a memory backend's snapshot writes, by state name (see [`TimerQueue`]): a
+    /// copy, taken at the barrier; the snapshot groups them by key group off the task thread.
+    pub(crate) fn unstored(&self) -> Vec<(&'static str, TimerEntries)> {
         [
             (EVENT_TIMER_STATE, &self.event),
             (PROCESSING_TIMER_STATE, &self.processing),
         ]
         .into_iter()
         .filter(|(_, q)| !q.stored)
-        .map(|(name, q)| (name, q.by_key_group(range, max_parallelism)))
+        .map(|(name, q)| (name, q.entries()))
         .collect()
     }
 
