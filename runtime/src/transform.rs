@@ -114,9 +114,7 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
                 timers: Some(&mut *timers),
                 now,
             };
-            if let Some(state) = state {
-                ctx.backend.map_remove::<P::Key, Timestamp, ()>(state, &ctx.cur, &ts)?;
-            }
+            ctx.backend.map_remove::<P::Key, Timestamp, ()>(state, &ctx.cur, &ts)?;
             match domain {
                 TimeDomain::EventTime => self.f.on_timer(ts, &mut ctx, out)?,
                 TimeDomain::ProcessingTime => self.f.on_processing_time_timer(ts, &mut ctx, out)?,
@@ -197,16 +195,11 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
     }
 
     fn snapshot(&mut self, checkpoint: CheckpointId) -> Result<OperatorSnapshot> {
-        let max_parallelism = self.max_parallelism;
-        let backend = self.backend.as_mut().expect("opened before use");
+        let backend = self.backend();
         let keyed = if backend.is_empty() {
             None
         } else {
-            let mut snapshot = backend.snapshot(checkpoint)?;
-            if let (crate::state::KeyedSnapshot::Memory(m), Some(t)) = (&mut snapshot, &self.timers) {
-                m.add_states(t.unstored(), max_parallelism);
-            }
-            Some(snapshot)
+            Some(backend.snapshot(checkpoint)?)
         };
         // Even at MIN: a restore takes the smallest clock of all old subtasks.
         // The event-time clock: every subtask had the same one at an aligned barrier, and a

@@ -234,8 +234,6 @@ trait ErasedTable: Send {
     fn snapshot(&mut self) -> Box<dyn TableSnapshot>;
     fn ttl(&self) -> Option<StateTtlConfig>;
     fn tick(&mut self, now: Timestamp);
-    /// Drops every key's value.
-    fn clear(&mut self);
     /// How many keys it holds.
     #[cfg(test)]
     fn len(&self) -> usize;
@@ -264,9 +262,6 @@ impl<K: Key, S: Stored> ErasedTable for Table<K, S> {
     }
     fn tick(&mut self, now: Timestamp) {
         Table::tick(self, now)
-    }
-    fn clear(&mut self) {
-        self.maps.iter_mut().for_each(|m| *m = KgMap::default());
     }
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -644,68 +639,27 @@ impl MemoryBackend {
             .collect())
     }
 
-    /// Empties state `id` (whose values now live elsewhere: restored timers).
-    pub(crate) fn clear_state(&mut self, id: StateId) {
-        self.tables[id].clear();
-    }
-
     /// A copy-on-write view of all state, cheap to take on the task thread.
     pub fn snapshot(&mut self) -> MemorySnapshot {
         MemorySnapshot {
             range: self.range,
             tables: self.tables.iter_mut().map(|t| t.snapshot()).collect(),
-            timers: Vec::new(),
-            max_parallelism: 0,
             bytes: self.snapshot_bytes.clone(),
         }
     }
 }
 
-/// Timers, borrowed, by key group position.
-type ByKeyGroup<'a> = Vec<Vec<(&'a super::TimerKey, Timestamp)>>;
-
 /// A frozen view of a [`MemoryBackend`].
 pub struct MemorySnapshot {
     range: KeyGroupRange,
     tables: Vec<Box<dyn TableSnapshot>>,
-    /// Map states of `(key bytes, time)` entries held outside the tables (timers), by name,
-    /// and the max parallelism that places their keys in key groups.
-    timers: Vec<(&'static str, super::TimerEntries)>,
-    max_parallelism: u16,
     /// The backend's size of its latest snapshot, read and then updated here.
     bytes: Arc<AtomicUsize>,
 }
 
 impl MemorySnapshot {
-    /// Adds map states kept outside the backend's tables (see [`super::TimerQueue`]), whose
-    /// keys `max_parallelism` places in key groups.
-    pub(crate) fn add_states(&mut self, states: Vec<(&'static str, super::TimerEntries)>, max_parallelism: u16) {
-        self.timers.extend(states);
-        self.max_parallelism = max_parallelism;
-    }
-
-    /// The entries of [`Self::add_states`] by key group position: grouped here, off the task
-    /// thread, not at the barrier.
-    fn timers_by_key_group(&self) -> Vec<(&'static str, ByKeyGroup<'_>)> {
-        let range = self.range;
-        (self.timers.iter())
-            .map(|(name, timers)| {
-                let mut by_kg = vec![Vec::new(); range.len()];
-                for (key, ts) in timers {
-                    let kg = crate::keygroup::key_group_for_bytes(key, self.max_parallelism);
-                    debug_assert!(range.contains(kg), "a timer of a key outside the range");
-                    if range.contains(kg) {
-                        by_kg[range.index_of(kg)].push((key, *ts));
-                    }
-                }
-                (*name, by_kg)
-            })
-            .collect()
-    }
-
     /// Appends one canonical block per key group; returns the index of their offsets.
     pub fn write(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
-        let timers = self.timers_by_key_group();
         let mut offsets = Vec::with_capacity(self.range.len());
         let start = w.payload().len();
         // An eighth more (and the operator state written after): state that grew a little
@@ -716,16 +670,6 @@ impl MemorySnapshot {
             offsets.push(w.begin_block());
             for t in &self.tables {
                 t.write_key_group(i, w.payload())?;
-            }
-            for (name, by_kg) in &timers {
-                let Some(timers) = by_kg.get(i).filter(|t| !t.is_empty()) else {
-                    continue;
-                };
-                let mut e = EntryWriter::begin(w.payload(), name);
-                for (key, ts) in timers {
-                    e.entry_of(key, ts, &())?;
-                }
-                e.finish();
             }
             w.end_block();
         }

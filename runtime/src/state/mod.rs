@@ -119,7 +119,7 @@ impl<K: Key> KeyedContext<'_, K> {
 
     fn register_timer(&mut self, domain: TimeDomain, timestamp: Timestamp) -> Result<()> {
         let (queue, backend, cur) = self.timer_queue(domain)?;
-        if queue.insert(timestamp, cur.bytes) && queue.stored {
+        if queue.insert(timestamp, cur.bytes) {
             backend.map_put::<K, Timestamp, ()>(queue.state, cur, timestamp, ())?;
         }
         Ok(())
@@ -127,7 +127,7 @@ impl<K: Key> KeyedContext<'_, K> {
 
     fn delete_timer(&mut self, domain: TimeDomain, timestamp: Timestamp) -> Result<()> {
         let (queue, backend, cur) = self.timer_queue(domain)?;
-        if queue.remove(timestamp, cur.bytes) && queue.stored {
+        if queue.remove(timestamp, cur.bytes) {
             backend.map_remove::<K, Timestamp, ()>(queue.state, cur, &timestamp)?;
         }
         Ok(())
@@ -167,16 +167,12 @@ pub enum TimeDomain {
     ProcessingTime,
 }
 
-/// The timers of one time domain: an index in memory that checkpoints, restores and rescales
-/// as a map state (key -> timestamp) like any keyed state. RocksDB writes the state with each
-/// change; on the memory backend the index alone holds the timers and a snapshot writes them
-/// as the state's entries (see ARCHITECTURE.md). The index groups keys by time (windows put
-/// many keys' timers at the same time), and fires one time's keys in key order, so that firing
-/// order does not depend on registration or restore order.
+/// The timers of one time domain: an index in memory over a map state (key -> timestamp) that
+/// checkpoints, restores and rescales like any keyed state. The index groups keys by time
+/// (windows put many keys' timers at the same time), and fires one time's keys in key order,
+/// so that firing order does not depend on registration or restore order.
 pub(crate) struct TimerQueue {
     state: StateId,
-    /// Whether the map state holds the timers (RocksDB), or only the index (memory).
-    stored: bool,
     by_time: std::collections::BTreeMap<Timestamp, rustc_hash::FxHashSet<TimerKey>>,
     /// The timers of the time being fired, in key order.
     firing: std::collections::VecDeque<(Timestamp, TimerKey)>,
@@ -186,35 +182,19 @@ pub(crate) struct TimerQueue {
 /// timer costs no allocation and its set's lookups no pointer chase.
 pub(crate) type TimerKey = smallvec::SmallVec<[u8; 16]>;
 
-/// Timers as `(key bytes, time)`.
-pub(crate) type TimerEntries = Vec<(TimerKey, Timestamp)>;
-
 impl TimerQueue {
     /// Registers the timer state `name` on `backend` and indexes the timers restored into it.
     fn open<K: Key>(backend: &mut KeyedBackend, name: &str) -> Result<Self> {
         let state = backend.register_map::<K, Timestamp, ()>(name)?;
-        let stored = backend.writes_timers();
         let mut queue = Self {
             state,
-            stored,
             by_time: Default::default(),
             firing: Default::default(),
         };
         for (key, ts, ()) in backend.map_all::<K, Timestamp, ()>(state)? {
             queue.insert(ts, &postcard::to_allocvec(&key)?);
         }
-        if !stored {
-            backend.clear_memory_state(state);
-        }
         Ok(queue)
-    }
-
-    /// A copy of every timer (what a memory backend's snapshot writes as the timer state): the
-    /// firing ones, then the waiting ones.
-    fn entries(&self) -> TimerEntries {
-        let firing = self.firing.iter().map(|(ts, k)| (k.clone(), *ts));
-        let waiting = (self.by_time.iter()).flat_map(|(ts, keys)| keys.iter().map(|k| (k.clone(), *ts)));
-        firing.chain(waiting).collect()
     }
 
     /// Adds a timer to the index; false if it was there.
@@ -302,26 +282,12 @@ impl TimerService {
         }
     }
 
-    /// The timer state of `domain`, if it holds the timers (see [`TimerQueue`]).
-    pub(crate) fn state(&self, domain: TimeDomain) -> Option<StateId> {
-        let q = match domain {
-            TimeDomain::EventTime => &self.event,
-            TimeDomain::ProcessingTime => &self.processing,
-        };
-        q.stored.then_some(q.state)
-    }
-
-    /// The timers a memory backend's snapshot writes, by state name (see [`TimerQueue`]): a
-    /// copy, taken at the barrier; the snapshot groups them by key group off the task thread.
-    pub(crate) fn unstored(&self) -> Vec<(&'static str, TimerEntries)> {
-        [
-            (EVENT_TIMER_STATE, &self.event),
-            (PROCESSING_TIMER_STATE, &self.processing),
-        ]
-        .into_iter()
-        .filter(|(_, q)| !q.stored)
-        .map(|(name, q)| (name, q.entries()))
-        .collect()
+    /// The timer state of `domain`.
+    pub(crate) fn state(&self, domain: TimeDomain) -> StateId {
+        match domain {
+            TimeDomain::EventTime => self.event.state,
+            TimeDomain::ProcessingTime => self.processing.state,
+        }
     }
 
     /// The clock; never moves back (a restored operator may see older watermarks first).
@@ -470,25 +436,6 @@ impl KeyedBackend {
     /// Whether no state has been registered.
     pub fn is_empty(&self) -> bool {
         dispatch!(self, b => b.is_empty())
-    }
-
-    /// Whether timer states are written with each change (RocksDB), or only by snapshots from
-    /// the timer index (memory; see [`TimerQueue`]).
-    fn writes_timers(&self) -> bool {
-        match self {
-            KeyedBackend::Memory(_) => false,
-            #[cfg(feature = "rocksdb")]
-            KeyedBackend::RocksDb(_) => true,
-        }
-    }
-
-    /// Empties state `id` of a memory backend (restored timers, once indexed).
-    fn clear_memory_state(&mut self, id: StateId) {
-        match self {
-            KeyedBackend::Memory(m) => m.clear_state(id),
-            #[cfg(feature = "rocksdb")]
-            KeyedBackend::RocksDb(_) => {}
-        }
     }
 
     /// Takes a snapshot for checkpoint `id`; cheap on the task thread.
