@@ -150,7 +150,7 @@ impl<T: Data> Operator for WatermarkGenerator<T> {
         for r in &batch {
             self.max_timestamp = self.max_timestamp.max(self.strategy.timestamp_of(r));
         }
-        out.extend(batch);
+        crate::task::output::append(out, batch);
         if self.max_timestamp > Timestamp::MIN {
             let w = self.max_timestamp.saturating_sub(self.bound).saturating_sub(1);
             self.advance_to(w);

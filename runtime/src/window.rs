@@ -326,6 +326,9 @@ pub(crate) struct WindowFunction<K, A: AggregateFunction, W> {
     pub window_fn: W,
     pub timestamp: TimestampFn<A::In>,
     pub lateness: i64,
+    /// The assigner's (size, slide, pane), computed once: the pane is a gcd (a loop of
+    /// divisions) that every record and firing would otherwise recompute.
+    aligned: Option<(i64, i64, i64)>,
     panes: Option<MapState<K, Timestamp, A::Acc>>,
     sessions: Option<ValueState<K, Vec<Session<A::Acc>>>>,
 }
@@ -338,6 +341,7 @@ impl<K, A: AggregateFunction, W: Clone> Clone for WindowFunction<K, A, W> {
             window_fn: self.window_fn.clone(),
             timestamp: self.timestamp.clone(),
             lateness: self.lateness,
+            aligned: self.aligned,
             panes: self.panes.clone(),
             sessions: self.sessions.clone(),
         }
@@ -359,6 +363,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
             timestamp,
             // Capped so that window arithmetic on real timestamps cannot overflow.
             lateness: i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX).min(MAX_SPAN),
+            aligned: assigner.aligned(),
             panes: None,
             sessions: None,
         }
@@ -391,7 +396,8 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
             }
             window.sort_unstable_by_key(|(p, _)| *p);
             let mut acc: Option<A::Acc> = None;
-            for (_, a) in window {
+            // By reference: moving the vector out would copy all its inline room.
+            for &(_, a) in &window {
                 match &mut acc {
                     Some(acc) => self.agg.merge(acc, a),
                     None => acc = Some(a.clone()),
@@ -430,22 +436,31 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<()> {
         let wm = ctx.current_watermark();
-        // The last window holding `ts` starts at the last slide boundary at or before it.
-        let last_start = ts.div_euclid(slide) * slide;
+        let pane_start = ts.div_euclid(pane) * pane;
+        // The last window holding `ts` starts at the last slide boundary at or before it (one
+        // division per record for tumbling windows).
+        let last_start = if slide == pane {
+            pane_start
+        } else {
+            ts.div_euclid(slide) * slide
+        };
         if last_start + size - 1 + self.lateness <= wm {
             out.push(WindowOutput::Late(record));
             return Ok(());
         }
-        let pane_start = ts.div_euclid(pane) * pane;
         let new_pane = self.add_to_pane(ctx, pane_start, &record)?;
-        // Windows holding `ts` that already fired (within the lateness) fire again, updated.
-        let mut start = last_start;
-        while start + size > ts {
-            let end = start + size;
-            if end - 1 <= wm && end - 1 + self.lateness > wm {
-                self.fire_aligned(ctx, (start, end), end, out)?;
+        // Windows holding `ts` that already fired (within the lateness) fire again, updated;
+        // without a lateness none can (a sliding window would otherwise look at size/slide
+        // windows per record).
+        if self.lateness > 0 {
+            let mut start = last_start;
+            while start + size > ts {
+                let end = start + size;
+                if end - 1 <= wm && end - 1 + self.lateness > wm {
+                    self.fire_aligned(ctx, (start, end), end, out)?;
+                }
+                start -= slide;
             }
-            start -= slide;
         }
         if !new_pane {
             // The record that created the pane armed its timers: the first of its windows still
@@ -616,7 +631,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> KeyedPro
 
     fn process(&mut self, record: A::In, ctx: &mut KeyedContext<'_, K>, out: &mut Vec<Self::Out>) -> Result<()> {
         let ts = (self.timestamp)(&record);
-        match (self.assigner, self.assigner.aligned()) {
+        match (self.assigner, self.aligned) {
             (WindowAssigner::Session { gap }, _) => self.process_session(record, ts, gap, ctx, out),
             (_, Some(aligned)) => self.process_aligned(record, ts, aligned, ctx, out),
             (_, None) => Err(Error::Config(format!(
@@ -627,7 +642,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> KeyedPro
     }
 
     fn on_timer(&mut self, ts: Timestamp, ctx: &mut KeyedContext<'_, K>, out: &mut Vec<Self::Out>) -> Result<()> {
-        match self.assigner.aligned() {
+        match self.aligned {
             Some(aligned) => self.on_timer_aligned(ts, aligned, ctx, out),
             None => self.on_timer_session(ts, ctx, out),
         }

@@ -17,6 +17,7 @@
 //! sweep copies a key group shared with a snapshot only if it finds something expired, so
 //! snapshots in flight never see it.
 
+use super::cow::Cow;
 use super::small_map::SmallMap;
 use super::ttl::{StateTtlConfig, TtlList, TtlValue};
 use super::{CurrentKey, Key, StateId, StateValue};
@@ -146,48 +147,8 @@ impl<S: Expiring> Sweeper<S> {
     }
 }
 
-/// One key group's map: owned while no snapshot holds it, shared with the snapshots that do
-/// (then `owned` is empty).
-struct KgMap<K, S> {
-    owned: FxHashMap<K, S>,
-    shared: Option<Arc<FxHashMap<K, S>>>,
-}
-
-impl<K, S> Default for KgMap<K, S> {
-    fn default() -> Self {
-        Self {
-            owned: FxHashMap::default(),
-            shared: None,
-        }
-    }
-}
-
-impl<K, S> std::ops::Deref for KgMap<K, S> {
-    type Target = FxHashMap<K, S>;
-    fn deref(&self) -> &FxHashMap<K, S> {
-        self.shared.as_deref().unwrap_or(&self.owned)
-    }
-}
-
-impl<K: Key, S: Stored> KgMap<K, S> {
-    fn is_shared(&self) -> bool {
-        self.shared.is_some()
-    }
-
-    /// The map to change: taken back from the snapshots, copied if one still holds it.
-    fn to_mut(&mut self) -> &mut FxHashMap<K, S> {
-        if let Some(shared) = self.shared.take() {
-            self.owned = Arc::unwrap_or_clone(shared);
-        }
-        &mut self.owned
-    }
-
-    /// The map for a snapshot, which from now on shares it.
-    fn share(&mut self) -> Arc<FxHashMap<K, S>> {
-        let owned = &mut self.owned;
-        Arc::clone(self.shared.get_or_insert_with(|| Arc::new(std::mem::take(owned))))
-    }
-}
+/// One key group's map, shared with the snapshots that hold it.
+type KgMap<K, S> = Cow<FxHashMap<K, S>>;
 
 struct Table<K, S> {
     name: String,
@@ -234,13 +195,17 @@ trait ErasedTable: Send {
     fn snapshot(&mut self) -> Box<dyn TableSnapshot>;
     fn ttl(&self) -> Option<StateTtlConfig>;
     fn tick(&mut self, now: Timestamp);
+    /// Drops every key's value.
+    fn clear(&mut self);
     /// How many keys it holds.
     #[cfg(test)]
     fn len(&self) -> usize;
 }
 
 /// A frozen view of one state, serialized later off the task thread.
-trait TableSnapshot: Send + Sync {
+pub(crate) trait TableSnapshot: Send + Sync {
+    /// Appends the state's entries of the key group at position `index` of the backend's
+    /// range (nothing when it has none); returns how many it wrote.
     fn write_key_group(&self, index: usize, out: &mut Vec<u8>) -> Result<u64>;
 }
 
@@ -262,6 +227,9 @@ impl<K: Key, S: Stored> ErasedTable for Table<K, S> {
     }
     fn tick(&mut self, now: Timestamp) {
         Table::tick(self, now)
+    }
+    fn clear(&mut self) {
+        self.maps.iter_mut().for_each(|m| *m = KgMap::default());
     }
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -595,7 +563,10 @@ impl MemoryBackend {
             None => false,
         };
         if now_empty {
-            self.remove::<K, MapEntries<UK, UV>>(id, c);
+            // Owned now (`slot_mut` took it back to change it): no lookup to check first.
+            self.map_mut::<K, MapEntries<UK, UV>>(id, c.index)
+                .to_mut()
+                .remove(c.key);
         }
         Ok(())
     }
@@ -639,6 +610,12 @@ impl MemoryBackend {
             .collect())
     }
 
+    /// Empties state `id`, whose values now live elsewhere (restored timers: see
+    /// [`MemorySnapshot::add_tables`]).
+    pub(crate) fn clear_state(&mut self, id: StateId) {
+        self.tables[id].clear();
+    }
+
     /// A copy-on-write view of all state, cheap to take on the task thread.
     pub fn snapshot(&mut self) -> MemorySnapshot {
         MemorySnapshot {
@@ -658,6 +635,12 @@ pub struct MemorySnapshot {
 }
 
 impl MemorySnapshot {
+    /// Adds states held outside the backend's tables (the timer index), written with the
+    /// tables' entries in each key group's block.
+    pub(crate) fn add_tables(&mut self, tables: impl IntoIterator<Item = Box<dyn TableSnapshot>>) {
+        self.tables.extend(tables);
+    }
+
     /// Appends one canonical block per key group; returns the index of their offsets.
     pub fn write(&self, w: &mut StateFileWriter) -> Result<KeyGroupIndex> {
         let mut offsets = Vec::with_capacity(self.range.len());

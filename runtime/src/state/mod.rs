@@ -6,12 +6,14 @@
 
 #[cfg(all(test, feature = "rocksdb"))]
 mod conformance;
+mod cow;
 mod memory;
 #[cfg(feature = "rocksdb")]
 mod rocks;
 #[cfg(feature = "rocksdb")]
 mod rocks_ffi;
 mod small_map;
+mod timers;
 mod ttl;
 #[cfg(feature = "rocksdb")]
 mod write_cache;
@@ -19,6 +21,8 @@ mod write_cache;
 pub use memory::MemoryBackend;
 #[cfg(feature = "rocksdb")]
 pub use rocks::{RocksBackend, RocksSnapshot};
+pub use timers::TimeDomain;
+pub(crate) use timers::{TimerQueue, TimerService};
 pub use ttl::{StateTtlConfig, TtlUpdateType};
 
 use crate::config::StateBackendKind;
@@ -69,6 +73,18 @@ impl<'a, K> CurrentKey<'a, K> {
     }
 }
 
+impl<'a, K> CurrentKey<'a, K> {
+    /// `key` of the key group at position `index` of `range` (known, as a timer's is).
+    pub(crate) fn at(key: &'a K, bytes: &'a [u8], range: KeyGroupRange, index: usize) -> Self {
+        Self {
+            key,
+            bytes,
+            key_group: KeyGroup(range.start + index as u16),
+            index,
+        }
+    }
+}
+
 /// The record's key and the backend, while a keyed function runs.
 pub struct KeyedContext<'a, K> {
     pub(crate) cur: CurrentKey<'a, K>,
@@ -100,7 +116,7 @@ impl<K> KeyedContext<'_, K> {
 
     /// The operator's event-time clock: the last watermark it received.
     pub fn current_watermark(&self) -> Timestamp {
-        self.timers.as_ref().map_or(Timestamp::MIN, |t| t.watermark)
+        self.timers.as_ref().map_or(Timestamp::MIN, |t| t.watermark())
     }
 
     /// Processing time (ms since the Unix epoch) as of the batch being processed.
@@ -119,16 +135,20 @@ impl<K: Key> KeyedContext<'_, K> {
 
     fn register_timer(&mut self, domain: TimeDomain, timestamp: Timestamp) -> Result<()> {
         let (queue, backend, cur) = self.timer_queue(domain)?;
-        if queue.insert(timestamp, cur.bytes) {
-            backend.map_put::<K, Timestamp, ()>(queue.state, cur, timestamp, ())?;
+        if queue.insert(timestamp, cur.bytes, cur.index) {
+            if let Some(state) = queue.stored_state() {
+                backend.map_put::<K, Timestamp, ()>(state, cur, timestamp, ())?;
+            }
         }
         Ok(())
     }
 
     fn delete_timer(&mut self, domain: TimeDomain, timestamp: Timestamp) -> Result<()> {
         let (queue, backend, cur) = self.timer_queue(domain)?;
-        if queue.remove(timestamp, cur.bytes) {
-            backend.map_remove::<K, Timestamp, ()>(queue.state, cur, &timestamp)?;
+        if queue.remove(timestamp, cur.bytes, cur.index) {
+            if let Some(state) = queue.stored_state() {
+                backend.map_remove::<K, Timestamp, ()>(state, cur, &timestamp)?;
+            }
         }
         Ok(())
     }
@@ -155,167 +175,6 @@ impl<K: Key> KeyedContext<'_, K> {
     /// Removes the current key's processing-time timer at `timestamp`, if any.
     pub fn delete_processing_time_timer(&mut self, timestamp: Timestamp) -> Result<()> {
         self.delete_timer(TimeDomain::ProcessingTime, timestamp)
-    }
-}
-
-/// The clock a timer follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeDomain {
-    /// The watermark.
-    EventTime,
-    /// The wall clock.
-    ProcessingTime,
-}
-
-/// The timers of one time domain: an index in memory over a map state (key -> timestamp) that
-/// checkpoints, restores and rescales like any keyed state. The index groups keys by time
-/// (windows put many keys' timers at the same time), and fires one time's keys in key order,
-/// so that firing order does not depend on registration or restore order.
-pub(crate) struct TimerQueue {
-    state: StateId,
-    by_time: std::collections::BTreeMap<Timestamp, rustc_hash::FxHashSet<TimerKey>>,
-    /// The timers of the time being fired, in key order.
-    firing: std::collections::VecDeque<(Timestamp, TimerKey)>,
-}
-
-/// A timer's key, serialized: inline up to 16 bytes (an integer or a short string), so that a
-/// timer costs no allocation and its set's lookups no pointer chase.
-pub(crate) type TimerKey = smallvec::SmallVec<[u8; 16]>;
-
-impl TimerQueue {
-    /// Registers the timer state `name` on `backend` and indexes the timers restored into it.
-    fn open<K: Key>(backend: &mut KeyedBackend, name: &str) -> Result<Self> {
-        let state = backend.register_map::<K, Timestamp, ()>(name)?;
-        let mut queue = Self {
-            state,
-            by_time: Default::default(),
-            firing: Default::default(),
-        };
-        for (key, ts, ()) in backend.map_all::<K, Timestamp, ()>(state)? {
-            queue.insert(ts, &postcard::to_allocvec(&key)?);
-        }
-        Ok(queue)
-    }
-
-    /// Adds a timer to the index; false if it was there.
-    fn insert(&mut self, ts: Timestamp, key: &[u8]) -> bool {
-        if self.in_firing(ts, key).is_ok() {
-            return false;
-        }
-        self.by_time.entry(ts).or_default().insert(TimerKey::from_slice(key))
-    }
-
-    /// Removes a timer from the index; false if it was not there.
-    fn remove(&mut self, ts: Timestamp, key: &[u8]) -> bool {
-        if let Ok(i) = self.in_firing(ts, key) {
-            self.firing.remove(i);
-            return true;
-        }
-        let Some(keys) = self.by_time.get_mut(&ts) else {
-            return false;
-        };
-        let removed = keys.remove(key);
-        if keys.is_empty() {
-            self.by_time.remove(&ts);
-        }
-        removed
-    }
-
-    /// Where `(ts, key)` is in the queue being fired.
-    fn in_firing(&self, ts: Timestamp, key: &[u8]) -> std::result::Result<usize, usize> {
-        match self.firing.front() {
-            Some((t, _)) if *t == ts => self.firing.binary_search_by(|(_, k)| k.as_ref().cmp(key)),
-            _ => Err(0),
-        }
-    }
-
-    /// The earliest timer's time.
-    fn next(&self) -> Option<Timestamp> {
-        match self.firing.front() {
-            Some((ts, _)) => Some(*ts),
-            None => self.by_time.first_key_value().map(|(ts, _)| *ts),
-        }
-    }
-
-    /// The earliest timer at or before `now`, removed from the index.
-    fn pop_due(&mut self, now: Timestamp) -> Option<(Timestamp, TimerKey)> {
-        if self.firing.is_empty() {
-            match self.by_time.first_key_value() {
-                Some((ts, _)) if *ts <= now => {
-                    let (ts, keys) = self.by_time.pop_first()?;
-                    let mut keys: Vec<TimerKey> = keys.into_iter().collect();
-                    keys.sort_unstable();
-                    self.firing.extend(keys.into_iter().map(|k| (ts, k)));
-                }
-                _ => return None,
-            }
-        }
-        self.firing.pop_front()
-    }
-}
-
-/// The timers of one keyed operator subtask, in both time domains, and its event-time clock.
-pub struct TimerService {
-    event: TimerQueue,
-    processing: TimerQueue,
-    watermark: Timestamp,
-}
-
-/// The timers' state names: not names the state registry hands out to functions.
-const EVENT_TIMER_STATE: &str = "__timers__";
-const PROCESSING_TIMER_STATE: &str = "__processing_timers__";
-
-impl TimerService {
-    /// Registers the timer states on `backend` and indexes the timers restored into them.
-    pub(crate) fn open<K: Key>(backend: &mut KeyedBackend) -> Result<Self> {
-        Ok(Self {
-            event: TimerQueue::open::<K>(backend, EVENT_TIMER_STATE)?,
-            processing: TimerQueue::open::<K>(backend, PROCESSING_TIMER_STATE)?,
-            watermark: Timestamp::MIN,
-        })
-    }
-
-    fn queue(&mut self, domain: TimeDomain) -> &mut TimerQueue {
-        match domain {
-            TimeDomain::EventTime => &mut self.event,
-            TimeDomain::ProcessingTime => &mut self.processing,
-        }
-    }
-
-    /// The timer state of `domain`.
-    pub(crate) fn state(&self, domain: TimeDomain) -> StateId {
-        match domain {
-            TimeDomain::EventTime => self.event.state,
-            TimeDomain::ProcessingTime => self.processing.state,
-        }
-    }
-
-    /// The clock; never moves back (a restored operator may see older watermarks first).
-    pub(crate) fn advance(&mut self, watermark: Timestamp) {
-        self.watermark = self.watermark.max(watermark);
-    }
-
-    pub(crate) fn watermark(&self) -> Timestamp {
-        self.watermark
-    }
-
-    /// Whether an event-time timer is due.
-    pub(crate) fn has_due(&self) -> bool {
-        self.event.next().is_some_and(|ts| ts <= self.watermark)
-    }
-
-    /// The earliest processing-time timer's time.
-    pub(crate) fn next_processing_time(&self) -> Option<Timestamp> {
-        self.processing.next()
-    }
-
-    /// The earliest timer of `domain` due at `now` (the watermark for event time), removed
-    /// from the index.
-    pub(crate) fn pop_due(&mut self, domain: TimeDomain, now: Timestamp) -> Option<(Timestamp, TimerKey)> {
-        match domain {
-            TimeDomain::EventTime => self.event.pop_due(self.watermark),
-            TimeDomain::ProcessingTime => self.processing.pop_due(now),
-        }
     }
 }
 

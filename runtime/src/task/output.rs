@@ -120,11 +120,20 @@ impl<T: Data> ChannelWriter<T> {
     }
 }
 
+/// Adds `batch` to `buffer`; an empty buffer takes it whole, with no copy of its records.
+pub(crate) fn append<T>(buffer: &mut Vec<T>, batch: Vec<T>) {
+    if buffer.is_empty() {
+        *buffer = batch;
+    } else {
+        buffer.extend(batch);
+    }
+}
+
 impl<T: Data> ChainInput<T> for ChannelWriter<T> {
     fn process(&mut self, batch: Vec<T>) -> Result<()> {
         match &self.partitioner {
             Partitioner::Forward => {
-                self.buffers[0].extend(batch);
+                append(&mut self.buffers[0], batch);
                 if self.buffers[0].len() >= self.batch_size {
                     self.send_buffer(0)?;
                 }
@@ -132,7 +141,7 @@ impl<T: Data> ChainInput<T> for ChannelWriter<T> {
             Partitioner::Rebalance => {
                 let ch = self.next;
                 self.next = (self.next + 1) % self.senders.len();
-                self.buffers[ch].extend(batch);
+                append(&mut self.buffers[ch], batch);
                 if self.buffers[ch].len() >= self.batch_size {
                     self.send_buffer(ch)?;
                 }
