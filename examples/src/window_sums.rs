@@ -67,12 +67,15 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
         event(seed, users, per_ms, i)
     });
     let bound = Duration::from_millis(p.get("out_of_orderness_ms")?);
+    let mut watermarks = WatermarkStrategy::bounded_out_of_orderness(bound, |t: &Transaction| t.event_time);
+    match p.get::<u64>("max_drift_ms")? {
+        0 => {}
+        drift => watermarks = watermarks.with_alignment(Duration::from_millis(drift)),
+    }
     let windows = env
         .source("transactions", generator)
         .uid("transactions-source")
-        .assign_timestamps_and_watermarks(WatermarkStrategy::bounded_out_of_orderness(bound, |t: &Transaction| {
-            t.event_time
-        }))
+        .assign_timestamps_and_watermarks(watermarks)
         .uid("watermarks")
         .key_by(|t: &Transaction| t.user)
         .window(assigner)
@@ -108,6 +111,11 @@ pub fn definition() -> JobDefinition {
             param("size_ms", "60000", "window size, ms"),
             param("slide_ms", "60000", "slide of sliding windows, ms"),
             param("out_of_orderness_ms", "2000", "watermark bound, ms"),
+            param(
+                "max_drift_ms",
+                "10000",
+                "watermark alignment: how far (ms of event time) a source subtask may run ahead of the slowest, 0 = not aligned",
+            ),
             param(
                 "output",
                 "",

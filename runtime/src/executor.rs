@@ -480,7 +480,8 @@ impl TaskBuild {
             }
         }
         let (e, receivers) = self.input.expect("a chain without a source has an input");
-        Ok(g.edges[e].factory.reader(receivers, next))
+        let max_drift = g.vertices[g.edges[e].from].max_drift;
+        Ok(g.edges[e].factory.reader(receivers, next, max_drift))
     }
 }
 

@@ -65,7 +65,8 @@ pub(crate) trait EdgeFactory: Send + Sync {
     /// Per upstream subtask its senders, per downstream subtask its receivers.
     fn channels(&self, forward: bool, up: usize, down: usize, capacity: usize) -> (Vec<AnyBox>, Vec<AnyBox>);
     fn writer(&self, partition: PartitionKind, senders: AnyBox, ctx: &WriterContext) -> AnyBox;
-    fn reader(&self, receivers: AnyBox, head: AnyBox) -> Box<dyn TaskDriver>;
+    /// The task reading the edge's channels, aligned by `max_drift` (ms) if given.
+    fn reader(&self, receivers: AnyBox, head: AnyBox, max_drift: Option<i64>) -> Box<dyn TaskDriver>;
     fn fan_out(&self, outputs: Vec<AnyBox>) -> AnyBox;
     /// Cluster mode: carries the channels between a local and a remote subtask over the
     /// network, given the output of [`EdgeFactory::channels`]; the local subtasks' ends are
@@ -163,9 +164,9 @@ impl<T: Data> EdgeFactory for TypedEdge<T> {
         Box::new(Box::new(writer) as Chain<T>)
     }
 
-    fn reader(&self, receivers: AnyBox, head: AnyBox) -> Box<dyn TaskDriver> {
+    fn reader(&self, receivers: AnyBox, head: AnyBox, max_drift: Option<i64>) -> Box<dyn TaskDriver> {
         Box::new(InputDriver {
-            gate: InputGate::<T>::new(unbox(receivers)),
+            gate: InputGate::<T>::new(unbox(receivers), max_drift),
             chain: unbox::<Chain<T>>(head),
         })
     }
@@ -221,6 +222,8 @@ pub(crate) struct NodeSpec {
     pub uid: Option<String>,
     pub parallelism: Option<usize>,
     pub kind: NodeKind,
+    /// A watermark generator's alignment (ms; `WatermarkStrategy::with_alignment`).
+    pub max_drift: Option<i64>,
 }
 
 /// An edge as the API records it; `partition: None` means forward when parallelisms match,
@@ -243,6 +246,10 @@ pub struct Vertex {
     pub(crate) kind: NodeKind,
     pub(crate) inputs: Vec<usize>,
     pub(crate) outputs: Vec<usize>,
+    /// The watermark alignment of its output: its own generator's, or that of a generator
+    /// forward upstream (the same subtasks' watermarks). A task reading its output over a
+    /// shuffle aligns its channels by it.
+    pub(crate) max_drift: Option<i64>,
 }
 
 impl Vertex {
@@ -283,6 +290,7 @@ impl JobGraph {
                 kind: n.kind,
                 inputs: Vec::new(),
                 outputs: Vec::new(),
+                max_drift: n.max_drift,
             })
             .collect();
         let mut seen = HashSet::new();
@@ -336,6 +344,10 @@ impl JobGraph {
             }
             vertices[e.from].outputs.push(i);
             vertices[e.to].inputs.push(i);
+            // The edge into `from` was recorded (and resolved) before any edge out of it.
+            if partition == PartitionKind::Forward && vertices[e.to].max_drift.is_none() {
+                vertices[e.to].max_drift = vertices[e.from].max_drift;
+            }
             resolved.push(Edge {
                 from: e.from,
                 to: e.to,
@@ -374,4 +386,48 @@ fn slug(name: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::operator::{SourceFunction, SourcePoll, TaskInfo};
+    use crate::snapshot::OperatorState;
+    use crate::{Result, StreamEnv, WatermarkStrategy};
+    use std::time::Duration;
+
+    #[derive(Clone)]
+    struct Nothing;
+
+    impl SourceFunction for Nothing {
+        type Out = u64;
+        fn open(&mut self, _: &TaskInfo, _: Option<OperatorState>) -> Result<()> {
+            Ok(())
+        }
+        fn poll(&mut self, _: &mut Vec<u64>) -> Result<SourcePoll> {
+            Ok(SourcePoll::Finished)
+        }
+        fn snapshot(&mut self) -> Result<OperatorState> {
+            Ok(OperatorState::default())
+        }
+    }
+
+    /// The drift reaches the first shuffle after the generator (forward operators carry the
+    /// same subtasks' watermarks), not beyond: later tasks read channels whose watermarks are
+    /// already combined.
+    #[test]
+    fn watermark_alignment_reaches_the_first_shuffle_after_its_generator() {
+        let mut env = StreamEnv::new();
+        let strategy = WatermarkStrategy::monotonous(|t: &u64| *t as i64).with_alignment(Duration::from_secs(5));
+        env.source("numbers", Nothing)
+            .assign_timestamps_and_watermarks(strategy)
+            .map(|t| t + 1)
+            .rebalance()
+            .map(|t| t * 2)
+            .rebalance()
+            .map(|t| t * 3);
+        let graph = env.build(2, 128).unwrap();
+        let drift: Vec<Option<i64>> = graph.vertices().iter().map(|v| v.max_drift).collect();
+        // source, watermarks, map (forward), map (after a shuffle), map (after another).
+        assert_eq!(drift, [None, Some(5000), Some(5000), None, None]);
+    }
 }

@@ -66,6 +66,7 @@ fn push_node(inner: &Rc<RefCell<Builder>>, name: &str, kind: NodeKind) -> usize 
         uid: None,
         parallelism: None,
         kind,
+        max_drift: None,
     });
     b.nodes.len() - 1
 }
@@ -187,7 +188,11 @@ impl<T: Data> DataStream<T> {
     /// windows and event-time timers downstream follow them.
     pub fn assign_timestamps_and_watermarks(self, strategy: WatermarkStrategy<T>) -> DataStream<T> {
         let timestamps = strategy.timestamp.clone();
+        let max_drift = strategy
+            .max_drift
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let mut stream = self.transform("watermarks", move || WatermarkGenerator::new(strategy.clone()));
+        stream.inner.borrow_mut().nodes[stream.node].max_drift = max_drift;
         stream.timestamps = Some(timestamps);
         stream
     }

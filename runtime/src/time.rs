@@ -24,6 +24,7 @@ pub struct WatermarkStrategy<T> {
     pub(crate) timestamp: TimestampFn<T>,
     pub(crate) out_of_orderness: Duration,
     pub(crate) idleness: Option<Duration>,
+    pub(crate) max_drift: Option<Duration>,
 }
 
 impl<T> Clone for WatermarkStrategy<T> {
@@ -32,6 +33,7 @@ impl<T> Clone for WatermarkStrategy<T> {
             timestamp: self.timestamp.clone(),
             out_of_orderness: self.out_of_orderness,
             idleness: self.idleness,
+            max_drift: self.max_drift,
         }
     }
 }
@@ -46,6 +48,7 @@ impl<T> WatermarkStrategy<T> {
             timestamp: Arc::new(timestamp),
             out_of_orderness: bound,
             idleness: None,
+            max_drift: None,
         }
     }
 
@@ -54,6 +57,18 @@ impl<T> WatermarkStrategy<T> {
     /// time back for all.
     pub fn with_idleness(mut self, timeout: Duration) -> Self {
         self.idleness = Some(timeout);
+        self
+    }
+
+    /// Keeps the source's subtasks within `max_drift` of each other in event time (Flink's
+    /// watermark alignment): the tasks reading them leave a subtask's channel unread while its
+    /// watermark is more than `max_drift` ahead of the slowest active one, so its bounded
+    /// channel fills and it waits until the others catch up. Without it, a subtask that gets
+    /// more CPU runs minutes of event time ahead, and every window downstream holds state for
+    /// all the windows in between. An idle subtask (see [`Self::with_idleness`]) or one that
+    /// ended holds nobody back; one that emits nothing and never goes idle holds all back.
+    pub fn with_alignment(mut self, max_drift: Duration) -> Self {
+        self.max_drift = Some(max_drift);
         self
     }
 

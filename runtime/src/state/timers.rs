@@ -93,7 +93,12 @@ impl TimerQueue {
 
     /// Adds a timer of the key `key` (bytes) of key group position `kg`; false if it was there.
     pub(crate) fn insert(&mut self, ts: Timestamp, key: &[u8], kg: usize) -> bool {
-        match self.by_key_group[kg].to_mut().entry(ts) {
+        let timers = &mut self.by_key_group[kg];
+        // Shared with a snapshot: copy the key group only to change it.
+        if timers.is_shared() && timers.get(&ts).is_some_and(|keys| keys.contains(key)) {
+            return false;
+        }
+        match timers.to_mut().entry(ts) {
             std::collections::btree_map::Entry::Occupied(mut keys) => keys.get_mut().insert(TimerKey::from_slice(key)),
             std::collections::btree_map::Entry::Vacant(slot) => {
                 slot.insert(FxHashSet::from_iter([TimerKey::from_slice(key)]));

@@ -1,7 +1,10 @@
 //! The input side of a task with channels: reads whichever open, unblocked channel has data,
 //! feeds barriers and end-of-input markers to the [`BarrierAligner`], and combines watermarks
 //! as the minimum over open channels. A blocked channel is simply not read: its bounded channel
-//! fills and its sender waits, so nothing is buffered by hand.
+//! fills and its sender waits, so nothing is buffered by hand. Watermark alignment works the
+//! same way: a channel whose watermark is more than the allowed drift ahead of the slowest
+//! active channel is not read until that one catches up (or goes idle, blocks on a barrier, or
+//! ends), which makes its sender wait.
 
 use crate::alignment::{AlignOutcome, BarrierAligner};
 use crate::checkpoint::{CheckpointBarrier, CheckpointId};
@@ -45,13 +48,15 @@ pub(crate) struct InputGate<T> {
     /// Channels that declared themselves idle and have not sent since.
     idle: Vec<bool>,
     emitted_watermark: Timestamp,
+    /// Watermark alignment: how far (ms) a channel may run ahead of the slowest active one.
+    max_drift: Option<Timestamp>,
     next: usize,
     dirty: bool,
     pending: VecDeque<GateEvent<T>>,
 }
 
 impl<T> InputGate<T> {
-    pub fn new(inputs: Vec<Receiver<StreamElement<T>>>) -> Self {
+    pub fn new(inputs: Vec<Receiver<StreamElement<T>>>, max_drift: Option<Timestamp>) -> Self {
         let n = inputs.len();
         Self {
             inputs,
@@ -59,6 +64,7 @@ impl<T> InputGate<T> {
             watermarks: vec![Timestamp::MIN; n],
             idle: vec![false; n],
             emitted_watermark: Timestamp::MIN,
+            max_drift,
             next: 0,
             dirty: false,
             pending: VecDeque::new(),
@@ -70,8 +76,23 @@ impl<T> InputGate<T> {
         self.aligner.on_cancel(id);
     }
 
-    fn readable(&self, ch: usize) -> bool {
+    fn open(&self, ch: usize) -> bool {
         !self.aligner.is_blocked(ch) && !self.aligner.is_ended(ch)
+    }
+
+    /// With alignment, the watermark above which a channel is not read: the drift above the
+    /// slowest channel that is open and active. That one is always read, so reading goes on.
+    fn alignment_limit(&self) -> Option<Timestamp> {
+        let drift = self.max_drift?;
+        (0..self.inputs.len())
+            .filter(|c| self.open(*c) && !self.idle[*c])
+            .map(|c| self.watermarks[c])
+            .min()
+            .map(|slowest| slowest.saturating_add(drift))
+    }
+
+    fn readable(&self, ch: usize, limit: Option<Timestamp>) -> bool {
+        self.open(ch) && limit.is_none_or(|l| self.watermarks[ch] <= l)
     }
 
     fn disconnected(ch: usize) -> Error {
@@ -80,9 +101,10 @@ impl<T> InputGate<T> {
 
     fn try_read(&mut self) -> Result<Option<(usize, StreamElement<T>)>> {
         let n = self.inputs.len();
+        let limit = self.alignment_limit();
         for k in 0..n {
             let ch = (self.next + k) % n;
-            if !self.readable(ch) {
+            if !self.readable(ch, limit) {
                 continue;
             }
             match self.inputs[ch].try_recv() {
@@ -100,7 +122,8 @@ impl<T> InputGate<T> {
     fn block(&mut self, control: &Receiver<TaskCommand>, deadline: Option<std::time::Instant>) -> Result<Woken<T>> {
         let mut sel = Select::new();
         sel.recv(control);
-        let channels: Vec<usize> = (0..self.inputs.len()).filter(|c| self.readable(*c)).collect();
+        let limit = self.alignment_limit();
+        let channels: Vec<usize> = (0..self.inputs.len()).filter(|c| self.readable(*c, limit)).collect();
         for ch in &channels {
             sel.recv(&self.inputs[*ch]);
         }
@@ -244,7 +267,7 @@ mod tests {
         let (tx0, rx0) = crossbeam_channel::unbounded();
         let (tx1, rx1) = crossbeam_channel::unbounded();
         let (_control_tx, control) = crossbeam_channel::unbounded();
-        let mut gate = InputGate::new(vec![rx0, rx1]);
+        let mut gate = InputGate::new(vec![rx0, rx1], None);
         tx0.send(StreamElement::Watermark(100)).unwrap();
         tx1.send(StreamElement::Idle).unwrap();
         // Channel 1 has sent nothing: only its idleness lets channel 0's watermark through.
@@ -262,5 +285,124 @@ mod tests {
         assert!(matches!(next_event(&mut gate, &control), GateEvent::Watermark(200)));
         tx0.send(StreamElement::Idle).unwrap();
         assert!(matches!(next_event(&mut gate, &control), GateEvent::InputsIdle));
+    }
+
+    /// What the gate holds now, without waiting: `None` when nothing it may read has data.
+    fn ready(gate: &mut InputGate<u32>, control: &Receiver<TaskCommand>) -> Option<GateEvent<u32>> {
+        let past = std::time::Instant::now();
+        loop {
+            match gate.next_until(control, Some(past)).unwrap() {
+                GateEvent::Idle => continue,
+                GateEvent::Deadline => return None,
+                e => return Some(e),
+            }
+        }
+    }
+
+    fn data(e: Option<GateEvent<u32>>) -> Vec<u32> {
+        match e {
+            Some(GateEvent::Data(d)) => d,
+            _ => panic!("expected data"),
+        }
+    }
+
+    fn watermark(e: Option<GateEvent<u32>>) -> Timestamp {
+        match e {
+            Some(GateEvent::Watermark(w)) => w,
+            _ => panic!("expected a watermark"),
+        }
+    }
+
+    fn barrier(id: u64) -> StreamElement<u32> {
+        StreamElement::Barrier(CheckpointBarrier {
+            id: CheckpointId(id),
+            timestamp_ms: 0,
+            kind: crate::checkpoint::CheckpointKind::Checkpoint,
+        })
+    }
+
+    #[test]
+    fn a_channel_ahead_of_the_slowest_by_more_than_the_drift_waits_until_it_catches_up() {
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let (_control_tx, control) = crossbeam_channel::unbounded();
+        let mut gate = InputGate::new(vec![rx0, rx1], Some(100));
+        tx0.send(StreamElement::Watermark(1000)).unwrap();
+        tx0.send(StreamElement::Data(vec![7])).unwrap();
+        tx1.send(StreamElement::Watermark(500)).unwrap();
+        // Channel 0's watermark is read first (channel 1 had none yet), then only channel 1.
+        assert_eq!(watermark(ready(&mut gate, &control)), 500);
+        assert!(
+            ready(&mut gate, &control).is_none(),
+            "channel 0 is 500 ms ahead: not read"
+        );
+        tx1.send(StreamElement::Watermark(850)).unwrap();
+        assert_eq!(watermark(ready(&mut gate, &control)), 850);
+        assert!(ready(&mut gate, &control).is_none(), "still 150 ms ahead");
+        tx1.send(StreamElement::Data(vec![8])).unwrap();
+        assert_eq!(data(ready(&mut gate, &control)), vec![8], "the slowest is always read");
+        tx1.send(StreamElement::Watermark(900)).unwrap();
+        assert_eq!(watermark(ready(&mut gate, &control)), 900);
+        // Within the drift now: channel 0's record comes through.
+        assert_eq!(data(ready(&mut gate, &control)), vec![7]);
+
+        // Without alignment, channel 0 would have been read at once.
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let mut gate = InputGate::new(vec![rx0, rx1], None);
+        tx0.send(StreamElement::Watermark(1000)).unwrap();
+        tx0.send(StreamElement::Data(vec![7])).unwrap();
+        tx1.send(StreamElement::Watermark(500)).unwrap();
+        assert_eq!(watermark(ready(&mut gate, &control)), 500);
+        assert_eq!(data(ready(&mut gate, &control)), vec![7]);
+    }
+
+    #[test]
+    fn a_slow_channel_blocked_by_a_barrier_idle_or_ended_holds_nobody_back() {
+        let (_control_tx, control) = crossbeam_channel::unbounded();
+        // Blocked by a barrier: the channel ahead is read up to its own barrier.
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let mut gate = InputGate::new(vec![rx0, rx1], Some(100));
+        tx0.send(StreamElement::Watermark(1000)).unwrap();
+        tx0.send(StreamElement::Data(vec![7])).unwrap();
+        tx0.send(barrier(1)).unwrap();
+        tx1.send(StreamElement::Watermark(0)).unwrap();
+        tx1.send(barrier(1)).unwrap();
+        assert_eq!(watermark(ready(&mut gate, &control)), 0);
+        assert_eq!(data(ready(&mut gate, &control)), vec![7]);
+        assert!(matches!(ready(&mut gate, &control), Some(GateEvent::Barrier(b)) if b.id == CheckpointId(1)));
+
+        // Idle, then active again: its old watermark holds the others back until it moves.
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let mut gate = InputGate::new(vec![rx0, rx1], Some(100));
+        tx1.send(StreamElement::Watermark(0)).unwrap();
+        tx1.send(StreamElement::Idle).unwrap();
+        tx0.send(StreamElement::Watermark(1000)).unwrap();
+        tx0.send(StreamElement::Data(vec![7])).unwrap();
+        assert_eq!(watermark(ready(&mut gate, &control)), 0);
+        assert_eq!(watermark(ready(&mut gate, &control)), 1000, "channel 1 is idle");
+        assert_eq!(data(ready(&mut gate, &control)), vec![7]);
+        tx1.send(StreamElement::Data(vec![8])).unwrap();
+        tx0.send(StreamElement::Data(vec![9])).unwrap();
+        assert_eq!(data(ready(&mut gate, &control)), vec![8]);
+        assert!(
+            ready(&mut gate, &control).is_none(),
+            "channel 1 is active again, 1000 ms behind"
+        );
+
+        // Ended: the other channel is read.
+        let (tx0, rx0) = crossbeam_channel::unbounded();
+        let (tx1, rx1) = crossbeam_channel::unbounded();
+        let mut gate = InputGate::new(vec![rx0, rx1], Some(100));
+        tx1.send(StreamElement::Watermark(0)).unwrap();
+        tx0.send(StreamElement::Watermark(1000)).unwrap();
+        tx0.send(StreamElement::Data(vec![7])).unwrap();
+        assert_eq!(watermark(ready(&mut gate, &control)), 0);
+        assert!(ready(&mut gate, &control).is_none());
+        tx1.send(StreamElement::EndOfInput).unwrap();
+        assert_eq!(watermark(ready(&mut gate, &control)), 1000);
+        assert_eq!(data(ready(&mut gate, &control)), vec![7]);
     }
 }
