@@ -253,7 +253,7 @@ impl<K: Key, S: Stored> TableSnapshot for FrozenTable<K, S> {
         let mut key_buf = Vec::new();
         for (k, v) in map.iter() {
             key_buf.clear();
-            key_buf = postcard::to_extend(k, key_buf)?;
+            crate::keygroup::extend_key_bytes(k, &mut key_buf)?;
             v.encode(&key_buf, &mut w)?;
         }
         Ok(w.finish())
