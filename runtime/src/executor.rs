@@ -480,8 +480,7 @@ impl TaskBuild {
             }
         }
         let (e, receivers) = self.input.expect("a chain without a source has an input");
-        let max_drift = g.vertices[g.edges[e].from].max_drift;
-        Ok(g.edges[e].factory.reader(receivers, next, max_drift))
+        Ok(g.edges[e].factory.reader(receivers, next, g.input_drift(e)))
     }
 }
 

@@ -222,8 +222,17 @@ pub(crate) struct NodeSpec {
     pub uid: Option<String>,
     pub parallelism: Option<usize>,
     pub kind: NodeKind,
-    /// A watermark generator's alignment (ms; `WatermarkStrategy::with_alignment`).
-    pub max_drift: Option<i64>,
+    pub watermarks: WatermarkOrigin,
+}
+
+/// Where a vertex's output watermarks come from, as the API records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WatermarkOrigin {
+    /// Passed on from its input.
+    Upstream,
+    /// Generated here (`assign_timestamps_and_watermarks`), aligned within this drift (ms;
+    /// `WatermarkStrategy::with_alignment`) if any.
+    Generated(Option<i64>),
 }
 
 /// An edge as the API records it; `partition: None` means forward when parallelisms match,
@@ -280,6 +289,7 @@ impl JobGraph {
         parallelism: usize,
         max_parallelism: u16,
     ) -> Result<Self> {
+        let origins: Vec<WatermarkOrigin> = nodes.iter().map(|n| n.watermarks).collect();
         let mut vertices: Vec<Vertex> = nodes
             .into_iter()
             .enumerate()
@@ -290,7 +300,10 @@ impl JobGraph {
                 kind: n.kind,
                 inputs: Vec::new(),
                 outputs: Vec::new(),
-                max_drift: n.max_drift,
+                max_drift: match n.watermarks {
+                    WatermarkOrigin::Generated(drift) => drift,
+                    WatermarkOrigin::Upstream => None,
+                },
             })
             .collect();
         let mut seen = HashSet::new();
@@ -344,8 +357,9 @@ impl JobGraph {
             }
             vertices[e.from].outputs.push(i);
             vertices[e.to].inputs.push(i);
-            // The edge into `from` was recorded (and resolved) before any edge out of it.
-            if partition == PartitionKind::Forward && vertices[e.to].max_drift.is_none() {
+            // The edge into `from` was recorded (and resolved) before any edge out of it. A
+            // generator's own watermarks replace those it receives, and their alignment too.
+            if partition == PartitionKind::Forward && origins[e.to] == WatermarkOrigin::Upstream {
                 vertices[e.to].max_drift = vertices[e.from].max_drift;
             }
             resolved.push(Edge {
@@ -373,6 +387,12 @@ impl JobGraph {
     /// The number of key groups.
     pub fn max_parallelism(&self) -> u16 {
         self.max_parallelism
+    }
+
+    /// The watermark alignment (ms) of the task reading edge `e`: that of the watermarks it
+    /// carries.
+    pub(crate) fn input_drift(&self, e: usize) -> Option<i64> {
+        self.vertices[self.edges[e].from].max_drift
     }
 }
 
@@ -413,21 +433,35 @@ mod tests {
 
     /// The drift reaches the first shuffle after the generator (forward operators carry the
     /// same subtasks' watermarks), not beyond: later tasks read channels whose watermarks are
-    /// already combined.
+    /// already combined. A generator after it starts its own watermarks, unaligned.
     #[test]
     fn watermark_alignment_reaches_the_first_shuffle_after_its_generator() {
+        let aligned = || WatermarkStrategy::monotonous(|t: &u64| *t as i64).with_alignment(Duration::from_secs(5));
         let mut env = StreamEnv::new();
-        let strategy = WatermarkStrategy::monotonous(|t: &u64| *t as i64).with_alignment(Duration::from_secs(5));
         env.source("numbers", Nothing)
-            .assign_timestamps_and_watermarks(strategy)
+            .assign_timestamps_and_watermarks(aligned())
             .map(|t| t + 1)
             .rebalance()
             .map(|t| t * 2)
             .rebalance()
             .map(|t| t * 3);
         let graph = env.build(2, 128).unwrap();
-        let drift: Vec<Option<i64>> = graph.vertices().iter().map(|v| v.max_drift).collect();
-        // source, watermarks, map (forward), map (after a shuffle), map (after another).
-        assert_eq!(drift, [None, Some(5000), Some(5000), None, None]);
+        let drift: Vec<Option<i64>> = (0..graph.edges.len()).map(|e| graph.input_drift(e)).collect();
+        // Into the generator, into the map after it (forward), the first shuffle, the second.
+        assert_eq!(drift, [None, Some(5000), Some(5000), None]);
+
+        let mut env = StreamEnv::new();
+        env.source("numbers", Nothing)
+            .assign_timestamps_and_watermarks(aligned())
+            .assign_timestamps_and_watermarks(WatermarkStrategy::monotonous(|t: &u64| *t as i64))
+            .rebalance()
+            .map(|t| t * 2);
+        let graph = env.build(2, 128).unwrap();
+        let drift: Vec<Option<i64>> = (0..graph.edges.len()).map(|e| graph.input_drift(e)).collect();
+        assert_eq!(
+            drift,
+            [None, Some(5000), None],
+            "the second generator's watermarks are not aligned"
+        );
     }
 }

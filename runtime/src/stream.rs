@@ -10,7 +10,9 @@
 //! ```
 
 use crate::error::Result;
-use crate::graph::{EdgeSpec, JobGraph, NodeKind, NodeSpec, OperatorNode, PartitionKind, SourceNode, TypedEdge};
+use crate::graph::{
+    EdgeSpec, JobGraph, NodeKind, NodeSpec, OperatorNode, PartitionKind, SourceNode, TypedEdge, WatermarkOrigin,
+};
 use crate::keygroup::key_group_for_key;
 use crate::operator::{
     Data, KeySelector, KeyedProcessFunction, Operator, SinkFunction, SourceFunction, StateRegistry, TaskInfo,
@@ -66,7 +68,7 @@ fn push_node(inner: &Rc<RefCell<Builder>>, name: &str, kind: NodeKind) -> usize 
         uid: None,
         parallelism: None,
         kind,
-        max_drift: None,
+        watermarks: WatermarkOrigin::Upstream,
     });
     b.nodes.len() - 1
 }
@@ -192,7 +194,7 @@ impl<T: Data> DataStream<T> {
             .max_drift
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let mut stream = self.transform("watermarks", move || WatermarkGenerator::new(strategy.clone()));
-        stream.inner.borrow_mut().nodes[stream.node].max_drift = max_drift;
+        stream.inner.borrow_mut().nodes[stream.node].watermarks = WatermarkOrigin::Generated(max_drift);
         stream.timestamps = Some(timestamps);
         stream
     }

@@ -66,7 +66,8 @@ impl<T> WatermarkStrategy<T> {
     /// channel fills and it waits until the others catch up. Without it, a subtask that gets
     /// more CPU runs minutes of event time ahead, and every window downstream holds state for
     /// all the windows in between. An idle subtask (see [`Self::with_idleness`]) or one that
-    /// ended holds nobody back; one that emits nothing and never goes idle holds all back.
+    /// ended holds nobody back. A subtask that emits nothing and never goes idle holds back the
+    /// others' records, not only event time: give such sources an idleness timeout.
     pub fn with_alignment(mut self, max_drift: Duration) -> Self {
         self.max_drift = Some(max_drift);
         self

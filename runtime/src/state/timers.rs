@@ -37,6 +37,10 @@ pub(crate) struct Due {
     pub key_group_index: usize,
 }
 
+/// The most keys a new time's set makes room for ahead (a window's key group holds a few
+/// hundred).
+const MAX_PRESIZE: usize = 1024;
+
 /// One key group's timers, keys grouped by time (windows put many keys' timers at one time).
 type KgTimers = BTreeMap<Timestamp, FxHashSet<TimerKey>>;
 
@@ -106,7 +110,10 @@ impl TimerQueue {
         match timers.to_mut().entry(ts) {
             std::collections::btree_map::Entry::Occupied(mut keys) => keys.get_mut().insert(TimerKey::from_slice(key)),
             std::collections::btree_map::Entry::Vacant(slot) => {
-                let mut keys = FxHashSet::with_capacity_and_hasher(self.sizes[kg] as usize, Default::default());
+                // Capped: one large time (a daily timer of every key) must not make every
+                // later one allocate as much.
+                let size = (self.sizes[kg] as usize).min(MAX_PRESIZE);
+                let mut keys = FxHashSet::with_capacity_and_hasher(size, Default::default());
                 keys.insert(TimerKey::from_slice(key));
                 slot.insert(keys);
                 self.times.entry(ts).or_default().push(kg as u32);
