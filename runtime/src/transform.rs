@@ -321,19 +321,22 @@ mod tests {
         }
     }
 
+    /// The state backends of this build.
+    fn backends() -> Vec<StateBackendKind> {
+        let mut all = vec![StateBackendKind::Memory];
+        if cfg!(feature = "rocksdb") {
+            all.push(StateBackendKind::RocksDb { incremental: true });
+        }
+        all
+    }
+
     fn reminder_op() -> KeyedProcessOp<Reminder> {
         KeyedProcessOp::new(Reminder::default(), Arc::new(|k: &u32| *k))
     }
 
     #[test]
     fn processing_time_timers_fire_when_due_and_are_restored_by_key_group_at_another_parallelism() {
-        for backend in [
-            StateBackendKind::Memory,
-            StateBackendKind::RocksDb { incremental: true },
-        ] {
-            if cfg!(not(feature = "rocksdb")) && backend != StateBackendKind::Memory {
-                continue;
-            }
+        for backend in backends() {
             let dir = tempfile::tempdir().unwrap();
             let mut op = reminder_op();
             op.open(&info(backend, 0, 1, dir.path()), None).unwrap();
@@ -398,13 +401,7 @@ mod tests {
     /// firing that goes on after it changes nothing the snapshot holds.
     #[test]
     fn a_snapshot_between_firing_rounds_holds_the_timers_not_fired_yet() {
-        for backend in [
-            StateBackendKind::Memory,
-            StateBackendKind::RocksDb { incremental: true },
-        ] {
-            if cfg!(not(feature = "rocksdb")) && backend != StateBackendKind::Memory {
-                continue;
-            }
+        for backend in backends() {
             let dir = tempfile::tempdir().unwrap();
             let keys = 3 * FIRE_ROUND as u32;
             let mut op = reminder_op();

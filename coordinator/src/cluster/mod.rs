@@ -411,26 +411,8 @@ impl Cluster {
 mod tests {
     use super::*;
     use sluice_runtime::executor::SavepointTarget;
-    use sluice_runtime::operator::{SourcePoll, TaskInfo};
-    use sluice_runtime::snapshot::OperatorState;
     use sluice_runtime::storage::Storage;
-    use sluice_runtime::{CheckpointId, JobDefinition, SourceFunction};
-
-    #[derive(Clone)]
-    struct Nothing;
-
-    impl SourceFunction for Nothing {
-        type Out = u64;
-        fn open(&mut self, _: &TaskInfo, _: Option<OperatorState>) -> Result<()> {
-            Ok(())
-        }
-        fn poll(&mut self, _: &mut Vec<u64>) -> Result<SourcePoll> {
-            Ok(SourcePoll::Finished)
-        }
-        fn snapshot(&mut self) -> Result<OperatorState> {
-            Ok(OperatorState::default())
-        }
-    }
+    use sluice_runtime::{CheckpointId, JobDefinition};
 
     fn submission() -> JobSubmission {
         let job = JobDefinition {
@@ -438,7 +420,11 @@ mod tests {
             description: "",
             params: vec![],
             build: |_, env| {
-                env.source("nothing", Nothing);
+                // No events: the source finishes at once.
+                env.source(
+                    "nothing",
+                    sluice_operators::generator::LaneGenerator::new(0, 1, 0, |i| i),
+                );
                 Ok(())
             },
         };
