@@ -119,7 +119,7 @@ pub fn key_group_for_key<K: serde::Serialize + 'static>(key: &K, max_parallelism
 /// small keys.
 pub fn with_key_bytes<K: serde::Serialize + 'static, R>(key: &K, f: impl FnOnce(&[u8]) -> R) -> R {
     let mut int = [0u8; 10];
-    if let Some(n) = int_key_bytes(key, &mut int) {
+    if let Some(n) = int_bytes(key, &mut int) {
         return f(&int[..n]);
     }
     let mut buf = [0u8; 64];
@@ -135,7 +135,7 @@ pub fn with_key_bytes<K: serde::Serialize + 'static, R>(key: &K, f: impl FnOnce(
 /// Appends `key`'s canonical bytes (postcard's) to `out`.
 pub fn extend_key_bytes<K: serde::Serialize + 'static>(key: &K, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
     let mut buf = [0u8; 10];
-    match int_key_bytes(key, &mut buf) {
+    match int_bytes(key, &mut buf) {
         // A byte at a time: a copy of a few bytes through `memcpy` costs more.
         Some(n) => buf[..n].iter().for_each(|b| out.push(*b)),
         None => *out = postcard::to_extend(key, std::mem::take(out))?,
@@ -147,8 +147,8 @@ pub fn extend_key_bytes<K: serde::Serialize + 'static>(key: &K, out: &mut Vec<u8
 /// `buf`, not through serde: a record's key is serialized at its exchange and again at its keyed
 /// operator (serde's path cost about a twentieth of a window's CPU), and a memory snapshot
 /// writes millions of integer keys, namespaces and values a second. `None` for other types.
-pub(crate) fn int_key_bytes<K: 'static>(key: &K, buf: &mut [u8; 10]) -> Option<usize> {
-    let any: &dyn std::any::Any = key;
+pub(crate) fn int_bytes<T: 'static>(value: &T, buf: &mut [u8; 10]) -> Option<usize> {
+    let any: &dyn std::any::Any = value;
     let mut v = if let Some(v) = any.downcast_ref::<u64>() {
         *v
     } else if let Some(v) = any.downcast_ref::<u32>() {

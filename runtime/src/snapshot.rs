@@ -481,7 +481,7 @@ impl<'a> EntryWriter<'a> {
     /// serde's path took most of a memory snapshot's time.
     fn put_serialized<T: serde::Serialize + 'static>(&mut self, value: &T) -> Result<()> {
         let mut buf = [0u8; 10];
-        if let Some(n) = crate::keygroup::int_key_bytes(value, &mut buf) {
+        if let Some(n) = crate::keygroup::int_bytes(value, &mut buf) {
             // At most 10 bytes: the length's varint is one byte.
             self.out.push(n as u8);
             self.out.extend_from_slice(&buf[..n]);
