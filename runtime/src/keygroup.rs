@@ -136,8 +136,7 @@ pub fn with_key_bytes<K: serde::Serialize + 'static, R>(key: &K, f: impl FnOnce(
 pub fn extend_key_bytes<K: serde::Serialize + 'static>(key: &K, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
     let mut buf = [0u8; 10];
     match int_bytes(key, &mut buf) {
-        // A byte at a time: a copy of a few bytes through `memcpy` costs more.
-        Some(n) => buf[..n].iter().for_each(|b| out.push(*b)),
+        Some(n) => out.extend_from_slice(&buf[..n]),
         None => *out = postcard::to_extend(key, std::mem::take(out))?,
     }
     Ok(())

@@ -28,17 +28,22 @@ impl<T> std::ops::Deref for Cow<T> {
 }
 
 impl<T: Clone + Default> Cow<T> {
-    /// Whether a snapshot may hold it (changing it may then copy it).
-    pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
-    }
-
     /// The value to change: taken back from the snapshots, copied if one still holds it.
     pub fn to_mut(&mut self) -> &mut T {
         if let Some(shared) = self.shared.take() {
             self.owned = Arc::unwrap_or_clone(shared);
         }
         &mut self.owned
+    }
+
+    /// The value to change, if `changes` finds something to change in it. It is asked only
+    /// while a snapshot may hold the value, so that a shared value is copied only to be
+    /// changed; an owned one is handed out without the look.
+    pub fn change_if(&mut self, changes: impl FnOnce(&T) -> bool) -> Option<&mut T> {
+        if self.shared.as_deref().is_some_and(|shared| !changes(shared)) {
+            return None;
+        }
+        Some(self.to_mut())
     }
 
     /// The value for a snapshot, which from now on shares it.

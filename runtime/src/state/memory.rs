@@ -429,12 +429,10 @@ impl MemoryBackend {
 
     /// The stored value of the current key, copying a shared key-group map only when present.
     fn slot_mut<K: Key, S: Stored>(&mut self, id: StateId, c: &CurrentKey<'_, K>) -> Option<&mut S> {
-        let map = self.map_mut::<K, S>(id, c.index);
         // Unshared (no snapshot holds it): one lookup. Shared: copy only if the key is there.
-        if map.is_shared() && !map.contains_key(c.key) {
-            return None;
-        }
-        map.to_mut().get_mut(c.key)
+        self.map_mut::<K, S>(id, c.index)
+            .change_if(|m| m.contains_key(c.key))?
+            .get_mut(c.key)
     }
 
     pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {

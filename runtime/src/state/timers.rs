@@ -102,12 +102,11 @@ impl TimerQueue {
 
     /// Adds a timer of the key `key` (bytes) of key group position `kg`; false if it was there.
     pub(crate) fn insert(&mut self, ts: Timestamp, key: &[u8], kg: usize) -> bool {
-        let timers = &mut self.by_key_group[kg];
-        // Shared with a snapshot: copy the key group only to change it.
-        if timers.is_shared() && timers.get(&ts).is_some_and(|keys| keys.contains(key)) {
+        let held = |t: &KgTimers| t.get(&ts).is_some_and(|keys| keys.contains(key));
+        let Some(timers) = self.by_key_group[kg].change_if(|t| !held(t)) else {
             return false;
-        }
-        match timers.to_mut().entry(ts) {
+        };
+        match timers.entry(ts) {
             std::collections::btree_map::Entry::Occupied(mut keys) => keys.get_mut().insert(TimerKey::from_slice(key)),
             std::collections::btree_map::Entry::Vacant(slot) => {
                 // Capped: one large time (a daily timer of every key) must not make every
@@ -124,12 +123,10 @@ impl TimerQueue {
 
     /// Removes a timer from the index; false if it was not there.
     pub(crate) fn remove(&mut self, ts: Timestamp, key: &[u8], kg: usize) -> bool {
-        let timers = &mut self.by_key_group[kg];
-        // Shared with a snapshot: copy the key group only to change it.
-        if timers.is_shared() && !timers.get(&ts).is_some_and(|keys| keys.contains(key)) {
+        let held = |t: &KgTimers| t.get(&ts).is_some_and(|keys| keys.contains(key));
+        let Some(timers) = self.by_key_group[kg].change_if(held) else {
             return false;
-        }
-        let timers = timers.to_mut();
+        };
         let Some(keys) = timers.get_mut(&ts) else {
             return false;
         };
