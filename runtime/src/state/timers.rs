@@ -37,10 +37,6 @@ pub(crate) struct Due {
     pub key_group_index: usize,
 }
 
-/// The most keys a new time's set makes room for ahead (a window's key group holds a few
-/// hundred).
-const MAX_PRESIZE: usize = 1024;
-
 /// One key group's timers, keys grouped by time (windows put many keys' timers at one time).
 type KgTimers = BTreeMap<Timestamp, FxHashSet<TimerKey>>;
 
@@ -55,10 +51,6 @@ pub(crate) struct TimerQueue {
     by_key_group: Vec<Cow<KgTimers>>,
     /// The key groups (positions) holding timers at each time.
     times: BTreeMap<Timestamp, Vec<u32>>,
-    /// Per key group, how many keys the time fired last held: a new time's set starts that
-    /// large (a window arms about as many timers per key group as the one before), instead of
-    /// rehashing its way up from one.
-    sizes: Vec<u32>,
     /// The time being fired, and its keys not fired yet, by key group and then key, with their
     /// key groups.
     /// They stay in `by_key_group` until they fire (so snapshots hold them); one deleted
@@ -79,7 +71,6 @@ impl TimerQueue {
             stored,
             by_key_group: (0..range.len()).map(|_| Cow::default()).collect(),
             times: BTreeMap::new(),
-            sizes: vec![0; range.len()],
             firing_time: Timestamp::MIN,
             firing: VecDeque::new(),
         };
@@ -109,12 +100,7 @@ impl TimerQueue {
         match timers.entry(ts) {
             std::collections::btree_map::Entry::Occupied(mut keys) => keys.get_mut().insert(TimerKey::from_slice(key)),
             std::collections::btree_map::Entry::Vacant(slot) => {
-                // Capped: one large time (a daily timer of every key) must not make every
-                // later one allocate as much.
-                let size = (self.sizes[kg] as usize).min(MAX_PRESIZE);
-                let mut keys = FxHashSet::with_capacity_and_hasher(size, Default::default());
-                keys.insert(TimerKey::from_slice(key));
-                slot.insert(keys);
+                slot.insert(FxHashSet::from_iter([TimerKey::from_slice(key)]));
                 self.times.entry(ts).or_default().push(kg as u32);
                 true
             }
@@ -177,7 +163,6 @@ impl TimerQueue {
                 keys.clear();
                 let at = self.by_key_group[kg as usize].get(&ts).into_iter().flatten();
                 keys.extend(at.map(|k| (order_prefix(k), k)));
-                self.sizes[kg as usize] = keys.len() as u32;
                 // By the prefix, a register compare, then (rarely) by the bytes.
                 keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
                 self.firing.extend(keys.iter().map(|(_, k)| ((*k).clone(), kg)));
