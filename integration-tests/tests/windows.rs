@@ -394,7 +394,8 @@ fn reduce_aggregate_with_and_process_window_functions_equal_a_direct_computation
 
 #[test]
 fn a_failure_in_the_middle_of_open_windows_and_timers_changes_no_result() {
-    for (kind, backend) in [("tumbling", ROCKSDB), ("sliding", MEMORY), ("session", ROCKSDB)] {
+    // Sliding windows on RocksDB fire from stacks of partial merges that the restore rebuilds.
+    for (kind, backend) in [("tumbling", MEMORY), ("sliding", ROCKSDB), ("session", ROCKSDB)] {
         let dir = tempfile::tempdir().unwrap();
         let extra = ["rate=20000", "fail_at=3000"];
         let report = run_job(submission(dir.path(), kind, backend, 2, &extra, None)).unwrap();
