@@ -509,18 +509,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
             }
             (f, b) => f.or_else(|| b.clone()),
         };
-        let next = !stacks.front.is_empty() || stacks.back.is_some();
-        if next {
-            self.stacks
-                .as_mut()
-                .expect("checked")
-                .keys
-                .insert(ctx.key().clone(), stacks);
-        }
-        if let Some(acc) = acc {
-            self.emit(ctx, start, end, acc, out)?;
-        }
-        Ok(Some(next))
+        self.keep_and_emit(ctx, stacks, (start, end), acc, out).map(Some)
     }
 
     /// Fires `[start, end)` from its panes, read once, and makes them the key's new front: the
@@ -568,19 +557,29 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
             }
             (run, front)
         })?;
-        let next = !front.is_empty();
+        let stacks = Stacks {
+            front,
+            front_end: end,
+            back_end: end,
+            back: None,
+        };
+        self.keep_and_emit(ctx, stacks, (start, end), acc, out)
+    }
+
+    /// Keeps the key's stacks while a later window needs them (an idle key's go), emits the
+    /// window; returns whether the next window holds data from them.
+    fn keep_and_emit(
+        &mut self,
+        ctx: &mut KeyedContext<'_, K>,
+        stacks: Stacks<A::Acc>,
+        (start, end): (Timestamp, Timestamp),
+        acc: Option<A::Acc>,
+        out: &mut Vec<WindowOutput<W::Out, A::In>>,
+    ) -> Result<bool> {
+        let next = !stacks.front.is_empty() || stacks.back.is_some();
         if next {
-            let stacks = Stacks {
-                front,
-                front_end: end,
-                back_end: end,
-                back: None,
-            };
-            self.stacks
-                .as_mut()
-                .expect("stacked")
-                .keys
-                .insert(ctx.key().clone(), stacks);
+            let cache = self.stacks.as_mut().expect("stacks are on");
+            cache.keys.insert(ctx.key().clone(), stacks);
         }
         if let Some(acc) = acc {
             self.emit(ctx, start, end, acc, out)?;
