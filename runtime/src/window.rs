@@ -337,8 +337,9 @@ struct Session<A> {
 /// its window. The front holds, for each later window start `b` up to `front_end`, the merge of
 /// the panes in `[b, front_end)`; the back is the merge of the panes in `[front_end,
 /// back_end)`. A window `[s, e)` with `s < front_end` is the front's merge at `s` merged with
-/// the back, once the back has taken in the panes up to `e`. When the front is used up, a
-/// firing reads its window's panes once and builds a new front from them ("flip").
+/// the back, once the back has taken in the panes up to `e`, which records update here as well
+/// as in state: such a firing reads no state. When the front is used up, a firing reads its
+/// window's panes once and builds a new front from them ("flip").
 ///
 /// Derived data, kept in the operator and never checkpointed: the panes stay the truth. After
 /// a restore the cache starts empty, and a record that changes a pane already merged (behind
@@ -350,6 +351,9 @@ struct Stacks<A> {
     front_end: Timestamp,
     back_end: Timestamp,
     back: Option<A>,
+    /// The key's panes from `back_end` on, as in its state (records update both), in time
+    /// order: the back takes them in without reading state.
+    pending: Vec<(Timestamp, A)>,
 }
 
 /// The stacks of an operator subtask's keys.
@@ -474,7 +478,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         &mut self,
         ctx: &mut KeyedContext<'_, K>,
         (start, end): (Timestamp, Timestamp),
-        (slide, pane): (i64, i64),
+        slide: i64,
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<Option<bool>> {
         let Some(cache) = &mut self.stacks else {
@@ -485,16 +489,14 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
             _ if cache.keys.len() >= cache.room => return Ok(None),
             _ => return self.flip(ctx, (start, end), slide, out).map(Some),
         };
-        let panes = self.panes.as_ref().expect("opened");
-        while stacks.back_end < end {
-            if let Some(p) = panes.get(ctx, &stacks.back_end)? {
-                match &mut stacks.back {
-                    Some(b) => self.agg.merge(b, &p),
-                    None => stacks.back = Some(p),
-                }
+        let done = stacks.pending.partition_point(|(p, _)| *p < end);
+        for (_, p) in stacks.pending.drain(..done) {
+            match &mut stacks.back {
+                Some(b) => self.agg.merge(b, &p),
+                None => stacks.back = Some(p),
             }
-            stacks.back_end += pane;
         }
+        stacks.back_end = end;
         while stacks.front.last().is_some_and(|(b, _)| *b < start) {
             stacks.front.pop();
         }
@@ -522,12 +524,18 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         slide: i64,
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<bool> {
-        let (acc, front) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
-            let mut window: smallvec::SmallVec<[(Timestamp, &A::Acc); 64]> = entries
-                .filter(|(p, _)| (start..end).contains(*p))
-                .map(|(&p, a)| (p, a))
-                .collect();
+        let (acc, front, pending) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
+            let mut window: smallvec::SmallVec<[(Timestamp, &A::Acc); 64]> = smallvec::SmallVec::new();
+            let mut pending = Vec::new();
+            for (&p, a) in entries {
+                if (start..end).contains(&p) {
+                    window.push((p, a));
+                } else if p >= end {
+                    pending.push((p, a.clone()));
+                }
+            }
             window.sort_unstable_by_key(|(p, _)| *p);
+            pending.sort_unstable_by_key(|(p, _)| *p);
             // From the newest window start down: `run` merges the panes in `[b, end)`, each
             // merge in time order (a merge need not be commutative).
             let mut front: Vec<(Timestamp, A::Acc)> = Vec::new();
@@ -555,19 +563,21 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
                 }
                 b -= slide;
             }
-            (run, front)
+            (run, front, pending)
         })?;
         let stacks = Stacks {
             front,
             front_end: end,
             back_end: end,
             back: None,
+            pending,
         };
         self.keep_and_emit(ctx, stacks, (start, end), acc, out)
     }
 
-    /// Keeps the key's stacks while a later window needs them (an idle key's go), emits the
-    /// window; returns whether the next window holds data from them.
+    /// Keeps the key's stacks while a later window needs them or they hold panes not merged yet
+    /// (an idle key's go), emits the window; returns whether the next window holds data from
+    /// panes before `end`.
     fn keep_and_emit(
         &mut self,
         ctx: &mut KeyedContext<'_, K>,
@@ -577,7 +587,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<bool> {
         let next = !stacks.front.is_empty() || stacks.back.is_some();
-        if next {
+        if next || !stacks.pending.is_empty() {
             let cache = self.stacks.as_mut().expect("stacks are on");
             cache.keys.insert(ctx.key().clone(), stacks);
         }
@@ -625,11 +635,17 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
             return Ok(());
         }
         let new_pane = self.add_to_pane(ctx, pane_start, &record)?;
-        // Only a pane behind the watermark can have been merged into the stacks already.
-        if ts <= wm {
-            if let Some(cache) = &mut self.stacks {
-                if cache.keys.get(ctx.key()).is_some_and(|s| pane_start < s.back_end) {
+        if let Some(cache) = &mut self.stacks {
+            if let Some(s) = cache.keys.get_mut(ctx.key()) {
+                if pane_start < s.back_end {
+                    // A pane the stacks merged changed (a record behind the watermark).
                     cache.keys.remove(ctx.key());
+                } else {
+                    let i = s.pending.partition_point(|(p, _)| *p < pane_start);
+                    if s.pending.get(i).is_none_or(|(p, _)| *p != pane_start) {
+                        s.pending.insert(i, (pane_start, self.agg.create()));
+                    }
+                    self.agg.add(&mut s.pending[i].1, &record);
                 }
             }
         }
@@ -686,7 +702,7 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         // of the slide).
         if (end - size).rem_euclid(slide) == 0 {
             let start = end - size;
-            let next_start = match self.fire_stacked(ctx, (start, end), (slide, pane), out)? {
+            let next_start = match self.fire_stacked(ctx, (start, end), slide, out)? {
                 // Panes from `end` on armed their own windows' timers when they were created.
                 Some(next) => next.then_some(start + slide),
                 // The next window with data: the first after this one that holds the first
