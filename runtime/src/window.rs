@@ -31,15 +31,18 @@ pub trait AggregateFunction: Send + Sync + Clone + 'static {
     fn create(&self) -> Self::Acc;
     /// Folds one record in.
     fn add(&self, acc: &mut Self::Acc, record: &Self::In);
-    /// Folds another accumulator in (panes into windows, sessions into sessions).
+    /// Folds another accumulator in (panes into windows, sessions into sessions). Windows merge
+    /// in time order but group the merges as it suits them (pane by pane, or partial merges of
+    /// several panes first), so `merge` must be associative for results not to depend on it.
     fn merge(&self, acc: &mut Self::Acc, other: &Self::Acc);
     /// The result of a window.
     fn result(&self, acc: &Self::Acc) -> Self::Out;
     /// Whether sliding windows may keep partial merges of their panes, so that a firing merges
     /// two accumulators instead of all `size/slide` panes of its window. True for accumulators
-    /// of bounded size (sums, counts, extremes); return false for ones that grow with their
-    /// records (a list, a set of distinct values): a partial merge would then hold many panes'
-    /// records again.
+    /// of bounded size (sums, counts, extremes, a `reduce` to a record of bounded size); return
+    /// false for ones that grow with their records (a list, a set of distinct values): a partial
+    /// merge would then hold many panes' records again, and the memory bound of the partial
+    /// merges, estimated from the accumulator's inline size, would not hold.
     fn keep_partial_merges(&self) -> bool {
         true
     }
@@ -960,7 +963,10 @@ mod tests {
     fn steps() -> impl Strategy<Value = Vec<(Vec<Rec>, Timestamp)>> {
         // Times wander up with the step; records reach up to 12 ms behind the watermark, so
         // some change panes the stacks already merged and some are late for good.
-        prop::collection::vec((prop::collection::vec((0u8..4, -12i64..8), 0..12), 0i64..6), 1..40).prop_map(|raw| {
+        // The watermark mostly creeps, sometimes jumps past several windows (keys then skip
+        // windows with no data).
+        let step = prop_oneof![4 => 0i64..6, 1 => 6i64..40];
+        prop::collection::vec((prop::collection::vec((0u8..4, -12i64..8), 0..12), step), 1..40).prop_map(|raw| {
             let (mut wm, mut id) = (0, 0);
             raw.into_iter()
                 .map(|(records, step)| {
@@ -979,7 +985,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(24))]
+        #![proptest_config(ProptestConfig::with_cases(32))]
 
         /// Stacks of partial merges (RocksDB; with room for every key, and for one key only)
         /// give exactly the windows, in merge order, that merging every pane gives (memory).
@@ -987,7 +993,7 @@ mod tests {
         #[test]
         fn sliding_windows_from_stacks_equal_windows_from_all_panes(
             steps in steps(),
-            (size, slide) in prop_oneof![Just((6u64, 2u64)), Just((10, 3)), Just((5, 1)), Just((9, 9))],
+            (size, slide) in prop_oneof![Just((6u64, 2u64)), Just((10, 3)), Just((5, 1)), Just((7, 2))],
             lateness in prop_oneof![Just(0u64), Just(4)],
         ) {
             let shape = (size, slide, lateness);
