@@ -831,18 +831,18 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> KeyedPro
     fn open(&mut self, state: &mut StateRegistry<'_, K>, info: &TaskInfo) -> Result<()> {
         match self.assigner {
             WindowAssigner::Session { .. } => self.sessions = Some(state.value_state("window-sessions")?),
-            WindowAssigner::Sliding { size, slide } => {
+            _ => {
                 self.panes = Some(state.map_state("window-panes")?);
-                let pane = gcd(size, slide);
-                if size > slide && self.agg.keep_partial_merges() && info.state_backend != StateBackendKind::Memory {
-                    let per_key = (size / pane) as usize * (std::mem::size_of::<(Timestamp, A::Acc)>());
+                let partial = self.agg.keep_partial_merges() && info.state_backend != StateBackendKind::Memory;
+                if let Some((size, _, pane)) = self.aligned.filter(|&(size, slide, _)| size > slide && partial) {
+                    let per_key = (size / pane) as usize * std::mem::size_of::<(Timestamp, A::Acc)>();
+                    let room = self.stacks_budget / per_key.max(1);
                     self.stacks = Some(StackCache {
                         keys: FxHashMap::default(),
-                        room: self.stacks_budget / per_key.max(1),
+                        room,
                     });
                 }
             }
-            _ => self.panes = Some(state.map_state("window-panes")?),
         }
         Ok(())
     }
