@@ -251,6 +251,7 @@ impl<T> InputGate<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crossbeam_channel::Sender;
 
     /// The gate's next event that is not `Idle` (nothing to read).
     fn next_event(gate: &mut InputGate<u32>, control: &Receiver<TaskCommand>) -> GateEvent<u32> {
@@ -262,12 +263,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_idle_channel_leaves_the_watermark_until_it_sends_again() {
+    /// A gate over two channels (aligned within `drift` ms, if any), with their senders.
+    fn two_channels(
+        drift: Option<Timestamp>,
+    ) -> (Sender<StreamElement<u32>>, Sender<StreamElement<u32>>, InputGate<u32>) {
         let (tx0, rx0) = crossbeam_channel::unbounded();
         let (tx1, rx1) = crossbeam_channel::unbounded();
+        (tx0, tx1, InputGate::new(vec![rx0, rx1], drift))
+    }
+
+    #[test]
+    fn an_idle_channel_leaves_the_watermark_until_it_sends_again() {
         let (_control_tx, control) = crossbeam_channel::unbounded();
-        let mut gate = InputGate::new(vec![rx0, rx1], None);
+        let (tx0, tx1, mut gate) = two_channels(None);
         tx0.send(StreamElement::Watermark(100)).unwrap();
         tx1.send(StreamElement::Idle).unwrap();
         // Channel 1 has sent nothing: only its idleness lets channel 0's watermark through.
@@ -323,10 +331,8 @@ mod tests {
 
     #[test]
     fn a_channel_ahead_of_the_slowest_by_more_than_the_drift_waits_until_it_catches_up() {
-        let (tx0, rx0) = crossbeam_channel::unbounded();
-        let (tx1, rx1) = crossbeam_channel::unbounded();
         let (_control_tx, control) = crossbeam_channel::unbounded();
-        let mut gate = InputGate::new(vec![rx0, rx1], Some(100));
+        let (tx0, tx1, mut gate) = two_channels(Some(100));
         tx0.send(StreamElement::Watermark(1000)).unwrap();
         tx0.send(StreamElement::Data(vec![7])).unwrap();
         tx1.send(StreamElement::Watermark(500)).unwrap();
@@ -347,9 +353,7 @@ mod tests {
         assert_eq!(data(ready(&mut gate, &control)), vec![7]);
 
         // Without alignment, channel 0 would have been read at once.
-        let (tx0, rx0) = crossbeam_channel::unbounded();
-        let (tx1, rx1) = crossbeam_channel::unbounded();
-        let mut gate = InputGate::new(vec![rx0, rx1], None);
+        let (tx0, tx1, mut gate) = two_channels(None);
         tx0.send(StreamElement::Watermark(1000)).unwrap();
         tx0.send(StreamElement::Data(vec![7])).unwrap();
         tx1.send(StreamElement::Watermark(500)).unwrap();
@@ -361,9 +365,7 @@ mod tests {
     fn a_slow_channel_blocked_by_a_barrier_idle_or_ended_holds_nobody_back() {
         let (_control_tx, control) = crossbeam_channel::unbounded();
         // Blocked by a barrier: the channel ahead is read up to its own barrier.
-        let (tx0, rx0) = crossbeam_channel::unbounded();
-        let (tx1, rx1) = crossbeam_channel::unbounded();
-        let mut gate = InputGate::new(vec![rx0, rx1], Some(100));
+        let (tx0, tx1, mut gate) = two_channels(Some(100));
         tx0.send(StreamElement::Watermark(1000)).unwrap();
         tx0.send(StreamElement::Data(vec![7])).unwrap();
         tx0.send(barrier(1)).unwrap();
@@ -374,9 +376,7 @@ mod tests {
         assert!(matches!(ready(&mut gate, &control), Some(GateEvent::Barrier(b)) if b.id == CheckpointId(1)));
 
         // Idle, then active again: its old watermark holds the others back until it moves.
-        let (tx0, rx0) = crossbeam_channel::unbounded();
-        let (tx1, rx1) = crossbeam_channel::unbounded();
-        let mut gate = InputGate::new(vec![rx0, rx1], Some(100));
+        let (tx0, tx1, mut gate) = two_channels(Some(100));
         tx1.send(StreamElement::Watermark(0)).unwrap();
         tx1.send(StreamElement::Idle).unwrap();
         tx0.send(StreamElement::Watermark(1000)).unwrap();
@@ -393,9 +393,7 @@ mod tests {
         );
 
         // Ended: the other channel is read.
-        let (tx0, rx0) = crossbeam_channel::unbounded();
-        let (tx1, rx1) = crossbeam_channel::unbounded();
-        let mut gate = InputGate::new(vec![rx0, rx1], Some(100));
+        let (tx0, tx1, mut gate) = two_channels(Some(100));
         tx1.send(StreamElement::Watermark(0)).unwrap();
         tx0.send(StreamElement::Watermark(1000)).unwrap();
         tx0.send(StreamElement::Data(vec![7])).unwrap();
