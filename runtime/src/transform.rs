@@ -77,6 +77,10 @@ pub(crate) struct KeyedProcessOp<P: KeyedProcessFunction> {
 /// fires every window at once).
 const FIRE_ROUND: usize = 4096;
 
+/// How many timers ahead of the one firing a key's state is prefetched: a firing takes longer
+/// than a load from memory, so the next key's state is in the caches by its turn.
+const PREFETCH_AHEAD: usize = 1;
+
 impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
     pub fn new(f: P, key: KeySelector<P::In, P::Key>) -> Self {
         Self {
@@ -108,6 +112,13 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
                 break;
             };
             let (ts, bytes) = (due.time, due.key);
+            // The key that fires a few timers from now: its state starts loading while these
+            // fire (a sliding window's panes are rarely in a cache).
+            if let Some((next, kg)) = timers.upcoming(domain, PREFETCH_AHEAD) {
+                if let Ok(next) = postcard::from_bytes::<P::Key>(next) {
+                    backend.prefetch(&CurrentKey::at(&next, &[], range, kg));
+                }
+            }
             let key: P::Key = postcard::from_bytes(&bytes)?;
             let mut ctx = KeyedContext {
                 cur: CurrentKey::at(&key, &bytes, range, due.key_group_index),
@@ -258,7 +269,7 @@ impl<S: SinkFunction> Operator for SinkOp<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::StateBackendKind;
     use crate::keygroup::range_for_subtask;
@@ -322,7 +333,7 @@ mod tests {
     }
 
     /// The state backends of this build.
-    fn backends() -> Vec<StateBackendKind> {
+    pub(crate) fn backends() -> Vec<StateBackendKind> {
         let mut all = vec![StateBackendKind::Memory];
         if cfg!(feature = "rocksdb") {
             all.push(StateBackendKind::RocksDb { incremental: true });

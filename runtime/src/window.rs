@@ -440,30 +440,32 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         later: Timestamp,
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<Option<Timestamp>> {
-        // One pass over the key's panes, borrowed in place: the window's panes are gathered
-        // (on the stack up to 64) and merged in time order, as a merge need not be commutative.
-        // The memory backend mostly holds them in that order already, which the sort finds in
-        // one pass. The first pane at or after `later` is noted. Only the first pane's
-        // accumulator is copied.
-        let (acc, later_pane) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
-            let mut window: smallvec::SmallVec<[(Timestamp, &A::Acc); 64]> = smallvec::SmallVec::new();
-            let mut later_pane: Option<Timestamp> = None;
-            for (&p, a) in entries {
-                if p >= later {
-                    later_pane = Some(later_pane.map_or(p, |l| l.min(p)));
-                }
-                if (start..end).contains(&p) {
-                    window.push((p, a));
-                }
-            }
-            window.sort_unstable_by_key(|(p, _)| *p);
+        let (acc, later_pane) = self.panes.as_ref().expect("opened").with_entries(ctx, |runs| {
+            let entries = || runs.iter().flat_map(|run| run.iter());
+            // Merged in time order: a merge need not be commutative.
             let mut acc: Option<A::Acc> = None;
-            // By reference: moving the vector out would copy all its inline room.
-            for &(_, a) in &window {
-                match &mut acc {
-                    Some(acc) => self.agg.merge(acc, a),
-                    None => acc = Some(a.clone()),
+            let mut merge = |a: &A::Acc| match &mut acc {
+                Some(acc) => self.agg.merge(acc, a),
+                None => acc = Some(a.clone()),
+            };
+            let later_pane;
+            if entries().is_sorted_by(|a, b| a.0 < b.0) {
+                // As the memory backend mostly holds them: the window is a range of each run,
+                // the later pane the first at or after `later`.
+                let mut first_later = None;
+                for run in runs {
+                    let at = |t: Timestamp| run.partition_point(|(p, _)| *p < t);
+                    run[at(start)..at(end)].iter().for_each(|(_, a)| merge(a));
+                    first_later = first_later.or(run.get(at(later)).map(|(p, _)| *p));
                 }
+                later_pane = first_later;
+            } else {
+                // Gathered (on the stack up to 64) and sorted.
+                let mut window: smallvec::SmallVec<[&(Timestamp, A::Acc); 64]> =
+                    entries().filter(|(p, _)| (start..end).contains(p)).collect();
+                window.sort_unstable_by_key(|(p, _)| *p);
+                window.iter().for_each(|(_, a)| merge(a));
+                later_pane = entries().map(|(p, _)| *p).filter(|p| *p >= later).min();
             }
             (acc, later_pane)
         })?;
@@ -527,10 +529,11 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
         slide: i64,
         out: &mut Vec<WindowOutput<W::Out, A::In>>,
     ) -> Result<bool> {
-        let (acc, front, pending) = self.panes.as_ref().expect("opened").with_entries(ctx, |entries| {
+        let (acc, front, pending) = self.panes.as_ref().expect("opened").with_entries(ctx, |runs| {
             let mut window: smallvec::SmallVec<[(Timestamp, &A::Acc); 64]> = smallvec::SmallVec::new();
             let mut pending = Vec::new();
-            for (&p, a) in entries {
+            for (p, a) in runs.iter().flat_map(|run| run.iter()) {
+                let p = *p;
                 if (start..end).contains(&p) {
                     window.push((p, a));
                 } else if p >= end {
@@ -670,13 +673,11 @@ impl<K: Key, A: AggregateFunction, W: ProcessWindowFunction<K, A::Out>> WindowFu
             // to fire (each firing arms the next window's while panes remain) and its cleanup.
             return Ok(());
         }
-        let first_open = {
-            let mut start = last_start;
-            while start - slide + size > ts && start - slide + size - 1 > wm {
-                start -= slide;
-            }
-            start
-        };
+        // The earliest window holding `ts` that has not fired: the first slide boundary after
+        // both `ts - size` and `wm + 1 - size` (a sliding window's record would otherwise step
+        // back through size/slide windows).
+        let first_open = ts.max(wm.saturating_add(1)).saturating_sub(size).div_euclid(slide) * slide + slide;
+        let first_open = first_open.min(last_start);
         if first_open + size - 1 > wm {
             ctx.register_event_time_timer(first_open + size - 1)?;
         }
@@ -984,8 +985,73 @@ mod tests {
         })
     }
 
+    /// The sliding windows (no allowed lateness) computed directly from `steps`: a record is late
+    /// when the last window holding it has fired; a window fires once, at the first watermark
+    /// at or past its end, with the records that came before that watermark, in pane order and
+    /// within a pane in arrival order.
+    fn direct_outputs((size, slide): (i64, i64), steps: &[(Vec<Rec>, Timestamp)]) -> (Vec<Fired>, Vec<Rec>) {
+        let pane = gcd(size, slide);
+        // (record, the step it came in).
+        let mut accepted: Vec<(Rec, usize)> = Vec::new();
+        let mut late = Vec::new();
+        let mut wm = Timestamp::MIN;
+        for (i, (batch, next_wm)) in steps.iter().enumerate() {
+            for r in batch {
+                let last_start = r.1.div_euclid(slide) * slide;
+                if last_start + size - 1 <= wm {
+                    late.push(*r);
+                } else {
+                    accepted.push((*r, i));
+                }
+            }
+            wm = wm.max(*next_wm);
+        }
+        let fired_at = |end: Timestamp| steps.iter().position(|(_, w)| *w >= end - 1).unwrap_or(steps.len());
+        let mut windows: Vec<(u8, Timestamp)> = accepted
+            .iter()
+            .flat_map(|((k, ts, _), _)| {
+                let last_start = ts.div_euclid(slide) * slide;
+                (0..)
+                    .map(move |n| last_start - n * slide)
+                    .take_while(move |s| s + size > *ts)
+                    .map(move |s| (*k, s))
+            })
+            .collect();
+        windows.sort();
+        windows.dedup();
+        let mut results = Vec::new();
+        for (k, start) in windows {
+            let end = start + size;
+            let at = fired_at(end);
+            let mut held: Vec<&Rec> = (accepted.iter())
+                .filter(|((rk, ts, _), i)| *rk == k && (start..end).contains(ts) && *i <= at)
+                .map(|(r, _)| r)
+                .collect();
+            held.sort_by_key(|(_, ts, id)| (ts.div_euclid(pane), *id));
+            if !held.is_empty() {
+                results.push((k, start, end, held.iter().map(|r| r.2).collect()));
+            }
+        }
+        results.sort();
+        late.sort();
+        (results, late)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Both backends' sliding windows (the memory backend merges panes read in time order
+        /// in one pass, others after sorting them) equal a direct computation, in merge order.
+        #[test]
+        fn sliding_windows_equal_a_direct_computation(
+            steps in steps(),
+            (size, slide) in prop_oneof![Just((6u64, 2u64)), Just((10, 3)), Just((5, 1)), Just((7, 2))],
+        ) {
+            let expected = direct_outputs((size as i64, slide as i64), &steps);
+            for backend in crate::transform::tests::backends() {
+                prop_assert_eq!(&outputs(backend, STACKS_BUDGET, (size, slide, 0), &steps), &expected, "{:?}", backend);
+            }
+        }
 
         /// Stacks of partial merges (RocksDB; with room for every key, and for one key only)
         /// give exactly the windows, in merge order, that merging every pane gives (memory).

@@ -35,6 +35,8 @@ trait Stored: Clone + Send + Sync + 'static {
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()>;
     /// Folds one entry in: into `existing`, or returns a new value.
     fn decode(existing: Option<&mut Self>, namespace: &[u8], value: &[u8]) -> Result<Option<Self>>;
+    /// Starts loading what the value holds outside the key's slot into the caches.
+    fn prefetch(&self) {}
 }
 
 /// Stored form of value state (and of list and reducing state, as values of a `Vec` / fold).
@@ -57,6 +59,11 @@ impl<V: StateValue> Stored for Single<V> {
 }
 
 impl<UK: Key, UV: StateValue> Stored for MapEntries<UK, UV> {
+    fn prefetch(&self) {
+        // A 1-hour window sliding by the minute: 60 panes, 16 cache lines for `i64` sums.
+        self.0.prefetch(PREFETCH_LINES);
+    }
+
     fn encode(&self, key: &[u8], w: &mut EntryWriter<'_>) -> Result<()> {
         self.0.iter().try_for_each(|(uk, uv)| w.entry_of(key, uk, uv))
     }
@@ -119,6 +126,9 @@ impl<UK, UV> Expiring for MapEntries<UK, TtlValue<UV>> {
         !self.0.is_empty()
     }
 }
+
+/// Cache lines of a key's map state that a prefetch asks for at most.
+const PREFETCH_LINES: usize = 32;
 
 /// Element checks a TTL state earns per access for its incremental cleanup.
 pub(crate) const CHECKS_PER_ACCESS: usize = 16;
@@ -197,6 +207,8 @@ trait ErasedTable: Send {
     fn tick(&mut self, now: Timestamp);
     /// Drops every key's value.
     fn clear(&mut self);
+    /// Starts loading the value of `key` (a `K`) in the key group at position `index`.
+    fn prefetch(&self, index: usize, key: &dyn Any);
     /// How many keys it holds.
     #[cfg(test)]
     fn len(&self) -> usize;
@@ -230,6 +242,11 @@ impl<K: Key, S: Stored> ErasedTable for Table<K, S> {
     }
     fn clear(&mut self) {
         self.maps.iter_mut().for_each(|m| *m = KgMap::default());
+    }
+    fn prefetch(&self, index: usize, key: &dyn Any) {
+        if let Some(v) = key.downcast_ref::<K>().and_then(|k| self.maps[index].get(k)) {
+            v.prefetch();
+        }
     }
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -435,6 +452,13 @@ impl MemoryBackend {
             .get_mut(c.key)
     }
 
+    /// Starts loading the state of the key `c` into the caches, ahead of reading it.
+    pub(crate) fn prefetch<K: Key>(&self, c: &CurrentKey<'_, K>) {
+        for t in &self.tables {
+            t.prefetch(c.index, c.key);
+        }
+    }
+
     pub(crate) fn value_get<K: Key, V: StateValue>(&self, id: StateId, c: &CurrentKey<'_, K>) -> Result<Option<V>> {
         Ok(self.slot::<K, Single<V>>(id, c).map(|s| s.0.clone()))
     }
@@ -574,18 +598,18 @@ impl MemoryBackend {
         id: StateId,
         c: &CurrentKey<'_, K>,
     ) -> Result<Vec<(UK, UV)>> {
-        Ok(self.map_with_entries::<K, UK, UV, _>(id, c, |es| es.map(|(k, v)| (k.clone(), v.clone())).collect()))
+        Ok(self.map_with_entries::<K, UK, UV, _>(id, c, |runs| runs.concat()))
     }
 
     pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnOnce(&mut dyn Iterator<Item = (&UK, &UV)>) -> R,
+        f: impl FnOnce(&[&[(UK, UV)]]) -> R,
     ) -> R {
         match self.slot::<K, MapEntries<UK, UV>>(id, c) {
-            Some(m) => f(&mut m.0.iter()),
-            None => f(&mut std::iter::empty()),
+            Some(m) => m.0.with_runs(f),
+            None => f(&[]),
         }
     }
 

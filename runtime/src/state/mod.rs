@@ -8,6 +8,7 @@
 mod conformance;
 mod cow;
 mod memory;
+mod prefetch;
 #[cfg(feature = "rocksdb")]
 mod rocks;
 #[cfg(feature = "rocksdb")]
@@ -537,18 +538,28 @@ impl KeyedBackend {
         dispatch!(self, b => b.map_entries::<K, UK, UV>(id, c))
     }
 
-    /// Runs `f` over the current key's entries, borrowed in place where the backend can (no
-    /// copy of the map's values in memory), in no particular order.
+    /// Lends the current key's entries to `f` as runs of contiguous entries, borrowed in place
+    /// where the backend can (no copy of the map's values in memory), in no particular order.
     pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnOnce(&mut dyn Iterator<Item = (&UK, &UV)>) -> R,
+        f: impl FnOnce(&[&[(UK, UV)]]) -> R,
     ) -> Result<R> {
         match self {
             KeyedBackend::Memory(b) => Ok(b.map_with_entries::<K, UK, UV, R>(id, c, f)),
             #[cfg(feature = "rocksdb")]
             KeyedBackend::RocksDb(b) => b.map_with_entries::<K, UK, UV, R>(id, c, f),
+        }
+    }
+
+    /// Starts loading the state of the key `c` into the caches, so that reading it soon after
+    /// waits less for memory. A hint: nothing changes.
+    pub(crate) fn prefetch<K: Key>(&self, c: &CurrentKey<'_, K>) {
+        match self {
+            KeyedBackend::Memory(b) => b.prefetch(c),
+            #[cfg(feature = "rocksdb")]
+            KeyedBackend::RocksDb(_) => {}
         }
     }
 
@@ -806,17 +817,17 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
         }
     }
 
-    /// Runs `f` over the current key's entries, borrowed in place where the backend can (windows
-    /// merge their panes this way), in no particular order. With a TTL it reads through
-    /// `entries`.
+    /// Lends the current key's entries to `f` as runs of contiguous entries (a loop over slices,
+    /// not a call per entry), borrowed in place where the backend can (windows merge their panes
+    /// this way), in no particular order. With a TTL it reads through `entries`.
     pub(crate) fn with_entries<R>(
         &self,
         ctx: &mut KeyedContext<'_, K>,
-        f: impl FnOnce(&mut dyn Iterator<Item = (&UK, &UV)>) -> R,
+        f: impl FnOnce(&[&[(UK, UV)]]) -> R,
     ) -> Result<R> {
         match &self.ttl {
             None => ctx.backend.map_with_entries::<K, UK, UV, R>(self.id, &ctx.cur, f),
-            Some(_) => Ok(f(&mut self.entries(ctx)?.iter().map(|(k, v)| (k, v)))),
+            Some(_) => Ok(f(&[self.entries(ctx)?.as_slice()])),
         }
     }
 

@@ -244,12 +244,38 @@ impl<K, V> SmallMap<K, V> {
         self.len() == 0
     }
 
+    /// Starts loading the entries that are not inline into the caches (at most `max_lines` cache
+    /// lines of them), so that reading them soon after does not wait for memory.
+    pub fn prefetch(&self, max_lines: usize) {
+        if let Self::Split { older, .. } = self {
+            super::prefetch::prefetch_slice(older, max_lines);
+        }
+    }
+
     /// Every entry, borrowed: insertion order while not a hash map.
     pub fn iter(&self) -> Iter<'_, K, V> {
         match self {
             Self::Small(v) => Iter::Small(v.iter(), None),
             Self::Split { newest, older, .. } => Iter::Small(older.iter(), Some(newest)),
             Self::Large(m) => Iter::Large(m.iter()),
+        }
+    }
+
+    /// Lends every entry to `f` as runs of contiguous entries, in insertion order while not a
+    /// hash map (a hash map's are copied into one run): a caller loops over slices, not through
+    /// an iterator per entry.
+    pub fn with_runs<R>(&self, f: impl FnOnce(&[&[(K, V)]]) -> R) -> R
+    where
+        K: Clone,
+        V: Clone,
+    {
+        match self {
+            Self::Small(v) => f(&[v.as_slice()]),
+            Self::Split { newest, older, .. } => f(&[older.as_slice(), std::slice::from_ref(newest)]),
+            Self::Large(m) => {
+                let copy: Vec<(K, V)> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                f(&[copy.as_slice()])
+            }
         }
     }
 

@@ -171,6 +171,12 @@ impl TimerQueue {
         }
     }
 
+    /// The key (and its key group position) that fires `ahead` timers after the next one at the
+    /// time being fired, if known yet.
+    fn upcoming(&self, ahead: usize) -> Option<(&TimerKey, usize)> {
+        self.firing.get(ahead).map(|(k, kg)| (k, *kg as usize))
+    }
+
     /// The index for a snapshot, which writes it as the map state's entries (the memory
     /// backend's snapshots: RocksDB's hold the state itself). Copies nothing.
     fn share(&mut self) -> FrozenTimers {
@@ -280,6 +286,14 @@ impl TimerService {
 
     /// The earliest timer of `domain` due at `now` (the watermark for event time), removed
     /// from the index.
+    /// See [`TimerQueue::upcoming`].
+    pub(crate) fn upcoming(&self, domain: TimeDomain, ahead: usize) -> Option<(&TimerKey, usize)> {
+        match domain {
+            TimeDomain::EventTime => self.event.upcoming(ahead),
+            TimeDomain::ProcessingTime => self.processing.upcoming(ahead),
+        }
+    }
+
     pub(crate) fn pop_due(&mut self, domain: TimeDomain, now: Timestamp) -> Option<Due> {
         match domain {
             TimeDomain::EventTime => self.event.pop_due(self.watermark),
@@ -292,6 +306,28 @@ impl TimerService {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The lookahead through which firing prefetches names, in order, the keys that fire next.
+    #[test]
+    fn upcoming_names_the_keys_that_fire_next() {
+        let range = crate::keygroup::KeyGroupRange::new(0, 127);
+        let mut backend = KeyedBackend::Memory(super::super::MemoryBackend::new(range));
+        let mut queue = TimerQueue::open::<u32>(&mut backend, "timers", 128).unwrap();
+        for key in 0u32..20 {
+            let bytes = postcard::to_allocvec(&key).unwrap();
+            let index = CurrentKey::new(&key, &bytes, 128, range).unwrap().index;
+            queue.insert(5, &bytes, index);
+        }
+        queue.pop_due(5).unwrap();
+        let ahead: Vec<(TimerKey, usize)> = (0..19)
+            .map(|n| queue.upcoming(n).map(|(k, kg)| (k.clone(), kg)).unwrap())
+            .collect();
+        assert!(queue.upcoming(19).is_none());
+        let fired: Vec<(TimerKey, usize)> = std::iter::from_fn(|| queue.pop_due(5))
+            .map(|d| (d.key, d.key_group_index))
+            .collect();
+        assert_eq!(ahead, fired);
+    }
 
     proptest! {
         /// The firing order by prefix, then bytes, is the keys' byte order.
