@@ -113,6 +113,19 @@ pub fn test_config(
     config
 }
 
+/// Asserts that the job restarted `n` times, each restoring a checkpoint (not starting over):
+/// state in the middle of windows and timers was restored.
+pub fn assert_restored_checkpoints(restarts: &[sluice_coordinator::RestartRecord], n: usize, what: &str) {
+    assert_eq!(restarts.len(), n, "{what}: restarts {restarts:?}");
+    for r in restarts {
+        assert!(
+            matches!(r.restored_from, sluice_coordinator::RestoredFrom::Checkpoint(_)),
+            "{what}: restored from {:?}",
+            r.restored_from
+        );
+    }
+}
+
 /// Fails on the first line where `got` differs from `want` (both sorted), or on their counts:
 /// a diff of thousands of lines would say less.
 pub fn assert_same_lines<S: PartialEq + std::fmt::Debug>(got: &[S], want: &[S], what: &str) {

@@ -3,7 +3,7 @@
 //! and without a failure, on both backends; over handwritten log files, the exact counts
 //! (query strings, ids, time zone offsets, a malformed line, out-of-order and late lines).
 
-use sluice_coordinator::{run_job, JobOutcome, JobSubmission, RestartRecord, RestoredFrom};
+use sluice_coordinator::{run_job, JobOutcome, JobSubmission, RestartRecord};
 use sluice_examples::api_hits::{definition, expected};
 use sluice_runtime::config::StateBackendKind;
 use std::path::Path;
@@ -58,14 +58,8 @@ fn generated_log_counts_equal_the_direct_computation_through_a_failure() {
             let mut settings = vec![format!("events={EVENTS}"), format!("seed={SEED}")];
             settings.extend(extra.iter().map(|s| s.to_string()));
             let restarts = run(dir.path(), &settings, backend, 2);
-            assert_eq!(restarts.len(), usize::from(!extra.is_empty()), "{backend:?} {extra:?}");
-            if let Some(restart) = restarts.first() {
-                assert!(
-                    matches!(restart.restored_from, RestoredFrom::Checkpoint(_)),
-                    "{backend:?}: restored from {:?}",
-                    restart.restored_from
-                );
-            }
+            let what = format!("{backend:?} {extra:?}");
+            sluice_integration_tests::assert_restored_checkpoints(&restarts, usize::from(!extra.is_empty()), &what);
             let got = sluice_integration_tests::committed_lines(&dir.path().join("out"));
             sluice_integration_tests::assert_same_lines(
                 &got,

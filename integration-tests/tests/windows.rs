@@ -139,10 +139,13 @@ impl ProcessWindowFunction<u64, Vec<Event>> for SumWindow {
     }
 }
 
-/// Panics at its `fail_at`-th record on subtask 0 of the first attempt.
+/// Panics at its `fail_at`-th record on subtask 0 of the first attempt, or, if no checkpoint
+/// has completed by then, at the first record after one has: the restart restores a checkpoint
+/// however loaded the machine, so windows and timers are restored in the middle.
 struct FailOnce<T> {
     fail_at: u64,
     armed: bool,
+    checkpointed: bool,
     seen: u64,
     _t: std::marker::PhantomData<fn() -> T>,
 }
@@ -156,10 +159,14 @@ impl<T: sluice_runtime::operator::Data> Operator for FailOnce<T> {
     }
     fn process(&mut self, batch: Vec<T>, out: &mut Vec<T>) -> Result<()> {
         self.seen += batch.len() as u64;
-        if self.armed && self.seen >= self.fail_at {
+        if self.armed && self.checkpointed && self.seen >= self.fail_at {
             panic!("injected failure after {} window results", self.seen);
         }
         out.extend(batch);
+        Ok(())
+    }
+    fn checkpoint_complete(&mut self, _: sluice_runtime::CheckpointId) -> Result<()> {
+        self.checkpointed = true;
         Ok(())
     }
 }
@@ -232,6 +239,7 @@ fn build(p: &JobParams, env: &mut StreamEnv) -> Result<()> {
     let results = results.transform("fail-once", move || FailOnce {
         fail_at,
         armed: false,
+        checkpointed: false,
         seen: 0,
         _t: std::marker::PhantomData,
     });
@@ -414,7 +422,7 @@ fn a_failure_in_the_middle_of_open_windows_and_timers_changes_no_result() {
         let extra = ["rate=20000", "fail_at=3000"];
         let report = run_job(submission(dir.path(), kind, backend, 2, &extra, None)).unwrap();
         assert_eq!(report.outcome, JobOutcome::Finished);
-        assert_eq!(report.restarts.len(), 1, "{kind}: {:?}", report.restarts);
+        sluice_integration_tests::assert_restored_checkpoints(&report.restarts, 1, kind);
         assert_matches_direct_computation(dir.path(), kind);
     }
 }
@@ -498,15 +506,56 @@ fn the_exactly_once_file_sink_commits_each_result_once_through_a_failure() {
         let extra = ["rate=20000", "fail_at=3000", "sink=files"];
         let report = run_job(submission(dir.path(), kind, backend, 2, &extra, None)).unwrap();
         assert_eq!(report.outcome, JobOutcome::Finished);
-        assert_eq!(report.restarts.len(), 1, "{kind}: {:?}", report.restarts);
-        // results.csv is the sink's directory here.
-        let got = sluice_integration_tests::committed_lines(&dir.path().join("results.csv"));
-        let mut want: Vec<String> = expected(kind).0.lines().map(String::from).collect();
-        want.sort();
-        assert_eq!(got.len(), want.len(), "{kind}: committed results");
-        assert!(
-            got == want,
-            "{kind}: committed results differ from the direct computation"
+        sluice_integration_tests::assert_restored_checkpoints(&report.restarts, 1, kind);
+        assert_committed_once(dir.path(), kind);
+    }
+}
+
+#[test]
+fn a_job_stopped_with_a_savepoint_mid_windows_resumes_at_another_parallelism_and_commits_each_result_once() {
+    // The exactly-once file sink's output over both runs (stopped with a savepoint at
+    // parallelism 2, resumed from it into the other backend at parallelism 3, into the same
+    // directory) holds every window result exactly once.
+    for (kind, backend, other) in [
+        ("sliding", ROCKSDB, MEMORY),
+        ("session", MEMORY, ROCKSDB),
+        ("tumbling", MEMORY, ROCKSDB),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = ["rate=20000", "sink=files"];
+        let handle = spawn_job(submission(dir.path(), kind, backend, 2, &extra, None)).unwrap();
+        assert!(handle.wait_for_checkpoints(2));
+        let savepoint = handle.stop(&dir.path().join("sp").display().to_string()).unwrap();
+        let first = handle.wait().unwrap();
+        assert_eq!(first.outcome, JobOutcome::Stopped);
+        assert!(first.source_records < EVENTS, "{kind}: stopped mid-stream");
+        let committed_first = sluice_integration_tests::committed_lines(&dir.path().join("results.csv")).len();
+        assert!(committed_first > 0, "{kind}: the first run committed results");
+        let second = run_job(submission(
+            dir.path(),
+            kind,
+            other,
+            3,
+            &["sink=files"],
+            Some(&savepoint),
+        ))
+        .unwrap();
+        assert_eq!(second.outcome, JobOutcome::Finished);
+        assert_committed_once(dir.path(), kind);
+        // The late records' sink keeps them in operator state: the resumed run writes them all.
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("late.csv")).unwrap(),
+            expected(kind).1,
+            "{kind}: late records"
         );
     }
+}
+
+/// The exactly-once file sink's committed output (in `results.csv`, its directory here) is the
+/// direct computation's, each result once.
+fn assert_committed_once(dir: &Path, kind: &str) {
+    let got = sluice_integration_tests::committed_lines(&dir.join("results.csv"));
+    let mut want: Vec<String> = expected(kind).0.lines().map(String::from).collect();
+    want.sort();
+    sluice_integration_tests::assert_same_lines(&got, &want, &format!("{kind}: committed results"));
 }

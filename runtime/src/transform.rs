@@ -77,8 +77,8 @@ pub(crate) struct KeyedProcessOp<P: KeyedProcessFunction> {
 /// fires every window at once).
 const FIRE_ROUND: usize = 4096;
 
-/// How many timers ahead of the one firing a key's state is prefetched: a firing takes longer
-/// than a load from memory, so the next key's state is in the caches by its turn.
+/// Whose state is prefetched: the key that fires this many timers after the next one (two
+/// after the key firing), so that its loads from memory overlap two firings.
 const PREFETCH_AHEAD: usize = 1;
 
 impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
