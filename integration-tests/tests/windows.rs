@@ -501,7 +501,13 @@ fn records_within_the_allowed_lateness_fire_their_window_again_updated() {
 
 #[test]
 fn the_exactly_once_file_sink_commits_each_result_once_through_a_failure() {
-    for (kind, backend) in [("tumbling", MEMORY), ("session", ROCKSDB)] {
+    let cases = [
+        ("tumbling", MEMORY),
+        ("sliding", MEMORY),
+        ("sliding", ROCKSDB),
+        ("session", ROCKSDB),
+    ];
+    for (kind, backend) in cases {
         let dir = tempfile::tempdir().unwrap();
         let extra = ["rate=20000", "fail_at=3000", "sink=files"];
         let report = run_job(submission(dir.path(), kind, backend, 2, &extra, None)).unwrap();
