@@ -284,8 +284,6 @@ impl TimerService {
         self.processing.next()
     }
 
-    /// The earliest timer of `domain` due at `now` (the watermark for event time), removed
-    /// from the index.
     /// See [`TimerQueue::upcoming`].
     pub(crate) fn upcoming(&self, domain: TimeDomain, ahead: usize) -> Option<(&TimerKey, usize)> {
         match domain {
@@ -294,6 +292,8 @@ impl TimerService {
         }
     }
 
+    /// The earliest timer of `domain` due at `now` (the watermark for event time), removed
+    /// from the index.
     pub(crate) fn pop_due(&mut self, domain: TimeDomain, now: Timestamp) -> Option<Due> {
         match domain {
             TimeDomain::EventTime => self.event.pop_due(self.watermark),
