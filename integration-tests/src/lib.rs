@@ -116,7 +116,12 @@ pub fn test_config(
 /// Asserts that the job restarted `n` times, each restoring a checkpoint (not starting over):
 /// state in the middle of windows and timers was restored.
 pub fn assert_restored_checkpoints(restarts: &[sluice_coordinator::RestartRecord], n: usize, what: &str) {
-    assert_eq!(restarts.len(), n, "{what}: restarts {restarts:?}");
+    assert_eq!(
+        restarts.len(),
+        n,
+        "{what}: {n} restart(s) from a checkpoint expected (none if the job ended before its \
+         failure, which waits for a completed checkpoint), got {restarts:?}"
+    );
     for r in restarts {
         assert!(
             matches!(r.restored_from, sluice_coordinator::RestoredFrom::Checkpoint(_)),

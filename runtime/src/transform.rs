@@ -115,9 +115,7 @@ impl<P: KeyedProcessFunction> KeyedProcessOp<P> {
             // The key that fires a few timers from now: its state starts loading while these
             // fire (a sliding window's panes are rarely in a cache).
             if let Some((next, kg)) = timers.upcoming(domain, PREFETCH_AHEAD) {
-                if let Ok(next) = postcard::from_bytes::<P::Key>(next) {
-                    backend.prefetch(&CurrentKey::at(&next, &[], range, kg));
-                }
+                backend.prefetch::<P::Key>(next, kg);
             }
             let key: P::Key = postcard::from_bytes(&bytes)?;
             let mut ctx = KeyedContext {

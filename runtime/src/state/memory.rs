@@ -20,7 +20,7 @@
 use super::cow::Cow;
 use super::small_map::SmallMap;
 use super::ttl::{StateTtlConfig, TtlList, TtlValue};
-use super::{CurrentKey, Key, StateId, StateValue};
+use super::{CurrentKey, Entries, Key, StateId, StateValue};
 use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::KeyGroupRange;
@@ -452,10 +452,11 @@ impl MemoryBackend {
             .get_mut(c.key)
     }
 
-    /// Starts loading the state of the key `c` into the caches, ahead of reading it.
-    pub(crate) fn prefetch<K: Key>(&self, c: &CurrentKey<'_, K>) {
+    /// Starts loading what `key` (of the key group at position `index`) holds outside its slots
+    /// into the caches. The lookup of each slot itself waits for memory.
+    pub(crate) fn prefetch<K: Key>(&self, index: usize, key: &K) {
         for t in &self.tables {
-            t.prefetch(c.index, c.key);
+            t.prefetch(index, key);
         }
     }
 
@@ -598,18 +599,21 @@ impl MemoryBackend {
         id: StateId,
         c: &CurrentKey<'_, K>,
     ) -> Result<Vec<(UK, UV)>> {
-        Ok(self.map_with_entries::<K, UK, UV, _>(id, c, |runs| runs.concat()))
+        Ok(self
+            .slot::<K, MapEntries<UK, UV>>(id, c)
+            .map(|m| m.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
     }
 
     pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnOnce(&[&[(UK, UV)]]) -> R,
+        f: impl FnOnce(Entries<'_, UK, UV>) -> R,
     ) -> R {
         match self.slot::<K, MapEntries<UK, UV>>(id, c) {
-            Some(m) => m.0.with_runs(f),
-            None => f(&[]),
+            Some(m) => m.0.with_entries(f),
+            None => f(Entries::Runs(&[])),
         }
     }
 

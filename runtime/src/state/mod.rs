@@ -538,13 +538,13 @@ impl KeyedBackend {
         dispatch!(self, b => b.map_entries::<K, UK, UV>(id, c))
     }
 
-    /// Lends the current key's entries to `f` as runs of contiguous entries, borrowed in place
-    /// where the backend can (no copy of the map's values in memory), in no particular order.
+    /// Lends the current key's entries to `f`, borrowed in place where the backend can (no copy
+    /// of the map's values in memory), in no particular order.
     pub(crate) fn map_with_entries<K: Key, UK: Key, UV: StateValue, R>(
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnOnce(&[&[(UK, UV)]]) -> R,
+        f: impl FnOnce(Entries<'_, UK, UV>) -> R,
     ) -> Result<R> {
         match self {
             KeyedBackend::Memory(b) => Ok(b.map_with_entries::<K, UK, UV, R>(id, c, f)),
@@ -553,11 +553,16 @@ impl KeyedBackend {
         }
     }
 
-    /// Starts loading the state of the key `c` into the caches, so that reading it soon after
-    /// waits less for memory. A hint: nothing changes.
-    pub(crate) fn prefetch<K: Key>(&self, c: &CurrentKey<'_, K>) {
+    /// Starts loading what the key (serialized as `key`, of the key group at position `index`)
+    /// holds outside its slots into the caches, so that reading it soon after waits less for
+    /// memory: the memory backend's map state vectors. A hint: nothing changes.
+    pub(crate) fn prefetch<K: Key>(&self, key: &[u8], index: usize) {
         match self {
-            KeyedBackend::Memory(b) => b.prefetch(c),
+            KeyedBackend::Memory(b) => {
+                if let Ok(key) = postcard::from_bytes::<K>(key) {
+                    b.prefetch(index, &key);
+                }
+            }
             #[cfg(feature = "rocksdb")]
             KeyedBackend::RocksDb(_) => {}
         }
@@ -595,6 +600,25 @@ pub struct ListState<K, V> {
     id: StateId,
     ttl: Option<StateTtlConfig>,
     _t: Marker<(K, V)>,
+}
+
+/// A key's map entries lent to a reader: most as runs of contiguous entries, so that a reader
+/// loops over slices (and may search them) rather than calling an iterator per entry.
+pub(crate) enum Entries<'a, K, V> {
+    /// Runs of contiguous entries, read one after the other.
+    Runs(&'a [&'a [(K, V)]]),
+    /// Entries one at a time (a memory backend's map too large for a vector), not copied.
+    Each(&'a mut dyn Iterator<Item = (&'a K, &'a V)>),
+}
+
+impl<'a, K, V> Entries<'a, K, V> {
+    /// Calls `f` with every entry.
+    pub fn for_each(self, mut f: impl FnMut(&'a K, &'a V)) {
+        match self {
+            Entries::Runs(runs) => runs.iter().flat_map(|run| run.iter()).for_each(|(k, v)| f(k, v)),
+            Entries::Each(entries) => entries.for_each(|(k, v)| f(k, v)),
+        }
+    }
 }
 
 /// A map per key.
@@ -817,17 +841,17 @@ impl<K: Key, UK: Key, UV: StateValue> MapState<K, UK, UV> {
         }
     }
 
-    /// Lends the current key's entries to `f` as runs of contiguous entries (a loop over slices,
-    /// not a call per entry), borrowed in place where the backend can (windows merge their panes
-    /// this way), in no particular order. With a TTL it reads through `entries`.
+    /// Lends the current key's entries to `f`, borrowed in place where the backend can (windows
+    /// merge their panes this way), in no particular order. With a TTL it reads through
+    /// `entries`.
     pub(crate) fn with_entries<R>(
         &self,
         ctx: &mut KeyedContext<'_, K>,
-        f: impl FnOnce(&[&[(UK, UV)]]) -> R,
+        f: impl FnOnce(Entries<'_, UK, UV>) -> R,
     ) -> Result<R> {
         match &self.ttl {
             None => ctx.backend.map_with_entries::<K, UK, UV, R>(self.id, &ctx.cur, f),
-            Some(_) => Ok(f(&[self.entries(ctx)?.as_slice()])),
+            Some(_) => Ok(f(Entries::Runs(&[self.entries(ctx)?.as_slice()]))),
         }
     }
 

@@ -19,12 +19,21 @@ pub(crate) fn prefetch_read<T>(ptr: *const T) {
     let _ = ptr;
 }
 
-/// Prefetches the cache lines of `items`, at most `max_lines` of them.
+/// Bytes in a cache line (x86-64 and most others).
+const LINE: usize = 64;
+
+/// Prefetches the cache lines `items` spans, at most `max_lines` of them.
 #[inline]
 pub(crate) fn prefetch_slice<T>(items: &[T], max_lines: usize) {
-    let bytes = std::mem::size_of_val(items).min(max_lines * 64);
+    let bytes = std::mem::size_of_val(items);
+    if bytes == 0 {
+        return;
+    }
+    // From the line holding the first byte: a slice need not start on a line.
     let start = items.as_ptr().cast::<u8>();
-    for offset in (0..bytes).step_by(64) {
-        prefetch_read(start.wrapping_add(offset));
+    let first_line = start.wrapping_sub(start.addr() % LINE);
+    let span = (start.addr() % LINE + bytes).min(max_lines.saturating_mul(LINE));
+    for offset in (0..span).step_by(LINE) {
+        prefetch_read(first_line.wrapping_add(offset));
     }
 }

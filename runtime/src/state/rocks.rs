@@ -913,10 +913,10 @@ impl RocksBackend {
         &self,
         id: StateId,
         c: &CurrentKey<'_, K>,
-        f: impl FnOnce(&[&[(UK, UV)]]) -> R,
+        f: impl FnOnce(super::Entries<'_, UK, UV>) -> R,
     ) -> Result<R> {
         let owned = self.map_entries::<K, UK, UV>(id, c)?;
-        Ok(f(&[owned.as_slice()]))
+        Ok(f(super::Entries::Runs(&[owned.as_slice()])))
     }
 
     pub(crate) fn map_clear<K: Key, UK: Key, UV: StateValue>(

@@ -261,21 +261,15 @@ impl<K, V> SmallMap<K, V> {
         }
     }
 
-    /// Lends every entry to `f` as runs of contiguous entries, in insertion order while not a
-    /// hash map (a hash map's are copied into one run): a caller loops over slices, not through
-    /// an iterator per entry.
-    pub fn with_runs<R>(&self, f: impl FnOnce(&[&[(K, V)]]) -> R) -> R
-    where
-        K: Clone,
-        V: Clone,
-    {
+    /// Lends every entry to `f`: as runs of contiguous entries in insertion order while not a
+    /// hash map, one at a time from a hash map.
+    pub fn with_entries<R>(&self, f: impl FnOnce(super::Entries<'_, K, V>) -> R) -> R {
         match self {
-            Self::Small(v) => f(&[v.as_slice()]),
-            Self::Split { newest, older, .. } => f(&[older.as_slice(), std::slice::from_ref(newest)]),
-            Self::Large(m) => {
-                let copy: Vec<(K, V)> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                f(&[copy.as_slice()])
+            Self::Small(v) => f(super::Entries::Runs(&[v.as_slice()])),
+            Self::Split { newest, older, .. } => {
+                f(super::Entries::Runs(&[older.as_slice(), std::slice::from_ref(newest)]))
             }
+            Self::Large(m) => f(super::Entries::Each(&mut m.iter())),
         }
     }
 
