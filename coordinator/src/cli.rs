@@ -169,6 +169,10 @@ struct JobFlags {
     /// own SST files, or by `iterate`-and-write of their keys
     #[arg(long, default_value = "ingest")]
     rocksdb_rescale: String,
+    /// RocksDB: memory of each operator subtask's cache of recently used entries, read before
+    /// RocksDB (e.g. 512MiB, 2GiB; 0 turns it off)
+    #[arg(long, default_value = "512MiB")]
+    rocksdb_entry_cache: String,
     /// Where checkpoints go: a path, file:///abs/path, s3://bucket/prefix or memory://name
     #[arg(long, default_value = "./checkpoints")]
     checkpoint_dir: String,
@@ -312,10 +316,17 @@ impl JobFlags {
             ..JobConfig::default()
         };
         c.checkpoint.interval = interval;
-        c.rescale_merge = self
+        c.rocksdb.rescale_merge = self
             .rocksdb_rescale
             .parse()
             .map_err(|e: sluice_runtime::Error| e.to_string())?;
+        c.rocksdb.entry_cache_bytes = self
+            .rocksdb_entry_cache
+            .parse::<bytesize::ByteSize>()
+            .map_err(|e| format!("--rocksdb-entry-cache '{}': {e}", self.rocksdb_entry_cache))?
+            .as_u64()
+            .try_into()
+            .map_err(|_| format!("--rocksdb-entry-cache '{}' is too large", self.rocksdb_entry_cache))?;
         c.checkpoint.retained = self.retained_checkpoints;
         c.checkpoint.timeout = duration("checkpoint-timeout", &self.checkpoint_timeout)?;
         c.checkpoint.min_pause = duration("min-pause", &self.min_pause)?;

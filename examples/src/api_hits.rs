@@ -1085,7 +1085,7 @@ mod tests {
             attempt: 1,
             state_backend: sluice_runtime::config::StateBackendKind::Memory,
             local_dir: std::env::temp_dir(),
-            rescale_merge: Default::default(),
+            rocksdb: Default::default(),
             finish_hooks: Default::default(),
         };
         again.open(&info, Some(&restored)).unwrap();

@@ -68,7 +68,7 @@ fn checkpoint_at_2_restores_at_1_3_and_5(backend: StateBackendKind, merge: Resca
     for p in [1, 3, 5] {
         let name = format!("at{p}");
         let mut sub = submission(d, &name, p, backend, 0, Some(chk.to_str().unwrap()));
-        sub.config.rescale_merge = merge;
+        sub.config.rocksdb.rescale_merge = merge;
         let report = run_job(sub).unwrap();
         assert_eq!(report.outcome, JobOutcome::Finished, "at parallelism {p}");
         assert!(matches!(report.initial_restore, RestoredFrom::Savepoint(_)));

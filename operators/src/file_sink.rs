@@ -209,7 +209,7 @@ mod tests {
             attempt,
             state_backend: sluice_runtime::config::StateBackendKind::Memory,
             local_dir: std::env::temp_dir(),
-            rescale_merge: Default::default(),
+            rocksdb: Default::default(),
             finish_hooks: hooks.clone(),
         }
     }

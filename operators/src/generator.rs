@@ -154,7 +154,7 @@ mod tests {
             attempt: 0,
             state_backend: sluice_runtime::config::StateBackendKind::Memory,
             local_dir: std::env::temp_dir(),
-            rescale_merge: Default::default(),
+            rocksdb: Default::default(),
             finish_hooks: Default::default(),
         }
     }

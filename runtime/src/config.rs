@@ -101,6 +101,25 @@ impl std::str::FromStr for RescaleMerge {
     }
 }
 
+/// Settings of the RocksDB state backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RocksDbSettings {
+    /// How a restore merges old instances after a rescale.
+    pub rescale_merge: RescaleMerge,
+    /// Bound of each operator subtask's entry cache (the latest values of recently used keys,
+    /// read before RocksDB), in bytes; 0 turns it off.
+    pub entry_cache_bytes: usize,
+}
+
+impl Default for RocksDbSettings {
+    fn default() -> Self {
+        Self {
+            rescale_merge: RescaleMerge::default(),
+            entry_cache_bytes: 512 << 20,
+        }
+    }
+}
+
 /// Everything a job run needs besides the job itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobConfig {
@@ -130,8 +149,8 @@ pub struct JobConfig {
     pub chaining: bool,
     /// Local working directory (RocksDB instances).
     pub data_dir: std::path::PathBuf,
-    /// How RocksDB merges old instances after a rescale.
-    pub rescale_merge: RescaleMerge,
+    /// Settings of the RocksDB state backend.
+    pub rocksdb: RocksDbSettings,
 }
 
 impl Default for JobConfig {
@@ -150,7 +169,7 @@ impl Default for JobConfig {
             batch_size: 1024,
             chaining: true,
             data_dir: std::env::temp_dir().join("sluice-data"),
-            rescale_merge: RescaleMerge::default(),
+            rocksdb: RocksDbSettings::default(),
         }
     }
 }

@@ -87,7 +87,7 @@ pub struct DeployConfig {
     /// Where savepoints go.
     pub savepoints: SavepointTargets,
     /// How RocksDB merges old instances after a rescale.
-    pub rescale_merge: crate::config::RescaleMerge,
+    pub rocksdb: crate::config::RocksDbSettings,
     /// Run by the job master once this attempt has finished the job.
     pub finish_hooks: crate::operator::FinishHooks,
     /// Cluster mode: which subtasks run in this process and how to reach the others; `None`
@@ -118,7 +118,7 @@ impl DeployConfig {
             data_dir: config.data_dir.clone(),
             upload_timeout: config.checkpoint.timeout,
             savepoints,
-            rescale_merge: config.rescale_merge,
+            rocksdb: config.rocksdb,
             finish_hooks: Default::default(),
             placement: None,
         }
@@ -461,7 +461,7 @@ impl TaskBuild {
                 max_parallelism: g.max_parallelism(),
                 attempt: self.cfg.attempt,
                 state_backend: self.cfg.state_backend,
-                rescale_merge: self.cfg.rescale_merge,
+                rocksdb: self.cfg.rocksdb,
                 finish_hooks: self.cfg.finish_hooks.clone(),
                 local_dir: self
                     .cfg

@@ -43,8 +43,8 @@ pub struct TaskInfo {
     pub state_backend: crate::config::StateBackendKind,
     /// This operator subtask's local working directory (RocksDB instance, downloads).
     pub local_dir: std::path::PathBuf,
-    /// How RocksDB merges old instances after a rescale.
-    pub rescale_merge: crate::config::RescaleMerge,
+    /// Settings of the RocksDB state backend.
+    pub rocksdb: crate::config::RocksDbSettings,
     /// Work to run once the whole job has finished (a sink's last commit).
     pub finish_hooks: FinishHooks,
 }

@@ -149,7 +149,7 @@ impl<P: KeyedProcessFunction> Operator for KeyedProcessOp<P> {
             info.key_group_range(),
             &info.local_dir,
             restored,
-            info.rescale_merge,
+            info.rocksdb,
         )?;
         let mut timers = TimerService::open::<P::Key>(&mut backend, info.max_parallelism)?;
         if let Some(w) = clock {
@@ -325,7 +325,7 @@ pub(crate) mod tests {
             attempt: 0,
             state_backend: backend,
             local_dir: dir.join(format!("{subtask}-{parallelism}")),
-            rescale_merge: Default::default(),
+            rocksdb: Default::default(),
             finish_hooks: Default::default(),
         }
     }

@@ -939,7 +939,7 @@ mod tests {
             attempt: 0,
             state_backend: backend,
             local_dir: dir.path().join("windows"),
-            rescale_merge: Default::default(),
+            rocksdb: Default::default(),
             finish_hooks: Default::default(),
         };
         op.open(&info, None).unwrap();

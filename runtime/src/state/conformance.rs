@@ -342,11 +342,14 @@ impl TestStore {
             attempt: 1,
             state_backend: into,
             local_dir: dir.join("restored"),
-            rescale_merge: merge,
+            rocksdb: crate::config::RocksDbSettings {
+                rescale_merge: merge,
+                ..Default::default()
+            },
             finish_hooks: Default::default(),
         };
         let restored = rt.block_on(source.load(&info)).unwrap().unwrap();
-        KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed, merge)
+        KeyedBackend::open(into, range, &dir.join("restored"), restored.keyed, info.rocksdb)
     }
 }
 
@@ -506,6 +509,57 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
             assert_eq!(read_all(&mut merged), want, "{case}, compacted");
         }
     }
+}
+
+/// Checkpoints ingest SST files written outside RocksDB; their sequence number lives only in
+/// their instance's manifest. Merged into another instance after later checkpoints overwrote and
+/// deleted keys, every newer value and deletion must still win, and the files still go in whole.
+#[test]
+fn a_merge_by_ingestion_keeps_the_newest_of_several_checkpoints() {
+    let kind = BACKENDS[1];
+    let halves = [range_for_subtask(M, 2, 0), range_for_subtask(M, 2, 1)];
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::new(dir.path());
+    let mut want = expected(300);
+    let acked = halves
+        .iter()
+        .enumerate()
+        .map(|(i, half)| {
+            let mut b = open(kind, &dir.path().join(format!("old{i}")), *half, Default::default());
+            fill_in(&mut b, 300, *half);
+            store.persist_subtask(1, i, b.snapshot(CheckpointId(1)).unwrap());
+            let values = b.registry::<u64>().value_state::<String>("values").unwrap();
+            for k in (0..300).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M))) {
+                b.with_key(&k, M, |ctx| match k % 5 {
+                    0 => values.clear(ctx).unwrap(),
+                    _ if k % 2 == 0 => values.update(ctx, format!("later{k}")).unwrap(),
+                    _ => {}
+                })
+                .unwrap();
+                match k % 5 {
+                    0 => drop(want.values.remove(&k)),
+                    _ if k % 2 == 0 => drop(want.values.insert(k, format!("later{k}"))),
+                    _ => {}
+                }
+            }
+            store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
+        })
+        .collect();
+    let mut merged = store
+        .restore_subtasks(
+            2,
+            acked,
+            kind,
+            full_range(),
+            &dir.path().join("new"),
+            crate::config::RescaleMerge::Ingest,
+        )
+        .unwrap();
+    assert_eq!(read_all(&mut merged), want);
+    let counts = rocks(&mut merged).merged();
+    assert_eq!((counts.ingested, counts.copied), (4, 0), "{counts:?}");
+    rocks(&mut merged).compact().unwrap();
+    assert_eq!(read_all(&mut merged), want, "compacted");
 }
 
 /// Of two old instances that a new subtask's range holds whole, the one cheaper to ingest is
@@ -721,12 +775,14 @@ fn apply(b: &mut KeyedBackend, ops: &[Op]) -> Vec<String> {
 }
 
 /// The backends the property tests compare, named: memory, RocksDB, and RocksDB with a tiny
-/// write cache (writes reach RocksDB while a frozen cache may still be moving, and most before
-/// the next compaction).
+/// write cache and a tiny entry cache (writes reach RocksDB while a frozen cache may still be
+/// moving, and most before the next compaction; the entry cache evicts all the time, so most
+/// reads go to the write cache and RocksDB).
 fn three_backends(dir: &Path) -> [(&'static str, KeyedBackend); 3] {
     let mut small = open(BACKENDS[1], &dir.join("s"), full_range(), Default::default());
     if let KeyedBackend::RocksDb(r) = &mut small {
         r.set_write_cache_limit(200);
+        r.set_entry_cache_limit(400);
     }
     [
         (
@@ -737,7 +793,7 @@ fn three_backends(dir: &Path) -> [(&'static str, KeyedBackend); 3] {
             "rocksdb",
             open(BACKENDS[1], &dir.join("r"), full_range(), Default::default()),
         ),
-        ("rocksdb, small write cache", small),
+        ("rocksdb, small write and entry caches", small),
     ]
 }
 

@@ -7,6 +7,8 @@
 #[cfg(all(test, feature = "rocksdb"))]
 mod conformance;
 mod cow;
+#[cfg(feature = "rocksdb")]
+mod entry_cache;
 mod memory;
 mod prefetch;
 #[cfg(feature = "rocksdb")]
@@ -255,7 +257,7 @@ impl KeyedBackend {
         range: KeyGroupRange,
         local_dir: &std::path::Path,
         restored: RestoredKeyGroups,
-        merge: crate::config::RescaleMerge,
+        rocksdb: crate::config::RocksDbSettings,
     ) -> Result<Self> {
         match kind {
             StateBackendKind::Memory => {
@@ -276,11 +278,11 @@ impl KeyedBackend {
                 local_dir,
                 restored,
                 incremental,
-                merge,
+                rocksdb,
             )?))),
             #[cfg(not(feature = "rocksdb"))]
             StateBackendKind::RocksDb { .. } => {
-                let _ = (local_dir, merge);
+                let _ = (local_dir, rocksdb);
                 Err(Error::Config(
                     "this binary was built without the rocksdb feature".into(),
                 ))

@@ -15,14 +15,24 @@ use std::ffi::{CStr, CString};
 use std::os::raw::c_char;
 use std::path::{Path, PathBuf};
 
+/// A live SST file of an instance, to ingest into another.
+pub(super) struct LiveFile {
+    pub(super) path: PathBuf,
+    /// Written outside the instance and ingested into it (a checkpoint's SST file): its keys
+    /// carry sequence number 0, and the one they were given lives in the instance's manifest
+    /// only. All its keys have that one number, which no file the instance wrote itself with
+    /// more than one key has (other than 0, given at the bottom level).
+    pub(super) external: bool,
+}
+
 /// The live SST files of `db` (opened from `dir`), per column family, each list in the order
 /// ingestion needs: deeper levels first, and within a level older files first. RocksDB
 /// requires that a key found in several ingested files is newest in the last one.
-pub(super) fn files_for_ingestion(db: &DB, dir: &Path) -> Result<BTreeMap<String, Vec<PathBuf>>> {
+pub(super) fn files_for_ingestion(db: &DB, dir: &Path) -> Result<BTreeMap<String, Vec<LiveFile>>> {
     struct Live {
         level: i32,
         largest_seqno: u64,
-        path: PathBuf,
+        file: LiveFile,
     }
     let mut by_cf: BTreeMap<String, Vec<Live>> = BTreeMap::new();
     // SAFETY: `db` outlives the listing, which is destroyed below before returning; the
@@ -39,10 +49,15 @@ pub(super) fn files_for_ingestion(db: &DB, dir: &Path) -> Result<BTreeMap<String
             let text = |p: *const c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
             let cf = text(ffi::rocksdb_livefiles_column_family_name(files, i));
             let name = text(ffi::rocksdb_livefiles_name(files, i));
+            let largest_seqno = ffi::rocksdb_livefiles_largest_seqno(files, i);
+            let smallest_seqno = ffi::rocksdb_livefiles_smallest_seqno(files, i);
             by_cf.entry(cf).or_default().push(Live {
                 level: ffi::rocksdb_livefiles_level(files, i),
-                largest_seqno: ffi::rocksdb_livefiles_largest_seqno(files, i),
-                path: dir.join(name.trim_start_matches('/')),
+                largest_seqno,
+                file: LiveFile {
+                    path: dir.join(name.trim_start_matches('/')),
+                    external: smallest_seqno == largest_seqno && largest_seqno > 0,
+                },
             });
         }
         ffi::rocksdb_livefiles_destroy(files);
@@ -51,16 +66,17 @@ pub(super) fn files_for_ingestion(db: &DB, dir: &Path) -> Result<BTreeMap<String
         .into_iter()
         .map(|(cf, mut files)| {
             files.sort_by_key(|f| (std::cmp::Reverse(f.level), f.largest_seqno));
-            (cf, files.into_iter().map(|f| f.path).collect())
+            (cf, files.into_iter().map(|f| f.file).collect())
         })
         .collect())
 }
 
 /// Ingests `files` (listed by [`files_for_ingestion`]) into `cf` of `db` as they are, hard
-/// linked, keeping their sequence numbers (RocksDB raises the instance's own past them).
-/// RocksDB refuses, changing nothing, when they overlap data already in `cf` or in its
-/// memtable: the caller then copies the keys instead.
-pub(super) fn ingest_db_files(db: &DB, cf: &impl AsColumnFamilyRef, files: &[PathBuf]) -> Result<()> {
+/// linked. Files the other instance wrote itself (`generated`) keep their sequence numbers
+/// (RocksDB raises the instance's own past them), and RocksDB refuses them, changing nothing,
+/// when they overlap data already in `cf` or in its memtable. An external file (one at a time)
+/// gets a sequence number above every one in `db`: it is the newest.
+pub(super) fn ingest_files(db: &DB, cf: &impl AsColumnFamilyRef, files: &[&Path], generated: bool) -> Result<()> {
     let paths = files
         .iter()
         .map(|p| {
@@ -75,7 +91,7 @@ pub(super) fn ingest_db_files(db: &DB, cf: &impl AsColumnFamilyRef, files: &[Pat
     // allocator.
     unsafe {
         let opts = ffi::rocksdb_ingestexternalfileoptions_create();
-        ffi::rocksdb_ingestexternalfileoptions_set_allow_db_generated_files(opts, 1);
+        ffi::rocksdb_ingestexternalfileoptions_set_allow_db_generated_files(opts, u8::from(generated));
         // DB-generated files keep their sequence numbers: no global one, no snapshot ordering.
         ffi::rocksdb_ingestexternalfileoptions_set_snapshot_consistency(opts, 0);
         ffi::rocksdb_ingestexternalfileoptions_set_write_global_seqno(opts, 0);

@@ -17,7 +17,7 @@
 //! waiting for a frozen cache still being moved, to keep writes in order).
 
 use crate::error::{Error, Result};
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::ops::Bound;
@@ -25,12 +25,86 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Cached writes of one state (column family): stored key -> value, or `None` for a deletion.
-pub(crate) type Entries = BTreeMap<CacheKey, Option<Vec<u8>>>;
+/// Kept in key order for map states, whose entries of one key are scanned; hashed for the others
+/// (value, list and reducing state), which are read by key and scanned only whole (rarely): a
+/// hash insert costs a fraction of an ordered one, and their entries are sorted only when they
+/// move into RocksDB, off the task thread.
+pub(crate) enum Entries {
+    Sorted(BTreeMap<CacheKey, Option<Vec<u8>>>),
+    Hashed(FxHashMap<CacheKey, Option<Vec<u8>>>),
+}
+
+impl Entries {
+    /// Empty entries; hashed ones with room for `expected` keys (growing a table of hundreds of
+    /// thousands rehashes every key again).
+    fn new(sorted: bool, expected: usize) -> Self {
+        if sorted {
+            Self::Sorted(BTreeMap::new())
+        } else {
+            Self::Hashed(FxHashMap::with_capacity_and_hasher(expected, Default::default()))
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Sorted(m) => m.len(),
+            Self::Hashed(m) => m.len(),
+        }
+    }
+
+    fn get(&self, key: &CacheKey) -> Option<&Option<Vec<u8>>> {
+        match self {
+            Self::Sorted(m) => m.get(key),
+            Self::Hashed(m) => m.get(key),
+        }
+    }
+
+    /// Stores `value` under `key`; the value it replaces, if the key was there.
+    fn insert(&mut self, key: CacheKey, value: Option<Vec<u8>>) -> Option<Option<Vec<u8>>> {
+        match self {
+            Self::Sorted(m) => m.insert(key, value),
+            Self::Hashed(m) => m.insert(key, value),
+        }
+    }
+
+    /// Every entry in key order.
+    pub(crate) fn in_order(&self) -> Vec<(&[u8], Option<&[u8]>)> {
+        self.prefixed(b"")
+    }
+
+    /// The entries whose keys start with `prefix`, in key order.
+    fn prefixed(&self, prefix: &[u8]) -> Vec<(&[u8], Option<&[u8]>)> {
+        match self {
+            Self::Sorted(m) => m
+                .range((Bound::Included(CacheKey::from(prefix.to_vec())), Bound::Unbounded))
+                .take_while(|(k, _)| k.bytes.starts_with(prefix))
+                .map(|(k, v)| (k.as_bytes(), v.as_deref()))
+                .collect(),
+            Self::Hashed(m) => {
+                let mut found: Vec<_> = m.iter().filter(|(k, _)| k.bytes.starts_with(prefix)).collect();
+                found.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                found.into_iter().map(|(k, v)| (k.as_bytes(), v.as_deref())).collect()
+            }
+        }
+    }
+
+    /// The same entries, kept in key order from now on.
+    fn into_sorted(self) -> Self {
+        match self {
+            Self::Hashed(m) => Self::Sorted(m.into_iter().collect()),
+            sorted => sorted,
+        }
+    }
+}
 
 /// A stored key in the cache, ordered as its bytes are, with its first 16 bytes also held as
 /// one big-endian integer. Most keys (key group, length, an 8-byte id) fit in it whole, so the
 /// tree tells two keys apart with one integer comparison rather than a `memcmp` call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Eq)]
 pub(crate) struct CacheKey {
     head: u128,
     bytes: Vec<u8>,
@@ -39,6 +113,26 @@ pub(crate) struct CacheKey {
 impl CacheKey {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes
+    }
+}
+
+/// Keys of up to 16 bytes are equal if their heads and lengths are: their bytes (maybe not in
+/// any CPU cache) are not read.
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        let n = self.bytes.len();
+        self.head == other.head && n == other.bytes.len() && (n <= 16 || self.bytes == other.bytes)
+    }
+}
+
+/// Consistent with equality: short keys hash by head and length (a rehash does not read
+/// their bytes), longer ones by their bytes.
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        match self.bytes.len() {
+            n @ 0..=16 => (self.head, n).hash(h),
+            _ => self.bytes.hash(h),
+        }
     }
 }
 
@@ -69,7 +163,8 @@ impl PartialOrd for CacheKey {
     }
 }
 
-/// The hashes of the keys (with their state) of one cache's entries.
+/// The hashes of the keys (with their state) of one cache's sorted entries (hashed ones are
+/// looked up directly).
 type KeyHashes = FxHashSet<u64>;
 
 /// Bytes charged per cached entry on top of its key's and value's bytes: its tree slot (a
@@ -94,6 +189,8 @@ pub(crate) enum Cached<'a> {
 /// The live and frozen caches of one backend.
 pub(crate) struct WriteCache {
     live: Vec<Entries>,
+    /// Per state: whether its entries are kept in key order.
+    sorted: Vec<bool>,
     live_keys: KeyHashes,
     live_bytes: usize,
     limit: usize,
@@ -114,6 +211,7 @@ impl WriteCache {
     pub(crate) fn new(limit: usize) -> Self {
         Self {
             live: Vec::new(),
+            sorted: Vec::new(),
             live_keys: KeyHashes::default(),
             live_bytes: 0,
             limit,
@@ -126,19 +224,45 @@ impl WriteCache {
         self.limit = limit;
     }
 
-    /// Makes room for state `id`.
+    /// Makes room for state `id` (hashed until [`Self::keep_sorted`] is called).
     pub(crate) fn register(&mut self, id: usize) {
         if self.live.len() <= id {
-            self.live.resize_with(id + 1, Entries::new);
+            self.live.resize_with(id + 1, || Entries::new(false, 0));
+            self.sorted.resize(id + 1, false);
+        }
+    }
+
+    /// Keeps state `id`'s entries in key order from now on (its entries of one key are about
+    /// to be scanned). Called before its first write, normally: then nothing is converted.
+    pub(crate) fn keep_sorted(&mut self, id: usize) {
+        if !self.sorted[id] {
+            self.sorted[id] = true;
+            let entries = std::mem::replace(&mut self.live[id], Entries::new(true, 0)).into_sorted();
+            if let Entries::Sorted(m) = &entries {
+                self.live_keys.extend(m.keys().map(|k| key_hash(id, k.as_bytes())));
+            }
+            self.live[id] = entries;
         }
     }
 
     pub(crate) fn get(&self, id: usize, key: &CacheKey) -> Cached<'_> {
-        let h = key_hash(id, key.as_bytes());
-        let live = self.live_keys.contains(&h).then(|| self.live[id].get(key));
+        // Sorted entries are looked up only if the key's hash is among theirs (a tree descent
+        // costs a key comparison per level); hashed ones directly.
+        let h = self.sorted[id].then(|| key_hash(id, key.as_bytes()));
+        let may_hold = |entries: &Entries, keys: &KeyHashes| match (entries, h) {
+            (Entries::Sorted(_), Some(h)) => keys.contains(&h),
+            (Entries::Sorted(_), None) => false,
+            (Entries::Hashed(_), _) => true,
+        };
+        let live = may_hold(&self.live[id], &self.live_keys).then(|| self.live[id].get(key));
         let found = live.flatten().or_else(|| {
-            let f = self.frozen.as_ref().filter(|f| f.keys.contains(&h))?;
-            f.entries.get(id)?.get(key)
+            let f = self.frozen.as_ref()?;
+            let entries = f.entries.get(id)?;
+            let h = h.unwrap_or_else(|| key_hash(id, key.as_bytes()));
+            match entries {
+                Entries::Sorted(_) if !f.keys.contains(&h) => None,
+                _ => entries.get(key),
+            }
         });
         match found {
             Some(Some(v)) => Cached::Value(v),
@@ -150,17 +274,16 @@ impl WriteCache {
     /// Records a write (`None`: a deletion). Returns whether the cache is now over its limit.
     pub(crate) fn put(&mut self, id: usize, key: CacheKey, value: Option<Vec<u8>>) -> bool {
         let new_len = value.as_ref().map_or(0, Vec::len);
-        match self.live[id].entry(key) {
-            std::collections::btree_map::Entry::Occupied(mut slot) => {
-                let old_len = slot.get().as_ref().map_or(0, Vec::len);
+        let (key_len, sorted) = (key.bytes.len(), self.sorted[id]);
+        if sorted {
+            self.live_keys.insert(key_hash(id, key.as_bytes()));
+        }
+        match self.live[id].insert(key, value) {
+            Some(old) => {
+                let old_len = old.as_ref().map_or(0, Vec::len);
                 self.live_bytes = (self.live_bytes + new_len).saturating_sub(old_len);
-                slot.insert(value);
             }
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                self.live_bytes += slot.key().bytes.len() + new_len + ENTRY_OVERHEAD;
-                self.live_keys.insert(key_hash(id, slot.key().as_bytes()));
-                slot.insert(value);
-            }
+            None => self.live_bytes += key_len + new_len + ENTRY_OVERHEAD,
         }
         self.live_bytes > self.limit
     }
@@ -168,9 +291,9 @@ impl WriteCache {
     /// The cached entries of state `id` whose keys start with `prefix`, live over frozen, in
     /// key order (deletions included).
     pub(crate) fn scan(&self, id: usize, prefix: &[u8]) -> Vec<(&[u8], Option<&[u8]>)> {
-        let live = prefixed(&self.live[id], prefix);
+        let live = self.live[id].prefixed(prefix);
         match self.frozen.as_ref().and_then(|f| f.entries.get(id)) {
-            Some(frozen) => merge_sorted(live, prefixed(frozen, prefix)),
+            Some(frozen) => merge_sorted(live, frozen.prefixed(prefix)),
             None => live,
         }
     }
@@ -183,7 +306,11 @@ impl WriteCache {
     fn take_live_with_keys(&mut self) -> (Vec<Entries>, KeyHashes) {
         self.live_bytes = 0;
         let n = self.live.len();
-        let entries = std::mem::replace(&mut self.live, (0..n).map(|_| Entries::new()).collect());
+        // As many keys as the last interval's, most likely.
+        let fresh = (0..n)
+            .map(|id| Entries::new(self.sorted[id], self.live[id].len()))
+            .collect();
+        let entries = std::mem::replace(&mut self.live, fresh);
         (entries, std::mem::take(&mut self.live_keys))
     }
 
@@ -230,13 +357,6 @@ impl WriteCache {
 /// The hash of state `id`'s stored key `key`.
 fn key_hash(id: usize, key: &[u8]) -> u64 {
     rustc_hash::FxBuildHasher.hash_one((id, key))
-}
-
-fn prefixed<'a>(map: &'a Entries, prefix: &[u8]) -> Vec<(&'a [u8], Option<&'a [u8]>)> {
-    map.range((Bound::Included(CacheKey::from(prefix.to_vec())), Bound::Unbounded))
-        .take_while(|(k, _)| k.bytes.starts_with(prefix))
-        .map(|(k, v)| (k.as_bytes(), v.as_deref()))
-        .collect()
 }
 
 /// Merges two key-ordered runs; where both hold a key, `newer`'s entry wins.
@@ -373,21 +493,30 @@ mod tests {
             prop_assert_eq!(key(&a).cmp(&key(&b)), a.cmp(&b));
         }
 
-        /// A scan returns exactly the cached keys that start with the prefix, in byte order.
+        /// A scan returns exactly the cached keys that start with the prefix, in byte order,
+        /// and a lookup finds each key: hashed, sorted, or sorted after some writes.
         #[test]
         fn scans_return_exactly_the_prefixed_keys_in_order(
             keys in proptest::collection::btree_set(
                 proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8), any::<u8>()], 0..20), 0..40),
             prefix in proptest::collection::vec(prop_oneof![Just(0u8), Just(1u8)], 0..4),
+            sorted_after in proptest::option::of(0usize..40),
         ) {
             let mut c = WriteCache::new(usize::MAX);
             c.register(0);
-            for k in &keys {
-                c.put(0, key(k), Some(vec![]));
+            for (i, k) in keys.iter().enumerate() {
+                if sorted_after == Some(i) {
+                    c.keep_sorted(0);
+                }
+                c.put(0, key(k), Some(k.clone()));
             }
             let got: Vec<&[u8]> = c.scan(0, &prefix).into_iter().map(|(k, _)| k).collect();
             let want: Vec<&[u8]> = keys.iter().filter(|k| k.starts_with(&prefix)).map(Vec::as_slice).collect();
             prop_assert_eq!(got, want);
+            prop_assert_eq!(c.live[0].in_order().len(), keys.len());
+            for k in &keys {
+                prop_assert!(matches!(c.get(0, &key(k)), Cached::Value(v) if v == &k[..]));
+            }
         }
     }
 
@@ -409,9 +538,31 @@ mod tests {
     }
 
     #[test]
+    fn keys_of_up_to_16_bytes_compare_by_head_and_length() {
+        // Equal heads, other lengths (zero padding): not equal, and hashed apart.
+        assert_ne!(key(b"ab"), key(b"ab\0"));
+        assert_eq!(key(b"ab"), key(b"ab"));
+        let long = |last: u8| key(&[[7u8; 16].as_slice(), &[last]].concat());
+        assert_ne!(long(1), long(2), "past 16 bytes the bytes decide");
+        assert_eq!(long(1), long(1));
+        let h = |k: &CacheKey| rustc_hash::FxBuildHasher.hash_one(k);
+        assert_eq!(h(&long(3)), h(&long(3)));
+        assert_eq!(h(&key(b"ab")), h(&key(b"ab")));
+    }
+
+    #[test]
     fn the_live_cache_shadows_the_frozen_one_and_reports_its_limit() {
+        for sorted in [false, true] {
+            live_shadows_frozen(sorted);
+        }
+    }
+
+    fn live_shadows_frozen(sorted: bool) {
         let mut c = WriteCache::new(200);
         c.register(0);
+        if sorted {
+            c.keep_sorted(0);
+        }
         assert!(!c.put(0, key(b"k1"), Some(b"old".to_vec())));
         let moved = Background::new();
         assert!(Arc::ptr_eq(&c.freeze(|_| moved.clone()), &moved));
