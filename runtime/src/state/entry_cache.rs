@@ -117,6 +117,16 @@ impl EntryCache {
         }
     }
 
+    /// Every key of state `id` with its value, in the cache's order (its slots in memory
+    /// order), if the cache holds every key.
+    pub(crate) fn all_of(&self, id: usize) -> Option<impl Iterator<Item = (&[u8], &[u8])>> {
+        self.complete.then(|| {
+            (self.cache.iter())
+                .filter(move |(k, _)| k.id == id as u32)
+                .filter_map(|(k, v)| Some((&k.key[..], &v.as_ref()?[..])))
+        })
+    }
+
     /// Records `value` (or absence) as `key`'s latest; a cached value of the same length is
     /// overwritten in place.
     pub(crate) fn put(&mut self, id: usize, key: &[u8], value: Option<&[u8]>) {

@@ -23,15 +23,15 @@
 use super::entry_cache::EntryCache;
 use super::rocks_ffi;
 use super::ttl::{is_ttl_name, stored_timestamp, StateTtlConfig};
-use super::write_cache::{self, Background, CacheKey, Cached, Entries, WriteCache};
+use super::write_cache::{self, Background, CacheKey, Cached, Entries, Value, WriteCache};
 use super::{CurrentKey, Key, StateId, StateValue};
 use crate::checkpoint::CheckpointId;
 use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::{KeyGroup, KeyGroupRange};
 use crate::snapshot::{
-    for_each_entry, put_varint, state_names, Cursor, EntryWriter, KeyGroupIndex, RestoredKeyGroups, RestoredRocks,
-    RocksFile, StateFileWriter,
+    for_each_entry, state_names, Cursor, EntryWriter, KeyGroupIndex, RestoredKeyGroups, RestoredRocks, RocksFile,
+    StateFileWriter,
 };
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::compaction_filter::CompactionFilter;
@@ -55,18 +55,27 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::User(format!("{what} {}: {e}", path.display()))
 }
 
+/// A stored key being built: most fit in place (no allocation).
+pub(crate) type StoredKey = smallvec::SmallVec<[u8; 24]>;
+
 /// Builds the stored key for (key group, serialized key, namespace).
-pub(crate) fn rocks_key(kg: KeyGroup, key: &[u8], namespace: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + 2 + key.len() + namespace.len());
+pub(crate) fn rocks_key(kg: KeyGroup, key: &[u8], namespace: &[u8]) -> StoredKey {
+    let mut k = StoredKey::new();
     k.extend_from_slice(&kg.to_be_bytes());
-    put_varint(&mut k, key.len() as u64);
+    // The length as `put_varint` writes it.
+    let mut len = key.len();
+    while len >= 0x80 {
+        k.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    k.push(len as u8);
     k.extend_from_slice(key);
     k.extend_from_slice(namespace);
     k
 }
 
 /// The stored key of map entry `uk` of the current key: the user key serialized in place.
-fn map_key<K: Key, UK: Key>(c: &CurrentKey<'_, K>, uk: &UK) -> Result<Vec<u8>> {
+fn map_key<K: Key, UK: Key>(c: &CurrentKey<'_, K>, uk: &UK) -> Result<StoredKey> {
     Ok(postcard::to_extend(uk, rocks_key(c.key_group, c.bytes, b""))?)
 }
 
@@ -300,23 +309,6 @@ impl<'a> BatchWriter<'a> {
         }
         Ok(())
     }
-}
-
-/// Writes cached entries (`names[id]` is state `id`'s column family) in batches.
-fn write_entries(db: &DB, names: &[String], entries: &[Entries], write: &WriteOptions) -> Result<()> {
-    let mut w = BatchWriter::new(db, write);
-    for (id, map) in entries.iter().enumerate() {
-        if map.is_empty() {
-            continue;
-        }
-        let cf = db
-            .cf_handle(&names[id])
-            .ok_or_else(|| Error::User(format!("rocksdb column family {} is missing", names[id])))?;
-        for (k, v) in map.in_order() {
-            w.put(cf, k, v)?;
-        }
-    }
-    w.flush()
 }
 
 /// Writes cached entries into RocksDB as one new SST file per state (written in `staging`,
@@ -779,7 +771,7 @@ impl RocksBackend {
     #[cfg(test)]
     pub(crate) fn stored_entries(&self, id: StateId) -> Result<usize> {
         let mut n = 0;
-        self.scan(id, b"", |_, _| {
+        self.scan_stored(id, b"", |_, _| {
             n += 1;
             Ok(())
         })?;
@@ -828,7 +820,7 @@ impl RocksBackend {
         }
     }
 
-    fn put_raw(&mut self, id: StateId, key: impl Into<CacheKey>, value: Option<Vec<u8>>) -> Result<()> {
+    fn put_raw(&mut self, id: StateId, key: impl Into<CacheKey>, value: Option<Value>) -> Result<()> {
         self.cache.release_moved()?;
         let key = key.into();
         self.entries.get_mut().put(id, key.as_bytes(), value.as_deref());
@@ -838,16 +830,16 @@ impl RocksBackend {
         Ok(())
     }
 
-    fn delete_raw(&mut self, id: StateId, key: Vec<u8>) -> Result<()> {
+    fn delete_raw(&mut self, id: StateId, key: impl Into<CacheKey>) -> Result<()> {
         self.put_raw(id, key, None)
     }
 
-    /// Writes the live cache into RocksDB (it outgrew its limit), after any frozen one.
+    /// Has the live cache (it outgrew its limit) moved into RocksDB on the checkpoint thread,
+    /// after any frozen one (waiting for that, so a task writing faster than RocksDB takes it
+    /// is held back).
     fn drain(&mut self) -> Result<()> {
-        self.cache.settle()?;
-        drop(self.cache.take_retired());
-        let live = self.cache.take_live();
-        write_entries(&self.db, &self.names, &live, &self.write)
+        self.freeze_and_move(None)?.start();
+        Ok(())
     }
 
     /// Test hook: bounds the write cache (a tiny limit makes every write reach RocksDB soon).
@@ -884,7 +876,7 @@ impl RocksBackend {
         self.put_raw(
             id,
             rocks_key(c.key_group, c.bytes, b""),
-            Some(postcard::to_allocvec(&v)?),
+            Some(postcard::to_extend(&v, Value::new())?),
         )
     }
 
@@ -903,7 +895,7 @@ impl RocksBackend {
     fn update_at<V: StateValue>(
         &mut self,
         id: StateId,
-        key: Vec<u8>,
+        key: StoredKey,
         default: impl FnOnce() -> V,
         f: impl FnOnce(&mut V),
     ) -> Result<bool> {
@@ -912,7 +904,7 @@ impl RocksBackend {
         let existed = old.is_some();
         let mut v = old.unwrap_or_else(default);
         f(&mut v);
-        self.put_raw(id, key, Some(postcard::to_allocvec(&v)?))?;
+        self.put_raw(id, key, Some(postcard::to_extend(&v, Value::new())?))?;
         Ok(existed)
     }
 
@@ -920,9 +912,21 @@ impl RocksBackend {
         self.delete_raw(id, rocks_key(c.key_group, c.bytes, b""))
     }
 
-    /// Calls `f` on every entry whose key starts with `prefix`, in key order: the cached
-    /// entries merged over RocksDB's.
+    /// Calls `f` on every entry whose key starts with `prefix`, in key order; but a whole
+    /// state comes from the entry cache if it holds every key, in no particular order (as from
+    /// the memory backend): merging RocksDB's levels, or sorting millions of entries scattered
+    /// in memory, costs several times as much. See [`Self::scan_stored`].
     fn scan(&self, id: StateId, prefix: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
+        if prefix.is_empty() {
+            if let Some(mut all) = self.entries.borrow().all_of(id) {
+                return all.try_for_each(|(k, v)| f(k, v));
+            }
+        }
+        self.scan_stored(id, prefix, f)
+    }
+
+    /// [`Self::scan`] of what is stored: the write cache's entries merged over RocksDB's.
+    fn scan_stored(&self, id: StateId, prefix: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
         let mut cached = self.cache.scan(id, prefix).into_iter().peekable();
         for item in self
             .db
@@ -991,7 +995,7 @@ impl RocksBackend {
         uv: UV,
     ) -> Result<()> {
         self.cache.keep_sorted(id);
-        self.put_raw(id, map_key(c, &uk)?, Some(postcard::to_allocvec(&uv)?))
+        self.put_raw(id, map_key(c, &uk)?, Some(postcard::to_extend(&uv, Value::new())?))
     }
 
     pub(crate) fn map_remove<K: Key, UK: Key, UV: StateValue>(
@@ -1036,7 +1040,7 @@ impl RocksBackend {
     ) -> Result<()> {
         let mut keys = Vec::new();
         self.scan(id, &rocks_key(c.key_group, c.bytes, b""), |k, _| {
-            keys.push(k.to_vec());
+            keys.push(CacheKey::from(k));
             Ok(())
         })?;
         for k in keys {
@@ -1063,29 +1067,10 @@ impl RocksBackend {
     /// checkpoint (flush, hard links) on local disk. The task thread writes only to the new
     /// cache meanwhile, so the checkpoint holds exactly the state of this moment.
     pub fn snapshot(&mut self, id: CheckpointId) -> Result<RocksSnapshot> {
-        // One move at a time (a previous one is normally long done).
-        self.cache.settle()?;
         let dir = self.dir.join(format!("chk-{}", id.0));
-        let retired = self.cache.take_retired();
-        let (db, names, target) = (self.db.clone(), self.names.clone(), dir.clone());
-        let staging = self.dir.join("ingest");
-        let mover = self.mover()?.clone();
         // Started by the upload (or whoever waits first), not here: waking the checkpoint thread
         // from the task thread hands the scheduler a moment to take the task's core.
-        let moved = self.cache.freeze(|entries| {
-            Background::deferred(Box::new(move |worker| {
-                let job: MoveJob = Box::new(move || {
-                    let result = checkpoint_into(&db, &names, &entries, &staging, &target);
-                    // Let go of the instance before reporting, so the task may own it again.
-                    drop((db, entries));
-                    worker.finish(result.map_err(|e| e.to_string()));
-                    drop(retired);
-                });
-                mover
-                    .send(job)
-                    .map_err(|_| "the rocksdb checkpoint thread is gone".to_string())
-            }))
-        });
+        let moved = self.freeze_and_move(Some(dir.clone()))?;
         Ok(RocksSnapshot {
             id,
             dir,
@@ -1095,6 +1080,33 @@ impl RocksBackend {
             pending: self.pending.clone(),
             moved,
         })
+    }
+
+    /// Freezes the write cache and has the checkpoint thread ingest it into RocksDB, then take a
+    /// native checkpoint into `checkpoint` if given. Waits first for a move still running (one
+    /// at a time, so writes reach RocksDB in order; normally long done). Returns what reports
+    /// when the move is done; it starts when first waited for, or [`Background::start`]ed.
+    fn freeze_and_move(&mut self, checkpoint: Option<PathBuf>) -> Result<Arc<Background>> {
+        self.cache.settle()?;
+        let retired = self.cache.take_retired();
+        let (db, names) = (self.db.clone(), self.names.clone());
+        let staging = self.dir.join("ingest");
+        let mover = self.mover()?.clone();
+        Ok(self.cache.freeze(|entries| {
+            Background::deferred(Box::new(move |worker| {
+                let job: MoveJob = Box::new(move || {
+                    let result = ingest_entries(&db, &names, &entries, &staging)
+                        .and_then(|()| checkpoint.map_or(Ok(()), |dir| native_checkpoint(&db, &dir)));
+                    // Let go of the instance before reporting, so the task may own it again.
+                    drop((db, entries));
+                    worker.finish(result.map_err(|e| e.to_string()));
+                    drop(retired);
+                });
+                mover
+                    .send(job)
+                    .map_err(|_| "the rocksdb checkpoint thread is gone".to_string())
+            }))
+        }))
     }
 
     /// The backend's checkpoint thread, started on first use and living with the backend (no
@@ -1126,9 +1138,8 @@ impl RocksBackend {
     }
 }
 
-/// Writes frozen cache entries into RocksDB and takes a native checkpoint in `dir`.
-fn checkpoint_into(db: &DB, names: &[String], entries: &[Entries], staging: &Path, dir: &Path) -> Result<()> {
-    ingest_entries(db, names, entries, staging)?;
+/// Takes a native checkpoint of `db` in `dir`.
+fn native_checkpoint(db: &DB, dir: &Path) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| io_err("cannot clear", dir, e))?;
     }

@@ -13,8 +13,9 @@
 //! the sorted tree (a key comparison per step). The tree stays for what needs key order:
 //! scans of a key's map entries and moves into RocksDB.
 //!
-//! The cache is bounded: past its limit it is written to RocksDB on the task thread (after
-//! waiting for a frozen cache still being moved, to keep writes in order).
+//! The cache is bounded: past its limit it is frozen and moved into RocksDB as at a barrier, but
+//! without a native checkpoint (after waiting for a frozen cache still being moved, to keep
+//! writes in order).
 
 use crate::error::{Error, Result};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -24,24 +25,25 @@ use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+/// A stored value: up to 16 bytes in place (most states' values), no allocation.
+pub(crate) type Value = smallvec::SmallVec<[u8; 16]>;
+
 /// Cached writes of one state (column family): stored key -> value, or `None` for a deletion.
 /// Kept in key order for map states, whose entries of one key are scanned; hashed for the others
 /// (value, list and reducing state), which are read by key and scanned only whole (rarely): a
 /// hash insert costs a fraction of an ordered one, and their entries are sorted only when they
 /// move into RocksDB, off the task thread.
 pub(crate) enum Entries {
-    Sorted(BTreeMap<CacheKey, Option<Vec<u8>>>),
-    Hashed(FxHashMap<CacheKey, Option<Vec<u8>>>),
+    Sorted(BTreeMap<CacheKey, Option<Value>>),
+    Hashed(FxHashMap<CacheKey, Option<Value>>),
 }
 
 impl Entries {
-    /// Empty entries; hashed ones with room for `expected` keys (growing a table of hundreds of
-    /// thousands rehashes every key again).
-    fn new(sorted: bool, expected: usize) -> Self {
+    fn new(sorted: bool) -> Self {
         if sorted {
             Self::Sorted(BTreeMap::new())
         } else {
-            Self::Hashed(FxHashMap::with_capacity_and_hasher(expected, Default::default()))
+            Self::Hashed(FxHashMap::default())
         }
     }
 
@@ -56,7 +58,7 @@ impl Entries {
         }
     }
 
-    fn get(&self, key: &CacheKey) -> Option<&Option<Vec<u8>>> {
+    fn get(&self, key: &CacheKey) -> Option<&Option<Value>> {
         match self {
             Self::Sorted(m) => m.get(key),
             Self::Hashed(m) => m.get(key),
@@ -64,7 +66,7 @@ impl Entries {
     }
 
     /// Stores `value` under `key`; the value it replaces, if the key was there.
-    fn insert(&mut self, key: CacheKey, value: Option<Vec<u8>>) -> Option<Option<Vec<u8>>> {
+    fn insert(&mut self, key: CacheKey, value: Option<Value>) -> Option<Option<Value>> {
         match self {
             Self::Sorted(m) => m.insert(key, value),
             Self::Hashed(m) => m.insert(key, value),
@@ -80,14 +82,22 @@ impl Entries {
     fn prefixed(&self, prefix: &[u8]) -> Vec<(&[u8], Option<&[u8]>)> {
         match self {
             Self::Sorted(m) => m
-                .range((Bound::Included(CacheKey::from(prefix.to_vec())), Bound::Unbounded))
-                .take_while(|(k, _)| k.bytes.starts_with(prefix))
+                .range((Bound::Included(CacheKey::from(prefix)), Bound::Unbounded))
+                .take_while(|(k, _)| k.as_bytes().starts_with(prefix))
                 .map(|(k, v)| (k.as_bytes(), v.as_deref()))
                 .collect(),
             Self::Hashed(m) => {
-                let mut found: Vec<_> = m.iter().filter(|(k, _)| k.bytes.starts_with(prefix)).collect();
-                found.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                found.into_iter().map(|(k, v)| (k.as_bytes(), v.as_deref())).collect()
+                // Sorted with each key's head beside it: most comparisons read only this vector,
+                // not two entries scattered over the table.
+                let mut found: Vec<_> = (m.iter())
+                    .filter(|(k, _)| k.as_bytes().starts_with(prefix))
+                    .map(|(k, v)| (k.head(), k, v))
+                    .collect();
+                found.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+                found
+                    .into_iter()
+                    .map(|(_, k, v)| (k.as_bytes(), v.as_deref()))
+                    .collect()
             }
         }
     }
@@ -101,50 +111,65 @@ impl Entries {
     }
 }
 
-/// A stored key in the cache, ordered as its bytes are, with its first 16 bytes also held as
-/// one big-endian integer. Most keys (key group, length, an 8-byte id) fit in it whole, so the
-/// tree tells two keys apart with one integer comparison rather than a `memcmp` call.
+/// A stored key in the cache, ordered as its bytes are. Its first 16 bytes are held in place,
+/// and compared as one big-endian integer: most keys (key group, length, an 8-byte id) fit in
+/// them whole, so two keys are told apart with one integer comparison, and a short key is read,
+/// compared and hashed without a second memory access (it has no allocation).
 #[derive(Debug, Clone, Eq)]
 pub(crate) struct CacheKey {
-    head: u128,
-    bytes: Vec<u8>,
+    head: [u8; 16],
+    len: usize,
+    /// The whole key if it is longer than 16 bytes; empty (no allocation) otherwise.
+    long: Box<[u8]>,
 }
 
 impl CacheKey {
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        match self.len {
+            n @ 0..=16 => &self.head[..n],
+            _ => &self.long,
+        }
+    }
+
+    fn head(&self) -> u128 {
+        u128::from_be_bytes(self.head)
     }
 }
 
-/// Keys of up to 16 bytes are equal if their heads and lengths are: their bytes (maybe not in
-/// any CPU cache) are not read.
+/// Keys of up to 16 bytes are equal if their heads and lengths are.
 impl PartialEq for CacheKey {
     fn eq(&self, other: &Self) -> bool {
-        let n = self.bytes.len();
-        self.head == other.head && n == other.bytes.len() && (n <= 16 || self.bytes == other.bytes)
+        self.head == other.head && self.len == other.len && (self.len <= 16 || self.long == other.long)
     }
 }
 
-/// Consistent with equality: short keys hash by head and length (a rehash does not read
-/// their bytes), longer ones by their bytes.
+/// Consistent with equality: short keys hash by head and length, longer ones by their bytes.
 impl std::hash::Hash for CacheKey {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        match self.bytes.len() {
-            n @ 0..=16 => (self.head, n).hash(h),
-            _ => self.bytes.hash(h),
+        match self.len {
+            0..=16 => (self.head(), self.len).hash(h),
+            _ => self.long.hash(h),
         }
     }
 }
 
-impl From<Vec<u8>> for CacheKey {
-    fn from(bytes: Vec<u8>) -> Self {
+impl From<&[u8]> for CacheKey {
+    fn from(bytes: &[u8]) -> Self {
         let mut head = [0u8; 16];
         let n = bytes.len().min(16);
         head[..n].copy_from_slice(&bytes[..n]);
+        let long = if bytes.len() > 16 { bytes.into() } else { Box::default() };
         Self {
-            head: u128::from_be_bytes(head),
-            bytes,
+            head,
+            len: bytes.len(),
+            long,
         }
+    }
+}
+
+impl<A: smallvec::Array<Item = u8>> From<smallvec::SmallVec<A>> for CacheKey {
+    fn from(bytes: smallvec::SmallVec<A>) -> Self {
+        Self::from(&bytes[..])
     }
 }
 
@@ -153,7 +178,9 @@ impl From<Vec<u8>> for CacheKey {
 /// to the bytes.
 impl Ord for CacheKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.head.cmp(&other.head).then_with(|| self.bytes.cmp(&other.bytes))
+        self.head()
+            .cmp(&other.head())
+            .then_with(|| self.as_bytes().cmp(other.as_bytes()))
     }
 }
 
@@ -191,6 +218,9 @@ pub(crate) struct WriteCache {
     live: Vec<Entries>,
     /// Per state: whether its entries are kept in key order.
     sorted: Vec<bool>,
+    /// Per state: how many keys the last interval wrote (growing a hashed table of hundreds of
+    /// thousands step by step would rehash every key again at each step).
+    expected: Vec<usize>,
     live_keys: KeyHashes,
     live_bytes: usize,
     limit: usize,
@@ -212,6 +242,7 @@ impl WriteCache {
         Self {
             live: Vec::new(),
             sorted: Vec::new(),
+            expected: Vec::new(),
             live_keys: KeyHashes::default(),
             live_bytes: 0,
             limit,
@@ -227,8 +258,9 @@ impl WriteCache {
     /// Makes room for state `id` (hashed until [`Self::keep_sorted`] is called).
     pub(crate) fn register(&mut self, id: usize) {
         if self.live.len() <= id {
-            self.live.resize_with(id + 1, || Entries::new(false, 0));
+            self.live.resize_with(id + 1, || Entries::new(false));
             self.sorted.resize(id + 1, false);
+            self.expected.resize(id + 1, 0);
         }
     }
 
@@ -237,7 +269,7 @@ impl WriteCache {
     pub(crate) fn keep_sorted(&mut self, id: usize) {
         if !self.sorted[id] {
             self.sorted[id] = true;
-            let entries = std::mem::replace(&mut self.live[id], Entries::new(true, 0)).into_sorted();
+            let entries = std::mem::replace(&mut self.live[id], Entries::new(true)).into_sorted();
             if let Entries::Sorted(m) = &entries {
                 self.live_keys.extend(m.keys().map(|k| key_hash(id, k.as_bytes())));
             }
@@ -272,15 +304,17 @@ impl WriteCache {
     }
 
     /// Records a write (`None`: a deletion). Returns whether the cache is now over its limit.
-    pub(crate) fn put(&mut self, id: usize, key: CacheKey, value: Option<Vec<u8>>) -> bool {
-        let new_len = value.as_ref().map_or(0, Vec::len);
-        let (key_len, sorted) = (key.bytes.len(), self.sorted[id]);
-        if sorted {
-            self.live_keys.insert(key_hash(id, key.as_bytes()));
+    pub(crate) fn put(&mut self, id: usize, key: CacheKey, value: Option<Value>) -> bool {
+        let new_len = value.as_ref().map_or(0, |v| v.len());
+        let key_len = key.len;
+        match &mut self.live[id] {
+            Entries::Sorted(_) => drop(self.live_keys.insert(key_hash(id, key.as_bytes()))),
+            Entries::Hashed(m) if m.capacity() == 0 => m.reserve(self.expected[id]),
+            Entries::Hashed(_) => {}
         }
         match self.live[id].insert(key, value) {
             Some(old) => {
-                let old_len = old.as_ref().map_or(0, Vec::len);
+                let old_len = old.as_ref().map_or(0, |v| v.len());
                 self.live_bytes = (self.live_bytes + new_len).saturating_sub(old_len);
             }
             None => self.live_bytes += key_len + new_len + ENTRY_OVERHEAD,
@@ -298,18 +332,13 @@ impl WriteCache {
         }
     }
 
-    /// Takes the live writes out (to write them to RocksDB); their key hashes go.
-    pub(crate) fn take_live(&mut self) -> Vec<Entries> {
-        self.take_live_with_keys().0
-    }
-
+    /// Takes the live writes out, with their key hashes.
     fn take_live_with_keys(&mut self) -> (Vec<Entries>, KeyHashes) {
         self.live_bytes = 0;
-        let n = self.live.len();
-        // As many keys as the last interval's, most likely.
-        let fresh = (0..n)
-            .map(|id| Entries::new(self.sorted[id], self.live[id].len()))
-            .collect();
+        // The next interval most likely writes as many keys: room is made at its first write
+        // (not here, at a barrier: sizing a table of a million slots takes a millisecond).
+        self.expected = self.live.iter().map(Entries::len).collect();
+        let fresh = self.sorted.iter().map(|&sorted| Entries::new(sorted)).collect();
         let entries = std::mem::replace(&mut self.live, fresh);
         (entries, std::mem::take(&mut self.live_keys))
     }
@@ -480,7 +509,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn key(bytes: &[u8]) -> CacheKey {
-        bytes.to_vec().into()
+        bytes.into()
     }
 
     proptest! {
@@ -508,7 +537,7 @@ mod tests {
                 if sorted_after == Some(i) {
                     c.keep_sorted(0);
                 }
-                c.put(0, key(k), Some(k.clone()));
+                c.put(0, key(k), Some(Value::from_slice(k)));
             }
             let got: Vec<&[u8]> = c.scan(0, &prefix).into_iter().map(|(k, _)| k).collect();
             let want: Vec<&[u8]> = keys.iter().filter(|k| k.starts_with(&prefix)).map(Vec::as_slice).collect();
@@ -563,7 +592,7 @@ mod tests {
         if sorted {
             c.keep_sorted(0);
         }
-        assert!(!c.put(0, key(b"k1"), Some(b"old".to_vec())));
+        assert!(!c.put(0, key(b"k1"), Some(Value::from_slice(b"old"))));
         let moved = Background::new();
         assert!(Arc::ptr_eq(&c.freeze(|_| moved.clone()), &moved));
         assert!(c.frozen.is_some() && !moved.is_done(), "frozen and still moving");
@@ -582,7 +611,7 @@ mod tests {
         assert!(c.frozen.is_none(), "settled: the frozen cache is let go");
         let mut over = false;
         for i in 0..10u8 {
-            over |= c.put(0, vec![b'x', i].into(), Some(vec![0; 8]));
+            over |= c.put(0, key(&[b'x', i]), Some(Value::from_slice(&[0; 8])));
         }
         assert!(over, "ten entries of about 122 bytes exceed 200 bytes");
     }
