@@ -311,6 +311,9 @@ impl<'a> BatchWriter<'a> {
     }
 }
 
+/// How many entries ahead [`ingest_entries`] prefetches.
+const MOVE_PREFETCH_AHEAD: usize = 8;
+
 /// Writes cached entries into RocksDB as one new SST file per state (written in `staging`,
 /// then moved in). Why not through the memtable: inserting there (each key looked up first, as
 /// in-place updates need) and flushing it again cost three times as much as writing the sorted
@@ -330,8 +333,15 @@ fn ingest_entries(db: &DB, names: &[String], entries: &[Entries], staging: &Path
         let path = staging.join(format!("{id}.sst"));
         let mut w = rocksdb::SstFileWriter::create(&options);
         w.open(&path).map_err(|e| db_err("create an SST file", e))?;
-        for (k, v) in map.in_order() {
-            match v {
+        let entries = map.in_order();
+        for (i, (k, v)) in entries.iter().enumerate() {
+            // In key order the entries lie scattered over the cache's table: the ones a few
+            // places on are loaded while these are written.
+            if let Some((k, v)) = entries.get(i + MOVE_PREFETCH_AHEAD) {
+                super::prefetch::prefetch_slice(k, 1);
+                super::prefetch::prefetch_slice(v.unwrap_or_default(), 1);
+            }
+            match *v {
                 Some(v) => w.put(k, v),
                 None => w.delete(k),
             }

@@ -194,14 +194,25 @@ impl PartialOrd for CacheKey {
 /// looked up directly).
 type KeyHashes = FxHashSet<u64>;
 
-/// Bytes charged per cached entry on top of its key's and value's bytes: its tree slot (a
-/// 48-byte key, a 24-byte value) in nodes about 3/4 full, its key hash's slot, and the
-/// allocator's rounding of the two allocations.
+/// Bytes charged per cached entry: its slot (a 40-byte key and a 32-byte value, each holding up
+/// to 16 bytes in place) in a table or tree about 2/3 full, and a sorted state's key hash.
+/// Longer keys and values are charged their allocations on top.
 const ENTRY_OVERHEAD: usize = 112;
 
-/// Default bound of one subtask's live cache: about a million entries of small keys and values
-/// (as many as 64 MiB held while entries were charged only part of their overhead).
-pub(crate) const DEFAULT_LIMIT: usize = 128 << 20;
+/// The bytes of a key or value of `len` bytes allocated outside its slot.
+fn spilled(len: usize) -> usize {
+    if len > 16 {
+        len
+    } else {
+        0
+    }
+}
+
+/// Default bound of one subtask's live cache: about 2.4 million entries of small keys and
+/// values. At 10 million keys and a checkpoint every second a subtask writes about a million
+/// keys between barriers (more when a checkpoint is slow): a cache past its bound is moved into
+/// RocksDB, and a barrier coming while that move runs waits for it.
+pub(crate) const DEFAULT_LIMIT: usize = 256 << 20;
 
 /// What a cache lookup found.
 pub(crate) enum Cached<'a> {
@@ -305,8 +316,8 @@ impl WriteCache {
 
     /// Records a write (`None`: a deletion). Returns whether the cache is now over its limit.
     pub(crate) fn put(&mut self, id: usize, key: CacheKey, value: Option<Value>) -> bool {
-        let new_len = value.as_ref().map_or(0, |v| v.len());
-        let key_len = key.len;
+        let new_len = spilled(value.as_ref().map_or(0, |v| v.len()));
+        let key_len = spilled(key.len);
         match &mut self.live[id] {
             Entries::Sorted(_) => drop(self.live_keys.insert(key_hash(id, key.as_bytes()))),
             Entries::Hashed(m) if m.capacity() == 0 => m.reserve(self.expected[id]),
@@ -314,7 +325,7 @@ impl WriteCache {
         }
         match self.live[id].insert(key, value) {
             Some(old) => {
-                let old_len = old.as_ref().map_or(0, |v| v.len());
+                let old_len = spilled(old.as_ref().map_or(0, |v| v.len()));
                 self.live_bytes = (self.live_bytes + new_len).saturating_sub(old_len);
             }
             None => self.live_bytes += key_len + new_len + ENTRY_OVERHEAD,
@@ -613,7 +624,7 @@ mod tests {
         for i in 0..10u8 {
             over |= c.put(0, key(&[b'x', i]), Some(Value::from_slice(&[0; 8])));
         }
-        assert!(over, "ten entries of about 122 bytes exceed 200 bytes");
+        assert!(over, "ten entries of 112 bytes exceed 200 bytes");
     }
 
     #[test]
