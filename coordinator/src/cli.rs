@@ -323,7 +323,12 @@ impl JobFlags {
         c.rocksdb.entry_cache_bytes = self
             .rocksdb_entry_cache
             .parse::<bytesize::ByteSize>()
-            .map_err(|e| format!("--rocksdb-entry-cache '{}': {e}", self.rocksdb_entry_cache))?
+            .map_err(|e| {
+                format!(
+                    "--rocksdb-entry-cache '{}' is not a size like 512MiB or 2GiB ({e})",
+                    self.rocksdb_entry_cache
+                )
+            })?
             .as_u64()
             .try_into()
             .map_err(|_| format!("--rocksdb-entry-cache '{}' is too large", self.rocksdb_entry_cache))?;

@@ -222,6 +222,10 @@ fn bad_input_gets_one_clear_line_and_a_nonzero_exit() {
             "invalid duration 'soon'",
         ),
         (
+            vec!["run", "transactions", "--rocksdb-entry-cache", "12XB"],
+            "--rocksdb-entry-cache '12XB'",
+        ),
+        (
             vec!["run", "transactions", "--checkpoint-dir", "ftp://host/x"],
             "unsupported storage scheme 'ftp'",
         ),
