@@ -337,12 +337,21 @@ fn completed_rocksdb_run(dir: &Path) -> std::path::PathBuf {
     job_dir
 }
 
-/// No warning or error logged, and no file left under the data directory `data`.
+/// No warning or error logged, and no file left under the data directory `data`, nor any
+/// directory of a subtask (`<data>/<job>/<subtask>/`).
 fn assert_quiet_and_clean(o: &Output, data: &Path) {
     let err = stderr(o);
     assert!(!err.contains(" WARN ") && !err.contains("ERROR"), "{err}");
     let left = sluice_integration_tests::files_below(data);
     assert!(left.is_empty(), "local state left behind: {left:?}");
+    let subtask_dirs: Vec<_> = (std::fs::read_dir(data).into_iter().flatten().flatten())
+        .flat_map(|job| std::fs::read_dir(job.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        subtask_dirs.is_empty(),
+        "subtask directories left behind: {subtask_dirs:?}"
+    );
 }
 
 #[test]

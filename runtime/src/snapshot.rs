@@ -324,12 +324,12 @@ pub fn block_at<'a>(buf: &'a [u8], base: u64, offset: u64, location: &str) -> Re
 }
 
 /// Appends a LEB128 varint.
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub fn put_varint(out: &mut impl Extend<u8>, mut v: u64) {
     while v >= 0x80 {
-        out.push((v as u8) | 0x80);
+        out.extend([(v as u8) | 0x80]);
         v >>= 7;
     }
-    out.push(v as u8);
+    out.extend([v as u8]);
 }
 
 /// Appends a length-prefixed byte string.

@@ -513,53 +513,75 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
 
 /// Checkpoints ingest SST files written outside RocksDB; their sequence number lives only in
 /// their instance's manifest. Merged into another instance after later checkpoints overwrote and
-/// deleted keys, every newer value and deletion must still win, and the files still go in whole.
+/// deleted keys, every newer value and deletion must still win: also when the old instances
+/// were themselves restored from one of the whole range (their files then hold the other half's
+/// keys too, hidden by range deletes, which must not come back over the newer values).
 #[test]
 fn a_merge_by_ingestion_keeps_the_newest_of_several_checkpoints() {
     let kind = BACKENDS[1];
     let halves = [range_for_subtask(M, 2, 0), range_for_subtask(M, 2, 1)];
-    let dir = tempfile::tempdir().unwrap();
-    let store = TestStore::new(dir.path());
-    let mut want = expected(300);
-    let acked = halves
-        .iter()
-        .enumerate()
-        .map(|(i, half)| {
-            let mut b = open(kind, &dir.path().join(format!("old{i}")), *half, Default::default());
-            fill_in(&mut b, 300, *half);
-            store.persist_subtask(1, i, b.snapshot(CheckpointId(1)).unwrap());
-            let values = b.registry::<u64>().value_state::<String>("values").unwrap();
-            for k in (0..300).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M))) {
-                b.with_key(&k, M, |ctx| match k % 5 {
-                    0 => values.clear(ctx).unwrap(),
-                    _ if k % 2 == 0 => values.update(ctx, format!("later{k}")).unwrap(),
-                    _ => {}
-                })
-                .unwrap();
-                match k % 5 {
-                    0 => drop(want.values.remove(&k)),
-                    _ if k % 2 == 0 => drop(want.values.insert(k, format!("later{k}"))),
-                    _ => {}
+    for from_whole in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TestStore::new(dir.path());
+        // Two checkpoints: the second's file is an ingested one holding both halves' keys.
+        let mut want = expected(300);
+        let whole = from_whole.then(|| {
+            let mut b = open(kind, &dir.path().join("whole"), full_range(), Default::default());
+            fill(&mut b, 300);
+            store.persist(0, b.snapshot(CheckpointId(0)).unwrap());
+            want = rewrite_values(&mut b, 300, 300);
+            store.persist(1, b.snapshot(CheckpointId(1)).unwrap()).0
+        });
+        let acked = halves
+            .iter()
+            .enumerate()
+            .map(|(i, half)| {
+                let old_dir = dir.path().join(format!("old{i}"));
+                let mut b = match &whole {
+                    Some(acked) => store.restore(1, acked.clone(), kind, *half, &old_dir).unwrap(),
+                    None => {
+                        let mut b = open(kind, &old_dir, *half, Default::default());
+                        fill_in(&mut b, 300, *half);
+                        store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap());
+                        b
+                    }
+                };
+                let values = b.registry::<u64>().value_state::<String>("values").unwrap();
+                for k in (0..300).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M))) {
+                    b.with_key(&k, M, |ctx| match k % 5 {
+                        0 => values.clear(ctx).unwrap(),
+                        _ if k % 2 == 0 => values.update(ctx, format!("later{k}")).unwrap(),
+                        _ => {}
+                    })
+                    .unwrap();
+                    match k % 5 {
+                        0 => drop(want.values.remove(&k)),
+                        _ if k % 2 == 0 => drop(want.values.insert(k, format!("later{k}"))),
+                        _ => {}
+                    }
                 }
-            }
-            store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
-        })
-        .collect();
-    let mut merged = store
-        .restore_subtasks(
-            2,
-            acked,
-            kind,
-            full_range(),
-            &dir.path().join("new"),
-            crate::config::RescaleMerge::Ingest,
-        )
-        .unwrap();
-    assert_eq!(read_all(&mut merged), want);
-    let counts = rocks(&mut merged).merged();
-    assert_eq!((counts.ingested, counts.copied), (4, 0), "{counts:?}");
-    rocks(&mut merged).compact().unwrap();
-    assert_eq!(read_all(&mut merged), want, "compacted");
+                store.persist_subtask(3, i, b.snapshot(CheckpointId(3)).unwrap()).0
+            })
+            .collect();
+        let mut merged = store
+            .restore_subtasks(
+                3,
+                acked,
+                kind,
+                full_range(),
+                &dir.path().join("new"),
+                crate::config::RescaleMerge::Ingest,
+            )
+            .unwrap();
+        let case = format!("restored from the whole range first: {from_whole}");
+        assert_eq!(read_all(&mut merged), want, "{case}");
+        let counts = rocks(&mut merged).merged();
+        if !from_whole {
+            assert_eq!((counts.ingested, counts.copied), (4, 0), "{case}: {counts:?}");
+        }
+        rocks(&mut merged).compact().unwrap();
+        assert_eq!(read_all(&mut merged), want, "{case}, compacted");
+    }
 }
 
 /// Of two old instances that a new subtask's range holds whole, the one cheaper to ingest is
@@ -774,15 +796,20 @@ fn apply(b: &mut KeyedBackend, ops: &[Op]) -> Vec<String> {
     reads
 }
 
-/// The backends the property tests compare, named: memory, RocksDB, and RocksDB with a tiny
-/// write cache and a tiny entry cache (writes reach RocksDB while a frozen cache may still be
-/// moving, and most before the next compaction; the entry cache evicts all the time, so most
-/// reads go to the write cache and RocksDB).
-fn three_backends(dir: &Path) -> [(&'static str, KeyedBackend); 3] {
+/// The backends the property tests compare, named: memory, RocksDB (reads from its complete
+/// entry cache), RocksDB without an entry cache (reads from the write cache and RocksDB), and
+/// RocksDB with a tiny write cache and a tiny entry cache (writes reach RocksDB while a frozen
+/// cache may still be moving, and most before the next compaction; the entry cache evicts all
+/// the time).
+fn backends(dir: &Path) -> [(&'static str, KeyedBackend); 4] {
     let mut small = open(BACKENDS[1], &dir.join("s"), full_range(), Default::default());
     if let KeyedBackend::RocksDb(r) = &mut small {
         r.set_write_cache_limit(200);
         r.set_entry_cache_limit(400);
+    }
+    let mut uncached = open(BACKENDS[1], &dir.join("u"), full_range(), Default::default());
+    if let KeyedBackend::RocksDb(r) = &mut uncached {
+        r.set_entry_cache_limit(0);
     }
     [
         (
@@ -793,6 +820,7 @@ fn three_backends(dir: &Path) -> [(&'static str, KeyedBackend); 3] {
             "rocksdb",
             open(BACKENDS[1], &dir.join("r"), full_range(), Default::default()),
         ),
+        ("rocksdb, no entry cache", uncached),
         ("rocksdb, small write and entry caches", small),
     ]
 }
@@ -802,7 +830,7 @@ proptest! {
     #[test]
     fn both_backends_read_the_same_after_the_same_operations(ops in proptest::collection::vec(op(), 1..120)) {
         let dir = tempfile::tempdir().unwrap();
-        let [(_, mut mem), others @ ..] = three_backends(dir.path());
+        let [(_, mut mem), others @ ..] = backends(dir.path());
         let reads = apply(&mut mem, &ops);
         let all = read_all(&mut mem);
         for (what, mut b) in others {
@@ -1561,7 +1589,7 @@ proptest! {
         let t0 = processing_time_now();
         let want = TtlModel::new(on_read).run(&ops, t0);
         let dir = tempfile::tempdir().unwrap();
-        for (what, mut b) in three_backends(dir.path()) {
+        for (what, mut b) in backends(dir.path()) {
             prop_assert_eq!(&apply_ttl(&mut b, on_read, &ops, t0), &want, "{}", what);
         }
     }

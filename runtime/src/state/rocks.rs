@@ -5,18 +5,21 @@
 //! `(key, namespace, value)` form without knowing its types. Values are the same postcard bytes
 //! the memory backend writes, so canonical snapshots move between backends unchanged.
 //!
-//! Writes go to a bounded write-back cache first (`write_cache`). At a barrier the task thread
-//! only freezes that cache; a background thread writes it into RocksDB, flushes the memtables
-//! and takes a RocksDB native checkpoint (hard links), and the uploader then sends only the SST
-//! files that no completed checkpoint already holds (incremental), or all of them (full mode).
+//! Writes go to a bounded write-back cache first (`write_cache`), and through the entry cache
+//! (`entry_cache`), which reads look in first. At a barrier the task thread only freezes the
+//! write cache; a background thread writes it as SST files, ingests them into RocksDB and takes
+//! a RocksDB native checkpoint (hard links), and the uploader then sends only the SST files that
+//! no completed checkpoint already holds (incremental), or all of them (full mode).
 //!
 //! The column family of a state with a TTL drops expired entries when RocksDB compacts it (a
 //! compaction filter reading each value's leading timestamp, see `ttl.rs`), so keys never read
 //! again do not stay forever. The filter judges expiry by the backend's processing time (an
 //! atomic the task thread advances at every batch and timer round, before their reads), never
 //! by the wall clock: reads use that time or a later one, so an entry the filter drops is one
-//! every read from then on treats as absent. This is safe with the write cache in front too: a
-//! newer value or deletion of the key still in the cache shadows whatever RocksDB holds. A list
+//! every read from then on treats as absent. This is safe with the caches in front too: a
+//! newer value or deletion of the key still in the write cache shadows whatever RocksDB holds,
+//! and the entry cache may still hold an expired value, which reads judge by its timestamp as
+//! they would RocksDB's. A list
 //! is dropped once its newest element expired; expired elements of a list that still has live
 //! ones go at its next read or append (see `ttl::list_add`).
 
@@ -30,8 +33,8 @@ use crate::element::Timestamp;
 use crate::error::{Error, Result};
 use crate::keygroup::{KeyGroup, KeyGroupRange};
 use crate::snapshot::{
-    for_each_entry, state_names, Cursor, EntryWriter, KeyGroupIndex, RestoredKeyGroups, RestoredRocks, RocksFile,
-    StateFileWriter,
+    for_each_entry, put_varint, state_names, Cursor, EntryWriter, KeyGroupIndex, RestoredKeyGroups, RestoredRocks,
+    RocksFile, StateFileWriter,
 };
 use rocksdb::checkpoint::Checkpoint;
 use rocksdb::compaction_filter::CompactionFilter;
@@ -62,13 +65,7 @@ pub(crate) type StoredKey = smallvec::SmallVec<[u8; 24]>;
 pub(crate) fn rocks_key(kg: KeyGroup, key: &[u8], namespace: &[u8]) -> StoredKey {
     let mut k = StoredKey::new();
     k.extend_from_slice(&kg.to_be_bytes());
-    // The length as `put_varint` writes it.
-    let mut len = key.len();
-    while len >= 0x80 {
-        k.push((len as u8) | 0x80);
-        len >>= 7;
-    }
-    k.push(len as u8);
+    put_varint(&mut k, key.len() as u64);
     k.extend_from_slice(key);
     k.extend_from_slice(namespace);
     k
@@ -270,7 +267,7 @@ fn write_options() -> WriteOptions {
     w
 }
 
-/// Writes into RocksDB in batches of bounded size (a restore or a full cache may hold millions
+/// Writes into RocksDB in batches of bounded size (a restore may bring in millions
 /// of entries).
 struct BatchWriter<'a> {
     db: &'a DB,
@@ -310,6 +307,9 @@ impl<'a> BatchWriter<'a> {
         Ok(())
     }
 }
+
+/// Where, under a backend's working directory, SST files are written before they are ingested.
+const INGEST_DIR: &str = "ingest";
 
 /// How many entries ahead [`ingest_entries`] prefetches.
 const MOVE_PREFETCH_AHEAD: usize = 8;
@@ -356,11 +356,29 @@ fn ingest_entries(db: &DB, names: &[String], entries: &[Entries], staging: &Path
 
 /// Ingests another instance's files of one column family, in order: those it wrote itself up to
 /// its first external one in one call, keeping their sequence numbers; then each file after it
-/// on its own, as the newest (a file it wrote itself cannot be placed there: refused). Whether
-/// any file went in, and the first refusal.
-fn ingest_in_order(db: &DB, cf: &ColumnFamily, files: &[rocks_ffi::LiveFile]) -> (bool, Result<()>) {
+/// on its own, as the newest. Refused before anything goes in where that would be wrong: a file
+/// it wrote itself after an external one (it cannot be placed there), or an external file with
+/// keys outside the instance's key groups `own` (keys an earlier restore's range deletes hid
+/// there; as the newest they would shadow other instances' values; files it wrote itself that
+/// overlap data already here RocksDB refuses). Whether any file went in, and the first refusal.
+fn ingest_in_order(
+    db: &DB,
+    cf: &ColumnFamily,
+    files: &[rocks_ffi::LiveFile],
+    own: KeyGroupRange,
+) -> (bool, Result<()>) {
     let first_external = files.iter().position(|f| f.external).unwrap_or(files.len());
     let (generated, rest) = files.split_at(first_external);
+    let refusal = |why: &str| (false, Err(Error::User(format!("rocksdb: {why}"))));
+    if rest.iter().any(|f| !f.external) {
+        return refusal("a file the instance wrote itself follows an ingested one");
+    }
+    if rest
+        .iter()
+        .any(|f| !f.key_groups.is_some_and(|kgs| own.contains_range(&kgs)))
+    {
+        return refusal("an ingested file holds keys of other key groups");
+    }
     if !generated.is_empty() {
         let paths: Vec<&Path> = generated.iter().map(|f| f.path.as_path()).collect();
         if let Err(e) = rocks_ffi::ingest_files(db, &cf, &paths, true) {
@@ -369,13 +387,7 @@ fn ingest_in_order(db: &DB, cf: &ColumnFamily, files: &[rocks_ffi::LiveFile]) ->
     }
     let mut partly = !generated.is_empty();
     for f in rest {
-        let result = match f.external {
-            true => rocks_ffi::ingest_files(db, &cf, &[&f.path], false),
-            false => Err(Error::User(format!(
-                "rocksdb: {} was written after an ingested file",
-                f.path.display()
-            ))),
-        };
+        let result = rocks_ffi::ingest_files(db, &cf, &[&f.path], false);
         if result.is_err() {
             return (partly, result);
         }
@@ -635,7 +647,9 @@ impl RocksBackend {
     /// (`Ingest`: key-group ranges of old subtasks do not overlap, so RocksDB places them
     /// without rewriting; keys outside this range are clipped afterwards), or its keys in this
     /// range written in batches (`Iterate`, and where RocksDB refuses the files because they
-    /// overlap data already here, e.g. an earlier rescale's range deletes not yet compacted).
+    /// overlap data already here, e.g. an earlier rescale's range deletes not yet compacted, or
+    /// that [`ingest_in_order`] refuses; files that went in before a refusal are first deleted
+    /// again, by a range delete of the other instance's key groups).
     /// Column families new to this instance are added to `cfs`. Returns whether any files were
     /// ingested (whose keys outside the range then need clipping).
     fn merge_in(&mut self, other: OldInstance, other_range: KeyGroupRange, cfs: &mut Vec<String>) -> Result<bool> {
@@ -654,7 +668,7 @@ impl RocksBackend {
             // is off): a column family without files is empty.
             if let Some(files) = &mut files {
                 let Some(files) = files.remove(name) else { continue };
-                match ingest_in_order(&self.db, to, &files) {
+                match ingest_in_order(&self.db, to, &files, other_range) {
                     (_, Ok(())) => {
                         self.merged.ingested += 1;
                         self.merged.files += files.len();
@@ -665,7 +679,7 @@ impl RocksBackend {
                         tracing::debug!(cf = %name, "copying keys instead of ingesting files: {e}");
                         if partly {
                             // What went in is taken out again: only the other instance held
-                            // these key groups.
+                            // these key groups, and the ingested files hold no others.
                             let from = KeyGroup(other_range.start).to_be_bytes().to_vec();
                             let until = match other_range.end {
                                 u16::MAX => vec![0xff; 3],
@@ -928,6 +942,8 @@ impl RocksBackend {
     /// in memory, costs several times as much. See [`Self::scan_stored`].
     fn scan(&self, id: StateId, prefix: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> Result<()>) -> Result<()> {
         if prefix.is_empty() {
+            // `f` only decodes and collects: it never reaches back into this backend, whose
+            // entry cache is borrowed meanwhile.
             if let Some(mut all) = self.entries.borrow().all_of(id) {
                 return all.try_for_each(|(k, v)| f(k, v));
             }
@@ -1048,6 +1064,7 @@ impl RocksBackend {
         id: StateId,
         c: &CurrentKey<'_, K>,
     ) -> Result<()> {
+        self.cache.keep_sorted(id);
         let mut keys = Vec::new();
         self.scan(id, &rocks_key(c.key_group, c.bytes, b""), |k, _| {
             keys.push(CacheKey::from(k));
@@ -1074,7 +1091,7 @@ impl RocksBackend {
     }
 
     /// Freezes the write cache; a background thread writes it into RocksDB and takes a native
-    /// checkpoint (flush, hard links) on local disk. The task thread writes only to the new
+    /// checkpoint (hard links) on local disk. The task thread writes only to the new
     /// cache meanwhile, so the checkpoint holds exactly the state of this moment.
     pub fn snapshot(&mut self, id: CheckpointId) -> Result<RocksSnapshot> {
         let dir = self.dir.join(format!("chk-{}", id.0));
@@ -1100,7 +1117,7 @@ impl RocksBackend {
         self.cache.settle()?;
         let retired = self.cache.take_retired();
         let (db, names) = (self.db.clone(), self.names.clone());
-        let staging = self.dir.join("ingest");
+        let staging = self.dir.join(INGEST_DIR);
         let mover = self.mover()?.clone();
         Ok(self.cache.freeze(|entries| {
             Background::deferred(Box::new(move |worker| {
@@ -1185,6 +1202,7 @@ impl Drop for WorkDir {
         // A native checkpoint still being uploaded removes itself (its `RocksSnapshot` drop),
         // and whichever goes last removes the emptied directory.
         let _ = std::fs::remove_dir_all(self.0.join("db"));
+        let _ = std::fs::remove_dir_all(self.0.join(INGEST_DIR));
         for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
             if e.file_name().to_string_lossy().starts_with("restore-") {
                 let _ = std::fs::remove_dir_all(e.path());

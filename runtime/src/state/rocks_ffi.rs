@@ -7,6 +7,7 @@
 //! - No IDENTITY file at open, which shortens a restore.
 #![allow(unsafe_code)]
 
+use crate::keygroup::KeyGroupRange;
 use crate::{Error, Result};
 use librocksdb_sys as ffi;
 use rocksdb::{AsColumnFamilyRef, AsRawPtr, Options, DB};
@@ -18,11 +19,14 @@ use std::path::{Path, PathBuf};
 /// A live SST file of an instance, to ingest into another.
 pub(super) struct LiveFile {
     pub(super) path: PathBuf,
-    /// Written outside the instance and ingested into it (a checkpoint's SST file): its keys
-    /// carry sequence number 0, and the one they were given lives in the instance's manifest
-    /// only. All its keys have that one number, which no file the instance wrote itself with
-    /// more than one key has (other than 0, given at the bottom level).
+    /// Likely written outside the instance and ingested into it (a checkpoint's SST file): its
+    /// keys carry sequence number 0, and the one they were given lives in the instance's
+    /// manifest only, the same for all of them (not 0, which the bottom level gives). A file
+    /// the instance wrote itself can look the same (one key, or a compaction of one ingested
+    /// file): ingesting it as external then fails, and the keys are copied instead.
     pub(super) external: bool,
+    /// The key groups of its smallest and largest keys (`None`: a key too short to tell).
+    pub(super) key_groups: Option<KeyGroupRange>,
 }
 
 /// The live SST files of `db` (opened from `dir`), per column family, each list in the order
@@ -49,6 +53,19 @@ pub(super) fn files_for_ingestion(db: &DB, dir: &Path) -> Result<BTreeMap<String
             let text = |p: *const c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
             let cf = text(ffi::rocksdb_livefiles_column_family_name(files, i));
             let name = text(ffi::rocksdb_livefiles_name(files, i));
+            let key_group = |p: *const c_char, len: usize| {
+                if p.is_null() || len < 2 {
+                    return None;
+                }
+                let key = std::slice::from_raw_parts(p.cast::<u8>(), 2);
+                Some(u16::from_be_bytes([key[0], key[1]]))
+            };
+            let (mut small_len, mut large_len) = (0usize, 0usize);
+            let smallest = ffi::rocksdb_livefiles_smallestkey(files, i, &mut small_len);
+            let largest = ffi::rocksdb_livefiles_largestkey(files, i, &mut large_len);
+            let key_groups = key_group(smallest, small_len)
+                .zip(key_group(largest, large_len))
+                .map(|(a, b)| KeyGroupRange::new(a, b));
             let largest_seqno = ffi::rocksdb_livefiles_largest_seqno(files, i);
             let smallest_seqno = ffi::rocksdb_livefiles_smallest_seqno(files, i);
             by_cf.entry(cf).or_default().push(Live {
@@ -57,6 +74,7 @@ pub(super) fn files_for_ingestion(db: &DB, dir: &Path) -> Result<BTreeMap<String
                 file: LiveFile {
                     path: dir.join(name.trim_start_matches('/')),
                     external: smallest_seqno == largest_seqno && largest_seqno > 0,
+                    key_groups,
                 },
             });
         }

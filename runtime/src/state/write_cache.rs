@@ -1,17 +1,17 @@
-//! The RocksDB backend's write-back cache: the writes since the last checkpoint, kept sorted in
-//! memory in front of RocksDB, and the background step that moves them into RocksDB.
+//! The RocksDB backend's write-back cache: the writes since the last checkpoint, kept in memory
+//! in front of RocksDB, and the background step that moves them into RocksDB.
 //!
 //! Why: with the cache, a checkpoint's synchronous part is only "freeze the cache" (a swap).
-//! The frozen writes go into RocksDB, are flushed and hard-linked into a native checkpoint on a
-//! background thread, while the task goes on writing into a fresh cache. RocksDB therefore sees
+//! The frozen writes go into RocksDB as ingested SST files and are hard-linked into a native
+//! checkpoint on a background thread, while the task goes on writing into a fresh cache. RocksDB therefore sees
 //! no task writes between a barrier and its native checkpoint, so the checkpoint holds exactly
 //! the state at the barrier. Hot keys are also read and rewritten in memory instead of RocksDB.
 //!
 //! Reads look in the live cache, then the frozen one, then RocksDB; `None` is a deletion that
-//! shadows RocksDB. Each cache also keeps the hashes of its keys: with millions of keys most
-//! reads are for keys it does not hold, and a hash probe answers those without descending
-//! the sorted tree (a key comparison per step). The tree stays for what needs key order:
-//! scans of a key's map entries and moves into RocksDB.
+//! shadows RocksDB. A map state's writes are kept in a tree, in key order, for scans of a key's
+//! entries; the cache keeps the hashes of those keys too: with millions of keys most reads are
+//! for keys it does not hold, and a hash probe answers those without descending the tree (a
+//! key comparison per step). Other states' writes are hashed.
 //!
 //! The cache is bounded: past its limit it is frozen and moved into RocksDB as at a barrier, but
 //! without a native checkpoint (after waiting for a frozen cache still being moved, to keep
@@ -241,7 +241,7 @@ pub(crate) struct WriteCache {
     retired: Vec<Frozen>,
 }
 
-/// Writes frozen at a barrier, readable until they are in RocksDB.
+/// Writes frozen at a barrier (or past the bound), readable until they are in RocksDB.
 pub(crate) struct Frozen {
     entries: Arc<Vec<Entries>>,
     keys: KeyHashes,
