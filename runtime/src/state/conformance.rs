@@ -475,15 +475,7 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
                 .iter()
                 .enumerate()
                 .map(|(i, half)| {
-                    let old_dir = dir.path().join(format!("old{i}"));
-                    let mut b = match &full {
-                        Some(acked) => store.restore(1, acked.clone(), kind, *half, &old_dir).unwrap(),
-                        None => {
-                            let mut b = open(kind, &old_dir, *half, Default::default());
-                            fill_in(&mut b, 300, *half);
-                            b
-                        }
-                    };
+                    let mut b = old_half(&store, dir.path(), i, *half, full.as_ref());
                     store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
                 })
                 .collect();
@@ -507,6 +499,21 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
             assert_eq!(read_all(&mut merged), want, "{case}");
             rocks(&mut merged).compact().unwrap();
             assert_eq!(read_all(&mut merged), want, "{case}, compacted");
+        }
+    }
+}
+
+/// Old RocksDB subtask `i` of 2, holding the keys of `half`: written by [`fill_in`] in `dir`, or
+/// restored from `whole`, checkpoint 1 of an instance of the whole range (its files then span
+/// both halves, the other half hidden by range deletes).
+fn old_half(store: &TestStore, dir: &Path, i: usize, half: KeyGroupRange, whole: Option<&AckedState>) -> KeyedBackend {
+    let old_dir = dir.join(format!("old{i}"));
+    match whole {
+        Some(acked) => store.restore(1, acked.clone(), BACKENDS[1], half, &old_dir).unwrap(),
+        None => {
+            let mut b = open(BACKENDS[1], &old_dir, half, Default::default());
+            fill_in(&mut b, 300, half);
+            b
         }
     }
 }
@@ -536,16 +543,11 @@ fn a_merge_by_ingestion_keeps_the_newest_of_several_checkpoints() {
             .iter()
             .enumerate()
             .map(|(i, half)| {
-                let old_dir = dir.path().join(format!("old{i}"));
-                let mut b = match &whole {
-                    Some(acked) => store.restore(1, acked.clone(), kind, *half, &old_dir).unwrap(),
-                    None => {
-                        let mut b = open(kind, &old_dir, *half, Default::default());
-                        fill_in(&mut b, 300, *half);
-                        store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap());
-                        b
-                    }
-                };
+                let mut b = old_half(&store, dir.path(), i, *half, whole.as_ref());
+                if whole.is_none() {
+                    // A first checkpoint, so that the one below ingests a second file.
+                    store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap());
+                }
                 let values = b.registry::<u64>().value_state::<String>("values").unwrap();
                 for k in (0..300).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M))) {
                     b.with_key(&k, M, |ctx| match k % 5 {
