@@ -458,7 +458,6 @@ fn restore_keeps_only_the_owned_key_groups() {
 fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
     use crate::config::RescaleMerge;
     let kind = BACKENDS[1];
-    let halves = [range_for_subtask(M, 2, 0), range_for_subtask(M, 2, 1)];
     for merge in [RescaleMerge::Ingest, RescaleMerge::Iterate] {
         for clipped in [false, true] {
             let case = format!("{merge:?}, old instances clipped: {clipped}");
@@ -466,19 +465,8 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
             let store = TestStore::new(dir.path());
             // Old subtask i holds the keys of half i: written directly, or restored from one
             // full-range instance (its files then span both halves, half hidden by range deletes).
-            let full = clipped.then(|| {
-                let mut b = open(kind, &dir.path().join("full"), full_range(), Default::default());
-                fill(&mut b, 300);
-                store.persist(1, b.snapshot(CheckpointId(1)).unwrap()).0
-            });
-            let acked = halves
-                .iter()
-                .enumerate()
-                .map(|(i, half)| {
-                    let mut b = old_half(&store, dir.path(), i, *half, full.as_ref());
-                    store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
-                })
-                .collect();
+            let full = clipped.then(|| whole_range(&store, dir.path(), |_| {}));
+            let acked = old_halves(&store, dir.path(), full.as_ref(), |_, _, _| {});
             let new_dir = dir.path().join("new");
             let mut merged = store
                 .restore_subtasks(2, acked, kind, full_range(), &new_dir, merge)
@@ -503,19 +491,41 @@ fn rocksdb_merges_old_instances_by_their_files_or_by_their_keys() {
     }
 }
 
-/// Old RocksDB subtask `i` of 2, holding the keys of `half`: written by [`fill_in`] in `dir`, or
-/// restored from `whole`, checkpoint 1 of an instance of the whole range (its files then span
-/// both halves, the other half hidden by range deletes).
-fn old_half(store: &TestStore, dir: &Path, i: usize, half: KeyGroupRange, whole: Option<&AckedState>) -> KeyedBackend {
-    let old_dir = dir.join(format!("old{i}"));
-    match whole {
-        Some(acked) => store.restore(1, acked.clone(), BACKENDS[1], half, &old_dir).unwrap(),
-        None => {
-            let mut b = open(BACKENDS[1], &old_dir, half, Default::default());
-            fill_in(&mut b, 300, half);
-            b
-        }
-    }
+/// Checkpoint 1 of a RocksDB instance of the whole range holding [`fill`]'s keys, after `then`
+/// (which may change them and take checkpoints of its own).
+fn whole_range(store: &TestStore, dir: &Path, then: impl FnOnce(&mut KeyedBackend)) -> AckedState {
+    let mut b = open(BACKENDS[1], &dir.join("whole"), full_range(), Default::default());
+    fill(&mut b, 300);
+    then(&mut b);
+    store.persist(1, b.snapshot(CheckpointId(1)).unwrap()).0
+}
+
+/// Checkpoint 2 of two old RocksDB subtasks, subtask `i` holding the keys of half `i`: written by
+/// [`fill_in`] in `dir`, or restored from `whole` (a [`whole_range`] checkpoint: its files then
+/// span both halves, the other half hidden by range deletes); `then` runs on each before its
+/// checkpoint.
+fn old_halves(
+    store: &TestStore,
+    dir: &Path,
+    whole: Option<&AckedState>,
+    mut then: impl FnMut(&mut KeyedBackend, usize, KeyGroupRange),
+) -> Vec<AckedState> {
+    (0..2)
+        .map(|i| {
+            let half = range_for_subtask(M, 2, i);
+            let old_dir = dir.join(format!("old{i}"));
+            let mut b = match whole {
+                Some(acked) => store.restore(1, acked.clone(), BACKENDS[1], half, &old_dir).unwrap(),
+                None => {
+                    let mut b = open(BACKENDS[1], &old_dir, half, Default::default());
+                    fill_in(&mut b, 300, half);
+                    b
+                }
+            };
+            then(&mut b, i, half);
+            store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap()).0
+        })
+        .collect()
 }
 
 /// Checkpoints ingest SST files written outside RocksDB; their sequence number lives only in
@@ -526,48 +536,41 @@ fn old_half(store: &TestStore, dir: &Path, i: usize, half: KeyGroupRange, whole:
 #[test]
 fn a_merge_by_ingestion_keeps_the_newest_of_several_checkpoints() {
     let kind = BACKENDS[1];
-    let halves = [range_for_subtask(M, 2, 0), range_for_subtask(M, 2, 1)];
     for from_whole in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let store = TestStore::new(dir.path());
         // Two checkpoints: the second's file is an ingested one holding both halves' keys.
         let mut want = expected(300);
         let whole = from_whole.then(|| {
-            let mut b = open(kind, &dir.path().join("whole"), full_range(), Default::default());
-            fill(&mut b, 300);
-            store.persist(0, b.snapshot(CheckpointId(0)).unwrap());
-            want = rewrite_values(&mut b, 300, 300);
-            store.persist(1, b.snapshot(CheckpointId(1)).unwrap()).0
-        });
-        let acked = halves
-            .iter()
-            .enumerate()
-            .map(|(i, half)| {
-                let mut b = old_half(&store, dir.path(), i, *half, whole.as_ref());
-                if whole.is_none() {
-                    // A first checkpoint, so that the one below ingests a second file.
-                    store.persist_subtask(2, i, b.snapshot(CheckpointId(2)).unwrap());
-                }
-                let values = b.registry::<u64>().value_state::<String>("values").unwrap();
-                for k in (0..300).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M))) {
-                    b.with_key(&k, M, |ctx| match k % 5 {
-                        0 => values.clear(ctx).unwrap(),
-                        _ if k % 2 == 0 => values.update(ctx, format!("later{k}")).unwrap(),
-                        _ => {}
-                    })
-                    .unwrap();
-                    match k % 5 {
-                        0 => drop(want.values.remove(&k)),
-                        _ if k % 2 == 0 => drop(want.values.insert(k, format!("later{k}"))),
-                        _ => {}
-                    }
-                }
-                store.persist_subtask(3, i, b.snapshot(CheckpointId(3)).unwrap()).0
+            whole_range(&store, dir.path(), |b| {
+                store.persist(0, b.snapshot(CheckpointId(0)).unwrap());
+                want = rewrite_values(b, 300, 300);
             })
-            .collect();
+        });
+        let from_halves = whole.is_none();
+        let acked = old_halves(&store, dir.path(), whole.as_ref(), |b, i, half| {
+            if from_halves {
+                // A first checkpoint, so that the one below ingests a second file.
+                store.persist_subtask(1, i, b.snapshot(CheckpointId(1)).unwrap());
+            }
+            let values = b.registry::<u64>().value_state::<String>("values").unwrap();
+            for k in (0..300).filter(|k| half.contains(crate::keygroup::key_group_for_key(k, M))) {
+                b.with_key(&k, M, |ctx| match k % 5 {
+                    0 => values.clear(ctx).unwrap(),
+                    _ if k % 2 == 0 => values.update(ctx, format!("later{k}")).unwrap(),
+                    _ => {}
+                })
+                .unwrap();
+                match k % 5 {
+                    0 => drop(want.values.remove(&k)),
+                    _ if k % 2 == 0 => drop(want.values.insert(k, format!("later{k}"))),
+                    _ => {}
+                }
+            }
+        });
         let mut merged = store
             .restore_subtasks(
-                3,
+                2,
                 acked,
                 kind,
                 full_range(),
